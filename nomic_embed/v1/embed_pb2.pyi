@@ -1,0 +1,185 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_UNSPECIFIED: _ClassVar[Task]
+    TASK_SEARCH_DOCUMENT: _ClassVar[Task]
+    TASK_SEARCH_QUERY: _ClassVar[Task]
+    TASK_CLUSTERING: _ClassVar[Task]
+    TASK_CLASSIFICATION: _ClassVar[Task]
+    TASK_RAW: _ClassVar[Task]
+
+class LongTextMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LONG_TEXT_MODE_UNSPECIFIED: _ClassVar[LongTextMode]
+    LONG_TEXT_MODE_TRUNCATE: _ClassVar[LongTextMode]
+    LONG_TEXT_MODE_ERROR: _ClassVar[LongTextMode]
+    LONG_TEXT_MODE_MEAN: _ClassVar[LongTextMode]
+TASK_UNSPECIFIED: Task
+TASK_SEARCH_DOCUMENT: Task
+TASK_SEARCH_QUERY: Task
+TASK_CLUSTERING: Task
+TASK_CLASSIFICATION: Task
+TASK_RAW: Task
+LONG_TEXT_MODE_UNSPECIFIED: LongTextMode
+LONG_TEXT_MODE_TRUNCATE: LongTextMode
+LONG_TEXT_MODE_ERROR: LongTextMode
+LONG_TEXT_MODE_MEAN: LongTextMode
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("texts", "task", "dimensions", "long_text_mode", "max_tokens")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    LONG_TEXT_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    task: Task
+    dimensions: int
+    long_text_mode: LongTextMode
+    max_tokens: int
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., dimensions: _Optional[int] = ..., long_text_mode: _Optional[_Union[LongTextMode, str]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values", "tokens", "truncated", "windows")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    tokens: int
+    truncated: bool
+    windows: int
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., windows: _Optional[int] = ...) -> None: ...
+
+class ResponseMetadata(_message.Message):
+    __slots__ = ("model_id", "variant", "dimensions", "total_tokens", "queue_time", "inference_time", "total_time")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_TIME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    variant: str
+    dimensions: int
+    total_tokens: int
+    queue_time: _duration_pb2.Duration
+    inference_time: _duration_pb2.Duration
+    total_time: _duration_pb2.Duration
+    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., dimensions: _Optional[int] = ..., total_tokens: _Optional[int] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings", "metadata")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    metadata: ResponseMetadata
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ...) -> None: ...
+
+class EmbedStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: EmbedRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[EmbedRequest, _Mapping]] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "message", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    field: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+
+class EmbedStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: EmbedResponse
+    error: StreamError
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[EmbedResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_texts_per_request", "max_input_tokens", "max_batch_tokens", "max_batch_rows", "max_text_chars")
+    MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    max_texts_per_request: int
+    max_input_tokens: int
+    max_batch_tokens: int
+    max_batch_rows: int
+    max_text_chars: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model_id", "variant", "variant_reason", "device", "dimensions", "min_dimensions", "max_input_tokens", "weight_bytes", "limits", "task_prefixes", "pooling", "server_version")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TASK_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    variant: str
+    variant_reason: str
+    device: str
+    dimensions: int
+    min_dimensions: int
+    max_input_tokens: int
+    weight_bytes: int
+    limits: Limits
+    task_prefixes: bool
+    pooling: str
+    server_version: str
+    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., variant_reason: _Optional[str] = ..., device: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., task_prefixes: _Optional[bool] = ..., pooling: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("texts", "task")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    task: Task
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ...) -> None: ...
+
+class TokenizedText(_message.Message):
+    __slots__ = ("token_count", "ids")
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    token_count: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_count: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedCompositeFieldContainer[TokenizedText]
+    def __init__(self, texts: _Optional[_Iterable[_Union[TokenizedText, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,184 @@
+"""The one place that wires the server together, in order, and takes it apart in reverse.
+
+start: bind the port (health NOT_SERVING) -> probe the device -> choose a variant -> load -> warm up
+-> start the batcher -> health SERVING.  stop: health NOT_SERVING -> stop accepting RPCs -> finish
+admitted work -> stop the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import server
+from nomic_embed.v1 import embed_pb2, embed_pb2_grpc
+from quant.loader import CheckpointMismatch, checkpoint_info, load_model
+from quant.policy import NoVariantFits, Request, choose_variant
+from quant.probe import probe_device
+from server.batcher import Batcher, BatchPolicy
+from server.config import ServerConfig
+from server.domain import Limits
+from server.embedder import Embedder, ModelTraits
+from server.errors import StartupError
+from server.model_source import resolve_model_dir
+from server.model_spec import read_model_spec
+from server.rotary import PerRowNTKRotary
+from server.runner import Runner, install_per_row_rotary
+from server.service import EmbedService, ServedModel
+from server.tokenization import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name
+# grpc core's own limits sit above the app's admission control, so overload is answered by the app.
+_GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_concurrent_streams", 4096),
+]
+
+
+@dataclass
+class Loaded:
+    embedder: Embedder
+    batcher: Batcher
+    served: ServedModel
+    limits: Limits
+
+
+class App:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.service = EmbedService()
+        self.loaded: Loaded | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind, load and warm up; returns the bound port once SERVING."""
+        await self._bind()
+        started = time.monotonic()
+        self.loaded = await asyncio.to_thread(load, self.config)
+        self.loaded.batcher.start()
+        self.service.attach(self.loaded.embedder, self.loaded.served, self.loaded.limits)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        s = self.loaded.served
+        log.info("SERVING %s as %s on %s, port %d (ready in %.1fs; variant: %s)", s.model_id, s.variant,
+                 s.device, self.port, time.monotonic() - started, s.variant_reason)
+        return self.port
+
+    async def _bind(self) -> None:
+        self.grpc_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        embed_pb2_grpc.add_EmbedServiceServicer_to_server(self.service, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {address}: {exc} (is the port already in use?)") from None
+        if not self.port:
+            raise StartupError(f"cannot listen on {address} (is the port already in use?)")
+        await self.grpc_server.start()
+        log.info("listening on %s:%d; NOT_SERVING until the model is loaded", self.config.host, self.port)
+
+    async def _set_health(self, state: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, state)
+
+    async def stop(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.grpc_server:
+            # Stops accepting RPCs; handlers already running finish within the grace period.
+            await self.grpc_server.stop(self.config.grace_s)
+        if self.loaded:
+            await self.loaded.batcher.stop(self.config.grace_s)
+        log.info("stopped")
+
+
+def load(config: ServerConfig) -> Loaded:
+    """Probe, choose, load and warm up (blocking: runs off the event loop)."""
+    threads = config.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    try:
+        device = probe_device(config.device)
+    except RuntimeError as exc:
+        raise StartupError(str(exc)) from None
+    path = resolve_model_dir(config.model)
+    spec = read_model_spec(path, config.rotary_scaling_factor)
+    try:
+        decision = choose_variant(device, checkpoint_info(path, spec.config),
+                                  Request(config.variant, config.max_memory_bytes))
+    except (NoVariantFits, ValueError) as exc:
+        raise StartupError(str(exc)) from None
+    log.info("variant %s: %s", decision.variant.name, decision.reason)
+    try:
+        loaded = load_model(path, spec.config, decision, device.torch_device)
+    except CheckpointMismatch as exc:
+        raise StartupError(str(exc)) from None
+    if spec.rotary is not None:
+        install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
+    tokenizer = TextTokenizer(path)
+    runner = Runner(loaded.model, pooling=spec.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
+                    per_row_rotary=spec.rotary is not None)
+    max_input = min(config.max_input_tokens or spec.max_input_tokens, spec.max_input_tokens)
+    limits = Limits(
+        max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
+        max_text_chars=config.max_text_chars, max_batch_tokens=max(config.max_batch_tokens, max_input),
+        max_batch_rows=config.max_batch_rows, max_queue_tokens=config.max_queue_tokens,
+    )
+    batcher = Batcher(runner.run, BatchPolicy(
+        max_batch_tokens=limits.max_batch_tokens, max_batch_rows=limits.max_batch_rows,
+        max_queue_tokens=limits.max_queue_tokens, wait_s=config.batch_wait_ms / 1000,
+    ))
+    _warm_up(batcher, tokenizer)
+    traits = ModelTraits(spec.hidden_size, spec.task_prefixes, spec.layer_norm_before_truncation)
+    served = ServedModel(
+        model_id=config.model, variant=decision.variant.name, variant_reason=decision.reason,
+        device=device.describe(), hidden_size=spec.hidden_size, min_dimensions=spec.min_dimensions,
+        max_input_tokens=max_input, weight_bytes=loaded.weight_bytes, task_prefixes=spec.task_prefixes,
+        pooling=spec.pooling, server_version=server.__version__,
+    )
+    return Loaded(Embedder(tokenizer, batcher, traits), batcher, served, limits)
+
+
+def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
+    started = time.monotonic()
+    row = tokenizer.wrap(tokenizer.content_ids(["warm up the model"], "search_query: ")[0])
+    batcher.run_now([row, row[:-2] + row[-1:]])
+    log.info("warm-up took %.2fs", time.monotonic() - started)
+
+
+async def run(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    app = App(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        start = asyncio.ensure_future(app.start())
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()  # raises StartupError
+            await waiter
+        else:
+            start.cancel()
+        log.info("shutting down: draining admitted work (grace %.0fs)", config.grace_s)
+    finally:
+        await app.stop()

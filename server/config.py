@@ -1,0 +1,105 @@
+"""Server configuration: one frozen object, built once from argv and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
+DEFAULT_PORT = 50051
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = DEFAULT_MODEL
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    variant: str = "auto"
+    device: str = "auto"
+    max_memory_bytes: int | None = None
+    # Tokens per text; 0 = what the model supports (8192 for nomic-embed-text-v1.5).
+    max_input_tokens: int = 0
+    max_texts_per_request: int = 2048
+    max_text_chars: int = 1_000_000
+    max_batch_tokens: int = 16384
+    max_batch_rows: int = 128
+    max_queue_tokens: int = 1_000_000
+    batch_wait_ms: float = 0.0
+    threads: int = 0  # intra-op threads of the model; 0 = the cores this process may use
+    # Dynamic NTK factor beyond the trained positions (the model card's long-context setting).
+    rotary_scaling_factor: float = 2.0
+    grace_s: float = 30.0
+    log_level: str = "INFO"
+
+
+def parse_size(text: str) -> int:
+    """'1.5GiB' -> 1610612736; plain numbers are bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 800MiB, 1.5GiB, 2GB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description="Serve text embeddings over gRPC.")
+    d = ServerConfig()
+    p.add_argument("--model", default=d.model, help="hub id or local directory in the hub layout")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+    p.add_argument("--variant", default=d.variant, help="auto, or a variant name (see quant.variants)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-memory", type=parse_size, default=None, dest="max_memory_bytes",
+                   help="cap on weights + workspace, e.g. 1.5GiB")
+    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens)
+    p.add_argument("--max-texts-per-request", type=int, default=d.max_texts_per_request)
+    p.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="padded tokens (rows x longest row) per model batch")
+    p.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows)
+    p.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
+                   help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="how long an idle worker waits to fill a batch")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--rotary-scaling-factor", type=float, default=d.rotary_scaling_factor,
+                   help="dynamic NTK factor for inputs beyond the trained positions; 0 disables")
+    p.add_argument("--grace", type=float, default=d.grace_s, dest="grace_s",
+                   help="seconds admitted work may take to finish on shutdown")
+    p.add_argument("--log-level", default=d.log_level)
+    return p
+
+
+def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build the config from argv; NOMIC_EMBED_<FLAG> environment variables supply defaults."""
+    env = os.environ if env is None else env
+    parser = _parser()
+    defaults = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        key = "NOMIC_EMBED_" + action.option_strings[0].lstrip("-").replace("-", "_").upper()
+        if key in env:
+            value = env[key]
+            defaults[action.dest] = action.type(value) if action.type else value
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(list(argv))
+    config = ServerConfig(**vars(args))
+    _check(config, parser)
+    return config
+
+
+def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
+    positive = ("max_texts_per_request", "max_text_chars", "max_batch_tokens", "max_batch_rows",
+                "max_queue_tokens")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if config.max_input_tokens < 0 or config.threads < 0 or config.batch_wait_ms < 0:
+        parser.error("--max-input-tokens, --threads and --batch-wait-ms must not be negative")
+    if not 0 <= config.port <= 65535:
+        parser.error("--port must be 0..65535")

@@ -1,0 +1,87 @@
+"""From texts and options to embeddings: tokenize on admission, batch, then the Matryoshka steps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from server import matryoshka
+from server.batcher import Batcher
+from server.domain import Embedding, EmbedOptions, EmbedResult, LongTextMode, Task, Timings
+from server.errors import InvalidInput
+from server.tokenization import Rows, TextTokenizer
+
+# Tokenizing a few short texts is faster inline than a hop to a thread.
+_INLINE_TOKENIZE_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the embedder needs to know of the model."""
+
+    hidden_size: int
+    task_prefixes: bool
+    layer_norm: bool  # nomic: layer_norm over the full width before truncation
+
+
+class Embedder:
+    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, traits: ModelTraits) -> None:
+        self.tokenizer = tokenizer
+        self.batcher = batcher
+        self.traits = traits
+
+    def prefix(self, task: Task) -> str:
+        return task.prefix if self.traits.task_prefixes else ""
+
+    async def token_ids(self, texts: Sequence[str], task: Task) -> list[list[int]]:
+        """Full token ids (special tokens included, nothing truncated) per text."""
+        content = await self._content_ids(texts, self.prefix(task))
+        return [self.tokenizer.wrap(c) for c in content]
+
+    async def embed(self, texts: Sequence[str], options: EmbedOptions,
+                    deadline: float | None = None) -> EmbedResult:
+        arrived = time.monotonic()
+        prefix = self.prefix(options.task)
+        content = await self._content_ids(texts, prefix)
+        prefix_len = self.tokenizer.prefix_length(prefix)
+        per_text: list[Rows] = []
+        windows = options.long_text_mode is LongTextMode.MEAN
+        for i, ids in enumerate(content):
+            rows = self.tokenizer.to_rows(ids, limit=options.max_tokens, prefix_len=prefix_len, windows=windows)
+            if rows.truncated and options.long_text_mode is LongTextMode.ERROR:
+                raise InvalidInput(
+                    f"texts[{i}]",
+                    f"{rows.full_tokens} tokens exceed max_tokens {options.max_tokens} "
+                    "(long_text_mode ERROR; use TRUNCATE or MEAN, or shorten the text)",
+                )
+            per_text.append(rows)
+        flat = [row for rows in per_text for row in rows.rows]
+        job = self.batcher.submit(flat, deadline)
+        try:
+            pooled = await job.result()
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        embeddings = []
+        start = 0
+        for rows in per_text:
+            n = len(rows.rows)
+            if n == 1:
+                vector = pooled[start]
+            else:
+                vector = matryoshka.weighted_mean(pooled[start : start + n], [len(r) for r in rows.rows])
+            start += n
+            embeddings.append(Embedding(
+                vector=matryoshka.finish(vector, options.dimensions, layer_norm=self.traits.layer_norm),
+                tokens=rows.tokens, truncated=rows.truncated, windows=n,
+            ))
+        timings = Timings(job.queue_s, job.inference_s, time.monotonic() - arrived)
+        return EmbedResult(embeddings, timings)
+
+    async def _content_ids(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
+        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.content_ids(texts, prefix)
+        return await asyncio.to_thread(self.tokenizer.content_ids, texts, prefix)
+

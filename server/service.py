@@ -1,0 +1,164 @@
+"""The gRPC transport: protobuf <-> domain, domain errors -> status codes. No torch here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
+from server import status
+from server.domain import EmbedResult, Limits
+from server.embedder import Embedder
+from server.errors import EmbedError, InvalidInput, Unavailable
+from server.requests import ModelBounds, parse_embed_request, parse_task, parse_texts
+
+log = logging.getLogger(__name__)
+
+STREAM_WINDOW = 8  # requests of one stream computed at once; more wait unread (HTTP/2 flow control)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What Info reports; fixed once the model is loaded."""
+
+    model_id: str
+    variant: str
+    variant_reason: str
+    device: str
+    hidden_size: int
+    min_dimensions: int
+    max_input_tokens: int
+    weight_bytes: int
+    task_prefixes: bool
+    pooling: str
+    server_version: str
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
+    """Answers UNAVAILABLE until `attach` hands it a loaded model."""
+
+    def __init__(self) -> None:
+        self._ready: tuple[Embedder, ServedModel, Limits] | None = None
+
+    def attach(self, embedder: Embedder, model: ServedModel, limits: Limits) -> None:
+        self._ready = (embedder, model, limits)
+
+    def _state(self) -> tuple[Embedder, ServedModel, Limits]:
+        if self._ready is None:
+            raise Unavailable("the model is still loading; watch the health service for SERVING")
+        return self._ready
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        try:
+            return await self._embed(request, _deadline(context))
+        except EmbedError as error:
+            await status.abort(context, error)
+        except Exception as error:  # a bug must still answer the caller, with what went wrong
+            log.exception("Embed failed")
+            await status.abort(context, error)
+        raise AssertionError("unreachable")
+
+    async def _embed(self, request: pb.EmbedRequest, deadline: float | None) -> pb.EmbedResponse:
+        embedder, model, limits = self._state()
+        bounds = ModelBounds(model.hidden_size, model.min_dimensions)
+        texts, options = parse_embed_request(request, limits, bounds)
+        result = await embedder.embed(texts, options, deadline)
+        return _response(model, result, options.dimensions)
+
+    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedStreamResponse]:
+        deadline = _deadline(context)
+        window: asyncio.Queue[asyncio.Task[pb.EmbedStreamResponse] | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await window.put(asyncio.ensure_future(self._stream_one(message, deadline)))
+            finally:
+                await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await window.get()) is not None:
+                yield await task
+            await reader  # re-raises a broken request stream
+        finally:
+            reader.cancel()
+            while not window.empty():
+                if (task := window.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _stream_one(self, message: pb.EmbedStreamRequest, deadline: float | None) -> pb.EmbedStreamResponse:
+        try:
+            if not message.HasField("request"):
+                raise InvalidInput("request", "each stream message needs a request")
+            return pb.EmbedStreamResponse(id=message.id, response=await self._embed(message.request, deadline))
+        except Exception as error:
+            if not isinstance(error, EmbedError):
+                log.exception("EmbedStream message %r failed", message.id)
+            return pb.EmbedStreamResponse(id=message.id, error=pb.StreamError(
+                code=status.status_code(error).value[0], message=status.message(error),
+                field=error.field if isinstance(error, InvalidInput) else "",
+            ))
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        try:
+            _, m, lim = self._state()
+        except EmbedError as error:
+            await status.abort(context, error)
+            raise AssertionError("unreachable") from None
+        return pb.InfoResponse(
+            model_id=m.model_id, variant=m.variant, variant_reason=m.variant_reason, device=m.device,
+            dimensions=m.hidden_size, min_dimensions=m.min_dimensions, max_input_tokens=m.max_input_tokens,
+            weight_bytes=m.weight_bytes, task_prefixes=m.task_prefixes, pooling=m.pooling,
+            server_version=m.server_version,
+            limits=pb.Limits(
+                max_texts_per_request=lim.max_texts_per_request, max_input_tokens=lim.max_input_tokens,
+                max_batch_tokens=lim.max_batch_tokens, max_batch_rows=lim.max_batch_rows,
+                max_text_chars=lim.max_text_chars,
+            ),
+        )
+
+    async def Tokenize(self, request: pb.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            embedder, _, limits = self._state()
+            texts = parse_texts(request.texts, limits)
+            ids = await embedder.token_ids(texts, parse_task(request.task))
+        except EmbedError as error:
+            await status.abort(context, error)
+            raise AssertionError("unreachable") from None
+        return pb.TokenizeResponse(texts=[pb.TokenizedText(token_count=len(i), ids=i) for i in ids])
+
+
+def _response(model: ServedModel, result: EmbedResult, dimensions: int) -> pb.EmbedResponse:
+    t = result.timings
+    return pb.EmbedResponse(
+        embeddings=[
+            pb.Embedding(values=e.vector.tolist(), tokens=e.tokens, truncated=e.truncated, windows=e.windows)
+            for e in result.embeddings
+        ],
+        metadata=pb.ResponseMetadata(
+            model_id=model.model_id, variant=model.variant, dimensions=dimensions,
+            total_tokens=result.total_tokens, queue_time=_duration(t.queue_s),
+            inference_time=_duration(t.inference_s), total_time=_duration(t.total_s),
+        ),
+    )

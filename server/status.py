@@ -1,0 +1,51 @@
+"""The one table from domain errors to gRPC status codes, with google.rpc error details."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import DeadlineExceeded, EmbedError, InvalidInput, ModelFailure, Overloaded, Unavailable
+
+_CODES: dict[type[EmbedError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelFailure: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(error: BaseException) -> grpc.StatusCode:
+    for kind, code in _CODES.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def message(error: BaseException) -> str:
+    if isinstance(error, EmbedError):
+        return str(error)
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+def to_rpc_status(error: BaseException) -> grpc.Status:
+    code = status_code(error)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message(error))
+    if isinstance(error, InvalidInput):
+        detail = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        ])
+        status.details.add().Pack(detail)
+    elif isinstance(error, Overloaded):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    """End the call with the status for `error` (raises, as context.abort does)."""
+    await context.abort_with_status(to_rpc_status(error))

@@ -1,0 +1,78 @@
+"""Tokenizing texts into model rows: task prefix, special tokens, truncation and windows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
+from server.errors import StartupError
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One text as model rows (one row, or several windows in mean mode)."""
+
+    rows: list[list[int]]
+    tokens: int  # tokens the model reads over all rows
+    truncated: bool
+    full_tokens: int  # tokens of the whole text before any truncation
+
+
+class TextTokenizer:
+    """The checkpoint's own tokenizer, without the truncation or padding a tokenizer.json may carry."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            hf = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise StartupError(f"cannot load the tokenizer in {path}: {exc}") from None
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise StartupError(f"{path}: a fast tokenizer (tokenizer.json) is required")
+        # A private copy: the hub's tokenizer.json files sometimes carry truncation or padding.
+        self._tok = Tokenizer.from_str(backend.to_str())
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.pad_id = int(hf.pad_token_id if hf.pad_token_id is not None else 0)
+        self._head, self._tail = self._special_template()
+
+    def _special_template(self) -> tuple[list[int], list[int]]:
+        """The special tokens a single sequence is wrapped in, e.g. [CLS] ... [SEP]."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        raise StartupError("cannot infer the tokenizer's special-token template")
+
+    @property
+    def special_tokens(self) -> int:
+        return len(self._head) + len(self._tail)
+
+    def content_ids(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
+        """Token ids of prefix + text, without special tokens."""
+        encodings = self._tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def prefix_length(self, prefix: str) -> int:
+        return len(self._tok.encode(prefix, add_special_tokens=False).ids) if prefix else 0
+
+    def wrap(self, content: Sequence[int]) -> list[int]:
+        return [*self._head, *content, *self._tail]
+
+    def to_rows(self, content: list[int], *, limit: int, prefix_len: int, windows: bool) -> Rows:
+        """Fit one text into `limit` tokens per row: as is, truncated, or as prefixed windows."""
+        room = limit - self.special_tokens
+        full = len(content) + self.special_tokens
+        if len(content) <= room:
+            return Rows([self.wrap(content)], full, False, full)
+        if not windows:
+            return Rows([self.wrap(content[:room])], limit, True, full)
+        prefix, body = content[:prefix_len], content[prefix_len:]
+        step = room - prefix_len
+        rows = [self.wrap(prefix + body[i : i + step]) for i in range(0, len(body), step)]
+        return Rows(rows, sum(len(r) for r in rows), False, full)
