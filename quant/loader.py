@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ class LoadedModel:
     model: PreTrainedModel
     weight_bytes: int
     compute_dtype: torch.dtype
+    # Entered around every forward pass (e.g. autocast for a mixed-precision variant).
+    compute_context: Callable[[], AbstractContextManager[object]] = nullcontext
 
 
 def load_model(path: Path, config: PretrainedConfig, decision: Decision, device: str) -> LoadedModel:

@@ -134,7 +134,7 @@ def load(config: ServerConfig) -> Loaded:
         install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
     tokenizer = TextTokenizer(path)
     runner = Runner(loaded.model, pooling=spec.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
-                    per_row_rotary=spec.rotary is not None)
+                    per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context)
     max_input = min(config.max_input_tokens or spec.max_input_tokens, spec.max_input_tokens)
     limits = Limits(
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -13,8 +14,10 @@ from server.rotary import PerRowNTKRotary, row_position_ids
 
 class Runner:
     def __init__(self, model: PreTrainedModel, *, pooling: str, pad_id: int, device: str,
-                 per_row_rotary: bool) -> None:
+                 per_row_rotary: bool,
+                 compute_context: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
         self.model = model
+        self.compute_context = compute_context
         self.pooling = pooling
         self.pad_id = pad_id
         self.device = torch.device(device)
@@ -32,7 +35,7 @@ class Runner:
         kwargs = {"token_type_ids": torch.zeros_like(ids)}
         if self.per_row_rotary:
             kwargs["position_ids"] = row_position_ids(mask)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.compute_context():
             hidden = self.model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state.float()
             if self.pooling == "cls":
                 pooled = hidden[:, 0]
