@@ -33,7 +33,8 @@ class LoadedModel:
 def load_model(path: Path, config: PretrainedConfig, decision: Decision, device: str) -> LoadedModel:
     try:
         model, info = AutoModel.from_pretrained(
-            path, config=config, dtype=torch.float32, output_loading_info=True, attn_implementation="sdpa"
+            path, config=config, dtype=torch.float32, output_loading_info=True, attn_implementation="sdpa",
+            ignore_mismatched_sizes=True,  # reported in the loading info, which is refused below
         )
     except (RuntimeError, ValueError, OSError) as exc:  # e.g. tensors whose shapes differ from the config
         raise CheckpointMismatch(f"cannot load the checkpoint in {path}: {exc}") from None

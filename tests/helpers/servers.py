@@ -34,7 +34,8 @@ class RunningServer:
 
 @contextmanager
 def running_server(model: str, **overrides: object) -> Iterator[RunningServer]:
-    config = ServerConfig(model=model, host="127.0.0.1", port=0, threads=1, **overrides)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "threads": 1, **overrides}
+    config = ServerConfig(model=model, **settings)  # type: ignore[arg-type]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
     thread.start()

@@ -1,0 +1,126 @@
+"""Start-up refuses what it cannot serve exactly, says why, and shuts down gracefully."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from server.errors import StartupError
+from tests.conftest import TINY
+from tests.helpers.checkpoint import write_tiny_nomic
+from tests.helpers.servers import RunningServer, running_server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start_fails(path: Path) -> str:
+    with pytest.raises(StartupError) as info, running_server(str(path)):
+        pass
+    return str(info.value)
+
+
+def test_missing_tensor_is_refused_naming_it(tmp_path: Path) -> None:
+    write_tiny_nomic(tmp_path, drop_tensors=["encoder.layers.1.mlp.fc12.weight"], **TINY)
+    message = _start_fails(tmp_path)
+    assert "missing" in message and "layers.1.mlp.gate_proj.weight" in message and "random" in message
+
+
+def test_unexpected_tensor_is_refused_naming_it(tmp_path: Path) -> None:
+    write_tiny_nomic(tmp_path, extra_tensors={"encoder.layers.0.attn.rogue.weight": torch.zeros(2, 2)}, **TINY)
+    assert "rogue" in _start_fails(tmp_path)
+
+
+def test_wrong_shape_is_refused(tmp_path: Path) -> None:
+    write_tiny_nomic(tmp_path, drop_tensors=["encoder.layers.0.mlp.fc2.weight"],
+                     extra_tensors={"encoder.layers.0.mlp.fc2.weight": torch.zeros(TINY["hidden"], 7)}, **TINY)
+    assert "mlp.down_proj.weight" in _start_fails(tmp_path)
+
+
+def test_original_keys_are_not_silently_ignored(tmp_path: Path) -> None:
+    """A config that disagrees with itself (original vs v5 keys) is refused, not resolved by guessing."""
+    write_tiny_nomic(tmp_path, config_style="v5", **TINY)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_size"] = 768
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    message = _start_fails(tmp_path)
+    assert "n_embd=128" in message and "hidden_size=768" in message
+
+
+def _run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def test_unknown_model_says_how_to_fix_without_traceback(tmp_path: Path) -> None:
+    proc = _run_server("--model", "nomic-ai/no-such-model", "--port", "0",
+                       env={"HF_HOME": str(tmp_path / "hf")})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in out
+    assert "no-such-model" in out and "--model /path/to/dir" in out
+
+
+def test_missing_directory_is_reported(tmp_path: Path) -> None:
+    proc = _run_server("--model", str(tmp_path / "nope"), "--port", "0")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "does not exist" in out and "Traceback" not in out
+
+
+def test_port_in_use_fails_at_start(tiny_server: RunningServer, tiny_original: Path) -> None:
+    with pytest.raises(StartupError, match="in use"), running_server(str(tiny_original), port=tiny_server.port):
+        pass
+
+
+def test_health_and_reflection(tiny_server: RunningServer) -> None:
+    channel = tiny_server.channel()
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "nomic_embed.v1.EmbedService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"nomic_embed.v1.EmbedService", "grpc.health.v1.Health"} <= names
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_and_exits_cleanly(tiny_original: Path) -> None:
+    port = _free_port()
+    proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", str(port), "--threads", "1")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server never became SERVING"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "shutting down" in out and "stopped" in out and "Traceback" not in out
