@@ -11,8 +11,10 @@ SERVE_ARGS ?=
 PYTEST_ARGS ?=
 PROTO := protos/nomic_embed/v1/embed.proto
 BUF := npx --yes @bufbuild/buf@1.75.0
+# The released v1 API (a buf image): `make check-api` refuses changes that would break its clients.
+API_BASELINE := api/baseline.yaml
 
-.PHONY: install serve test lint protos check-protos buf-lint bench clean
+.PHONY: install serve test lint protos check-protos buf-lint check-api api-baseline bench loadtest quality clean
 
 install: $(STAMP)
 
@@ -40,7 +42,16 @@ check-protos: $(STAMP)
 buf-lint:
 	@if command -v npx >/dev/null; then $(BUF) lint && echo "buf lint: clean"; else echo "npx not found: buf lint skipped"; fi
 
-lint: $(STAMP) buf-lint
+# Wire and generated-code compatibility with the released API (buf's FILE rules, see buf.yaml).
+check-api:
+	@if command -v npx >/dev/null; then $(BUF) breaking --against $(API_BASELINE) && echo "buf breaking: compatible with $(API_BASELINE)"; \
+	else echo "npx not found: buf breaking skipped"; fi
+
+# Run deliberately, when a release ships new API (docs/polyglot.md, "API compatibility").
+api-baseline:
+	$(BUF) build --exclude-source-info -o $(API_BASELINE)
+
+lint: $(STAMP) buf-lint check-api
 	$(VENV)/bin/ruff check .
 
 test: lint check-protos
@@ -48,6 +59,14 @@ test: lint check-protos
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# A bounded concurrency sweep over loopback (starts its own server unless LOADTEST_ARGS has --target).
+loadtest: $(STAMP)
+	$(PY) -m loadtest $(LOADTEST_ARGS)
+
+# Each variant's cosine to fp32, memory against the estimate and speed (minutes; docs/quantization.md).
+quality: $(STAMP)
+	$(PY) -m scripts.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

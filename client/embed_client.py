@@ -1,72 +1,68 @@
-"""A small typed client over the generated stubs."""
+"""The blocking client: `EmbedClient("localhost:50051").embed(["a text"], "search_query")`."""
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
+from client.batching import BatchLimits
+from client.blocking import EmbedStream, LoopThread
+from client.connection import DEFAULT_TARGET, Connection, Tls, connect
+from client.errors import EmbedError, from_rpc_error
+from client.options import EmbedOptions, Encoding, LongTextMode, Task
+from client.results import ServerInfo, decode_embeddings
+from client.retry import Deadline, RetryPolicy
+from client.stream import AsyncEmbedStream, StreamSettings
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 
+__all__ = ["EmbedClient", "EmbedError", "Encoding", "LongTextMode", "ServerInfo", "Task", "embeddings_array"]
 
-class Task(enum.IntEnum):
-    SEARCH_DOCUMENT = pb.TASK_SEARCH_DOCUMENT
-    SEARCH_QUERY = pb.TASK_SEARCH_QUERY
-    CLUSTERING = pb.TASK_CLUSTERING
-    CLASSIFICATION = pb.TASK_CLASSIFICATION
-    RAW = pb.TASK_RAW
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+DEFAULT_RETRY = RetryPolicy()
 
 
-class LongTextMode(enum.IntEnum):
-    TRUNCATE = pb.LONG_TEXT_MODE_TRUNCATE
-    ERROR = pb.LONG_TEXT_MODE_ERROR
-    MEAN = pb.LONG_TEXT_MODE_MEAN
+class ClientSettings:
+    """What the blocking and the asyncio clients share: the connection, the per-call timeout, retries."""
+
+    def __init__(self, servers: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = 60.0,
+                 tls: Tls | bool | None = None, token: str | None = None, load_balancing: str | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.connection: Connection = connect(servers, tls=tls, token=token, load_balancing=load_balancing)
+        self.timeout = timeout  # seconds per call, retries included
+        self.retry = retry
+
+    def stream_settings(self, batch_size: int, batch_tokens: int, window: int, streams: int,
+                        timeout: float | None) -> StreamSettings:
+        return StreamSettings(BatchLimits(batch_size, batch_tokens), window, streams, timeout)
 
 
-class EmbedError(Exception):
-    """A call failed; `code` is the gRPC status code and `details` the server's message."""
+class EmbedClient(ClientSettings):
+    """Blocking client. `servers`: "host:port", several of them, or a gRPC target such as
+    "dns:///name:port" (see client.connection.connect for TLS, tokens and load balancing)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    model_id: str
-    variant: str
-    variant_reason: str
-    device: str
-    dimensions: int
-    min_dimensions: int
-    max_input_tokens: int
-    weight_bytes: int
-    task_prefixes: bool
-    max_texts_per_request: int
-
-
-def _task(task: Task | str | int) -> int:
-    if isinstance(task, str):
-        return int(Task[task.upper()])
-    return int(task)
-
-
-class EmbedClient:
-    """Blocking client. `EmbedClient("localhost:50051").embed(["text"], Task.SEARCH_QUERY)`."""
-
-    def __init__(self, target: str, *, timeout: float | None = 60.0,
-                 channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(self, servers: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = 60.0,
+                 tls: Tls | bool | None = None, token: str | None = None, load_balancing: str | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY, channel: grpc.Channel | None = None) -> None:
+        super().__init__(servers, timeout=timeout, tls=tls, token=token, load_balancing=load_balancing,
+                         retry=retry)
+        self._channel = channel or self.connection.channel()
         self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
-        self.timeout = timeout
+        self._loop: LoopThread | None = None  # started by the first embed_stream
+        self._aio_channel: grpc.aio.Channel | None = None
 
     def close(self) -> None:
         self._channel.close()
+        if self._loop is not None:
+            if self._aio_channel is not None:
+                self._loop.run(self._aio_channel.close())
+            self._loop.close()
+            self._loop = None
 
     def __enter__(self) -> EmbedClient:
         return self
@@ -74,38 +70,70 @@ class EmbedClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise EmbedError(exc.code(), exc.details() or "") from None
+    def _call(self, method: Callable[..., Resp], request: Req) -> Resp:
+        deadline = Deadline(self.timeout)
+        failures = 0
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=self.connection.metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                failures += 1
+                delay = self.retry.next_delay(error, failures, deadline)
+                if delay is None:
+                    raise error from None
+                time.sleep(delay)
 
-    def embed(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0,
-              *, long_text_mode: LongTextMode = LongTextMode.TRUNCATE, max_tokens: int = 0) -> np.ndarray:
-        """Embeddings of `texts` as a float32 array of shape (len(texts), dimensions or full width)."""
-        return embeddings_array(self.embed_response(texts, task, dimensions, long_text_mode=long_text_mode,
-                                                    max_tokens=max_tokens))
+    def embed(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0, *,
+              long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE, max_tokens: int = 0,
+              encoding: Encoding | str | int = Encoding.FLOAT32) -> np.ndarray:
+        """Embeddings of `texts`, shape (len(texts), dimensions or full width), dtype of the encoding."""
+        options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
+                                  encoding=encoding)
+        return decode_embeddings(self._call(self._stub.Embed, options.request(texts)))
 
     def embed_response(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
-                       dimensions: int = 0, *, long_text_mode: LongTextMode = LongTextMode.TRUNCATE,
-                       max_tokens: int = 0) -> pb.EmbedResponse:
-        request = pb.EmbedRequest(texts=list(texts), task=_task(task), dimensions=dimensions,
-                                  long_text_mode=int(long_text_mode), max_tokens=max_tokens)
-        return self._call(self._stub.Embed, request)
+                       dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
+                       max_tokens: int = 0, encoding: Encoding | str | int = Encoding.VALUES) -> pb.EmbedResponse:
+        """The raw response, with per-text token counts and timings."""
+        options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
+                                  encoding=encoding)
+        return self._call(self._stub.Embed, options.request(texts))
+
+    def embed_stream(self, texts: Iterable[str] | AsyncIterable[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
+                     dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
+                     max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32, batch_size: int = 64,
+                     batch_tokens: int = 8192, window: int = 4, streams: int = 1,
+                     timeout: float | None = None) -> EmbedStream:
+        """Embed any number of texts over EmbedStream; iterate for EmbeddedBatch in input order.
+
+        Batches hold up to `batch_size` texts and about `batch_tokens` tokens; `window` batches are in
+        flight; `streams` streams run at once; `timeout` bounds the whole input (None: no limit).
+        See client.stream for retries and reconnection.
+        """
+        options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
+                                  encoding=encoding)
+        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout)
+        if self._loop is None:
+            self._loop = LoopThread()
+            self._aio_channel = self._loop.run(_make_aio_channel(self.connection))
+        assert self._aio_channel is not None
+        return EmbedStream(self._loop, AsyncEmbedStream(self._aio_channel, texts, options, settings, self.retry,
+                                                        self.connection.metadata))
 
     def tokenize(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT) -> list[list[int]]:
-        response = self._call(self._stub.Tokenize, pb.TokenizeRequest(texts=list(texts), task=_task(task)))
-        return [list(t.ids) for t in response.texts]
+        """Token ids per text, task prefix and special tokens included."""
+        request = pb.TokenizeRequest(texts=list(texts), task=int(EmbedOptions.of(task).task))
+        return [list(t.ids) for t in self._call(self._stub.Tokenize, request).texts]
 
     def info(self) -> ServerInfo:
-        r = self._call(self._stub.Info, pb.InfoRequest())
-        return ServerInfo(
-            model_id=r.model_id, variant=r.variant, variant_reason=r.variant_reason, device=r.device,
-            dimensions=r.dimensions, min_dimensions=r.min_dimensions, max_input_tokens=r.max_input_tokens,
-            weight_bytes=r.weight_bytes, task_prefixes=r.task_prefixes,
-            max_texts_per_request=r.limits.max_texts_per_request,
-        )
+        return ServerInfo.from_pb(self._call(self._stub.Info, pb.InfoRequest()))
+
+
+async def _make_aio_channel(connection: Connection) -> grpc.aio.Channel:
+    return connection.aio_channel()  # inside the loop that will use it
 
 
 def embeddings_array(response: pb.EmbedResponse) -> np.ndarray:
-    return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+    """The embeddings of a raw response as a numpy array (see client.results.decode_embeddings)."""
+    return decode_embeddings(response)

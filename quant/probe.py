@@ -15,6 +15,8 @@ class DeviceInfo:
     name: str
     total_bytes: int
     free_bytes: int
+    # Hardware bf16 matmul: AVX512-BF16 / AMX / Arm BF16 on a CPU, compute capability >= 8.0 on CUDA.
+    native_bf16: bool = False
 
     @property
     def torch_device(self) -> str:
@@ -33,11 +35,31 @@ def probe_device(requested: str = "auto") -> DeviceInfo:
             raise RuntimeError(f"--device {requested}: CUDA is not available in this torch build or host")
         index = int(requested.split(":")[1]) if ":" in requested else torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(index)
-        return DeviceInfo("cuda", index, torch.cuda.get_device_name(index), int(total), int(free))
+        with torch.cuda.device(index):
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return DeviceInfo("cuda", index, torch.cuda.get_device_name(index), int(total), int(free), bf16)
     if requested != "cpu":
         raise RuntimeError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N")
     total, free = _host_memory()
-    return DeviceInfo("cpu", 0, "cpu", total, free)
+    flags = cpu_flags()
+    return DeviceInfo("cpu", 0, "cpu", total, free, native_bf16=bool(flags & _CPU_BF16_FLAGS))
+
+
+# x86: avx512_bf16, amx_bf16; aarch64: bf16. Without them torch emulates bf16, slower than fp32.
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (x86 "flags", Arm "Features"); empty if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _host_memory() -> tuple[int, int]:
@@ -50,3 +72,33 @@ def _host_memory() -> tuple[int, int]:
     except (OSError, KeyError, ValueError):
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return pages, pages
+
+
+def reset_peak_memory(device: str) -> int:
+    """Start a new peak-memory window; returns the bytes in use now (CPU: resident set; CUDA: allocated)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    try:  # "5" resets the kernel's resident-set high-water mark (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device: str) -> int:
+    """The most bytes in use since `reset_peak_memory`."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")

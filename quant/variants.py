@@ -1,8 +1,15 @@
-"""The variants a model can be served as."""
+"""The variants a model can be served as: what each stores, where it runs, what it costs and promises.
+
+Only the Linear layers change between variants. Embeddings, LayerNorm, the rotary angles, pooling and
+the Matryoshka steps stay float32 in every one (see quant.loader).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Mean cosine to fp32 a variant must keep for `auto` to prefer it for speed alone (the fp16/bf16 bar).
+LOSSLESS_BAR = 0.999
 
 
 @dataclass(frozen=True)
@@ -10,14 +17,44 @@ class Variant:
     name: str
     description: str
     devices: tuple[str, ...]  # device kinds it runs on: "cpu", "cuda"
-    bytes_per_param: float  # weight storage of the quantized (Linear) layers
-    rank: int  # higher = closer to fp32
+    rank: int  # precision order: higher = closer to fp32
+    quality_bar: float  # mean cosine to fp32 it must keep (checked by `make quality` and the tests)
+    linear_bytes_per_param: float  # storage of the Linear weights, quantization scales included
+    # Activation bytes per token and per element of (4 x hidden + MLP width), by device kind. CPU figures
+    # are fitted to the peaks `make quality` measures; CUDA ones are checked by scripts/gpu_check.py.
+    workspace_factor: dict[str, float]
+    # Throughput relative to fp32 on a CPU without native bf16 matmul (AVX2: `make quality`) and on one
+    # with it (AVX512-BF16: the design notes' figures); only the order matters, for `auto` on the CPU.
+    cpu_speed: float = 0.0
+    cpu_speed_native_bf16: float = 0.0
+
+    @property
+    def lossless(self) -> bool:
+        return self.quality_bar >= LOSSLESS_BAR
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("fp32", "float32 weights and compute: the reference", ("cpu", "cuda"), 4.0, 100),
+        Variant("fp32", "float32 weights and compute: the reference", ("cpu", "cuda"), rank=100,
+                quality_bar=1.0, linear_bytes_per_param=4.0, workspace_factor={"cpu": 7, "cuda": 7},
+                cpu_speed=1.0, cpu_speed_native_bf16=1.0),
+        Variant("fp16", "float16 Linear weights and matmuls under autocast; residual stream float32",
+                ("cuda",), rank=90, quality_bar=0.999, linear_bytes_per_param=2.0, workspace_factor={"cuda": 7}),
+        Variant("bf16", "bfloat16 Linear weights and matmuls under autocast; residual stream float32",
+                ("cpu", "cuda"), rank=80, quality_bar=0.999, linear_bytes_per_param=2.0,
+                workspace_factor={"cpu": 7, "cuda": 7}, cpu_speed=0.2, cpu_speed_native_bf16=3.9),
+        Variant("int8", "bitsandbytes LLM.int8(): int8 weights, int8 matmuls with float16 outlier columns",
+                ("cpu", "cuda"), rank=60, quality_bar=0.99, linear_bytes_per_param=1.0,
+                workspace_factor={"cpu": 33, "cuda": 12}, cpu_speed=0.4, cpu_speed_native_bf16=1.4),
+        # Activations share one scale per batch, so outlier features (common in BERT-family models) cost
+        # precision: it holds the 4-bit bar, not the 8-bit one (docs/quantization.md).
+        Variant("int8-dynamic", "torch dynamic quantization (CPU): int8 weights per channel, activations "
+                "quantized per tensor and batch, int8 matmuls (fbgemm)", ("cpu",), rank=55, quality_bar=0.97,
+                linear_bytes_per_param=1.0, workspace_factor={"cpu": 16}, cpu_speed=1.4, cpu_speed_native_bf16=5.1),
+        Variant("nf4", "bitsandbytes 4-bit NormalFloat weights (double-quantized scales), dequantized per matmul",
+                ("cpu", "cuda"), rank=40, quality_bar=0.97, linear_bytes_per_param=0.52,
+                workspace_factor={"cpu": 12, "cuda": 10}, cpu_speed=0.85, cpu_speed_native_bf16=0.85),
     )
 }
 

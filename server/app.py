@@ -33,6 +33,7 @@ from server.model_source import resolve_model_dir
 from server.model_spec import read_model_spec
 from server.rotary import PerRowNTKRotary
 from server.runner import Runner, install_per_row_rotary
+from server.security import BearerTokenAuth, load_tokens, server_credentials
 from server.service import EmbedService, ServedModel
 from server.tokenization import TextTokenizer
 
@@ -48,12 +49,21 @@ _GRPC_OPTIONS = [
 ]
 
 
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The server's grpc core options; aged connections make clients re-resolve and reach new replicas."""
+    if config.max_connection_age_s <= 0:
+        return list(_GRPC_OPTIONS)
+    return [*_GRPC_OPTIONS, ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000))]
+
+
 @dataclass
 class Loaded:
     embedder: Embedder
     batcher: Batcher
     served: ServedModel
     limits: Limits
+    runner: Runner  # the model behind the batcher: benchmarks compare against it in-process
 
 
 class App:
@@ -79,7 +89,11 @@ class App:
         return self.port
 
     async def _bind(self) -> None:
-        self.grpc_server = grpc.aio.server(options=_GRPC_OPTIONS)
+        c = self.config
+        credentials = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+        tokens = load_tokens(c.auth_token_file, c.auth_tokens_env)
+        interceptors = [BearerTokenAuth(tokens)] if tokens else []
+        self.grpc_server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         embed_pb2_grpc.add_EmbedServiceServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -88,13 +102,18 @@ class App:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.grpc_server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self.grpc_server.add_insecure_port(address)
+            else:
+                self.port = self.grpc_server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {address}: {exc} (is the port already in use?)") from None
         if not self.port:
             raise StartupError(f"cannot listen on {address} (is the port already in use?)")
         await self.grpc_server.start()
-        log.info("listening on %s:%d; NOT_SERVING until the model is loaded", self.config.host, self.port)
+        log.info("listening on %s:%d (%s%s); NOT_SERVING until the model is loaded", c.host, self.port,
+                 "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
+                 f", {len(tokens)} bearer token(s)" if tokens else "")
 
     async def _set_health(self, state: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -120,9 +139,11 @@ def load(config: ServerConfig) -> Loaded:
         raise StartupError(str(exc)) from None
     path = resolve_model_dir(config.model)
     spec = read_model_spec(path, config.rotary_scaling_factor)
+    max_input = min(config.max_input_tokens or spec.max_input_tokens, spec.max_input_tokens)
+    # The batch token budget is the configured one, lowered by the policy to what fits in memory.
+    request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input)
     try:
-        decision = choose_variant(device, checkpoint_info(path, spec.config),
-                                  Request(config.variant, config.max_memory_bytes))
+        decision = choose_variant(device, checkpoint_info(path, spec.config), request)
     except (NoVariantFits, ValueError) as exc:
         raise StartupError(str(exc)) from None
     log.info("variant %s: %s", decision.variant.name, decision.reason)
@@ -135,10 +156,9 @@ def load(config: ServerConfig) -> Loaded:
     tokenizer = TextTokenizer(path)
     runner = Runner(loaded.model, pooling=spec.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
                     per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context)
-    max_input = min(config.max_input_tokens or spec.max_input_tokens, spec.max_input_tokens)
     limits = Limits(
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
-        max_text_chars=config.max_text_chars, max_batch_tokens=max(config.max_batch_tokens, max_input),
+        max_text_chars=config.max_text_chars, max_batch_tokens=decision.batch_tokens,
         max_batch_rows=config.max_batch_rows, max_queue_tokens=config.max_queue_tokens,
     )
     batcher = Batcher(runner.run, BatchPolicy(
@@ -153,7 +173,7 @@ def load(config: ServerConfig) -> Loaded:
         max_input_tokens=max_input, weight_bytes=loaded.weight_bytes, task_prefixes=spec.task_prefixes,
         pooling=spec.pooling, server_version=server.__version__,
     )
-    return Loaded(Embedder(tokenizer, batcher, traits), batcher, served, limits)
+    return Loaded(Embedder(tokenizer, batcher, traits), batcher, served, limits, runner)
 
 
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:

@@ -1,19 +1,24 @@
 """Dynamic batching: admitted rows from many callers become model batches on one worker thread.
 
-Knows nothing of gRPC or torch. Rows are grouped by length under a padded-token budget
-(rows x longest row) and a row cap; the oldest row always goes into the next batch, so nothing
-starves. Rows whose caller cancelled or whose deadline passed are dropped before compute, and every
-job gets its vectors or the error of a batch it was in.
+Knows nothing of gRPC or torch. The event loop only admits jobs and receives results; the worker
+thread forms each batch itself the moment it is free, so the model never waits for the event loop
+and every row that arrived during one batch can join the next. Rows are grouped by length under a
+padded-token budget (rows x longest row) and a row cap; the oldest row always goes into the next
+batch, so nothing starves. Rows whose caller cancelled or whose deadline passed are dropped before
+compute, and every job gets its vectors or the error of a batch it was in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import count
 
 import numpy as np
 
@@ -26,11 +31,16 @@ RunFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch_tokens: int = 16384  # padded tokens per batch
+    max_batch_tokens: int = 16384  # padded tokens per batch; a longer single row still runs, alone
     max_batch_rows: int = 128
     max_queue_tokens: int = 1_000_000
-    wait_s: float = 0.0  # how long an idle worker waits for more rows before running a small batch
-    max_padding_fraction: float = 0.2  # beyond the anchor row, rows that would pad more wait their turn
+    # After a batch, how long the worker waits for more rows when the next batch is not full (callers
+    # answered by the last batch are often about to send again). An idle worker never waits.
+    wait_s: float = 0.0
+    max_padding_fraction: float = 0.1
+    # A forward pass costs about this many tokens' worth of compute besides its padded tokens (weights
+    # streamed once per pass), so a small batch may pad this much rather than run as two passes.
+    overhead_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -43,26 +53,43 @@ class BatchStats:
     seconds: float
 
 
-@dataclass(eq=False)
-class _Row:
-    job: Job
-    index: int
-    ids: Sequence[int]
+@dataclass
+class BatcherTotals:
+    """Cumulative counters since start; compare two snapshots to describe a period."""
 
-    @property
-    def length(self) -> int:
-        return len(self.ids)
+    batches: int = 0
+    rows: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    busy_s: float = 0.0
+    failed_batches: int = 0
+    dropped_rows: int = 0  # skipped before compute: the caller cancelled, ran out of time or already failed
+
+    def add(self, stats: BatchStats) -> None:
+        self.batches += 1
+        self.rows += stats.rows
+        self.tokens += stats.tokens
+        self.padded_tokens += stats.padded_tokens
+        self.busy_s += stats.seconds
+
+    def copy(self) -> BatcherTotals:
+        return BatcherTotals(**vars(self))
 
 
 @dataclass(eq=False)
 class Job:
-    """The rows of one request. Await `result()` for its vectors in row order."""
+    """The rows of one request. Await `result()` for its vectors in row order.
+
+    Its future lives on the event loop; the worker thread reads only the plain flags.
+    """
 
     rows: int
     deadline: float | None  # time.monotonic() value
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
+    cancelled: bool = False  # set on the loop: the caller is gone
+    failed: bool = False  # set on the worker: an error is on its way to the caller
     _vectors: list[np.ndarray | None] = field(default_factory=list)
     _remaining: int = 0
     _future: asyncio.Future[np.ndarray] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -75,11 +102,17 @@ class Job:
     def done(self) -> bool:
         return self._future.done()
 
+    @property
+    def dead(self) -> bool:
+        """Nobody will use more of its vectors."""
+        return self.cancelled or self.failed
+
     async def result(self) -> np.ndarray:
         return await asyncio.shield(self._future)
 
     def cancel(self) -> None:
         """The caller is gone: its queued rows will be skipped."""
+        self.cancelled = True
         if not self._future.done():
             self._future.cancel()
 
@@ -101,9 +134,144 @@ class Job:
             self._future.set_result(np.stack(self._vectors))  # type: ignore[arg-type]
 
     def _fail(self, error: BaseException) -> None:
+        self.failed = True
         if not self._future.done():
             self.finished = time.monotonic()
             self._future.set_exception(error)
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    index: int
+    ids: Sequence[int]
+    seq: int  # admission order, unique
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def choose_window(lengths: Sequence[int], anchor: int, policy: BatchPolicy) -> tuple[int, int]:
+    """The slice [lo, hi) of length-sorted rows, around `anchor`, that forms the next batch.
+
+    Grows one row at a time, toward whichever neighbour adds less padding, while the batch stays
+    within the row cap and the padded-token budget and its padding stays within the larger of
+    `max_padding_fraction` of the batch and `overhead_tokens`.
+    """
+    lo, hi = anchor, anchor + 1
+    longest = total = lengths[anchor]
+    while hi - lo < policy.max_batch_rows:
+        options = []
+        if lo > 0:  # a shorter row pads up to the longest
+            options.append((longest - lengths[lo - 1], -1))
+        if hi < len(lengths):  # a longer row makes every chosen row pad up to it
+            options.append(((lengths[hi] - longest) * (hi - lo), 1))
+        for _, side in sorted(options):
+            length = lengths[lo - 1] if side < 0 else lengths[hi]
+            padded = (hi - lo + 1) * max(longest, length)
+            waste = padded - total - length
+            if padded <= policy.max_batch_tokens and waste <= max(
+                policy.max_padding_fraction * padded, policy.overhead_tokens
+            ):
+                break
+        else:
+            return lo, hi
+        if side < 0:
+            lo -= 1
+        else:
+            hi += 1
+        longest, total = max(longest, length), total + length
+    return lo, hi
+
+
+class _Lengths(Sequence[int]):
+    """The lengths of the queue's length-sorted keys, without copying them."""
+
+    def __init__(self, keys: list[tuple[int, int]]) -> None:
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        return self._keys[i][0]
+
+
+class _Queue:
+    """Admitted rows, sorted by length for grouping and kept in arrival order for fairness.
+
+    Used only under the batcher's lock.
+    """
+
+    def __init__(self) -> None:
+        self._seq = count()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._keys: list[tuple[int, int]] = []  # (length, seq), sorted
+        self._rows: list[_Row] = []  # parallel to _keys
+        self._arrivals: deque[_Row] = deque()
+        self._taken: set[int] = set()  # seqs taken into a batch but still in _arrivals
+        self._jobs: dict[Job, int] = {}  # job -> its rows still queued
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, job: Job, rows: Sequence[Sequence[int]]) -> None:
+        for i, ids in enumerate(rows):
+            row = _Row(job, i, ids, next(self._seq))
+            at = bisect.bisect_right(self._keys, (row.length, row.seq))
+            self._keys.insert(at, (row.length, row.seq))
+            self._rows.insert(at, row)
+            self._arrivals.append(row)
+        self._jobs[job] = len(rows)
+        self.tokens += sum(len(r) for r in rows)
+
+    def drop_dead(self, now: float) -> tuple[list[Job], int]:
+        """Forget the rows of jobs that were cancelled, failed or are past their deadline.
+
+        Returns the jobs that just ran out of time (their callers must hear of it) and the rows dropped.
+        """
+        expired = [j for j in self._jobs if not j.dead and j.deadline is not None and now > j.deadline]
+        for job in expired:
+            job.failed = True
+        before = len(self._rows)
+        if any(job.dead for job in self._jobs):
+            keep = [i for i, row in enumerate(self._rows) if not row.job.dead]
+            self._keys = [self._keys[i] for i in keep]
+            self._rows = [self._rows[i] for i in keep]
+            self._arrivals = deque(r for r in self._arrivals if not r.job.dead and r.seq not in self._taken)
+            self._taken.clear()
+            self._jobs = {j: n for j, n in self._jobs.items() if not j.dead}
+            self.tokens = sum(k[0] for k in self._keys)
+        return expired, before - len(self._rows)
+
+    def take_batch(self, policy: BatchPolicy) -> list[_Row]:
+        while self._arrivals and self._arrivals[0].seq in self._taken:
+            self._taken.discard(self._arrivals.popleft().seq)
+        if not self._arrivals:
+            return []
+        oldest = self._arrivals[0]
+        anchor = bisect.bisect_left(self._keys, (oldest.length, oldest.seq))
+        lo, hi = choose_window(_Lengths(self._keys), anchor, policy)
+        batch = self._rows[lo:hi]
+        del self._keys[lo:hi], self._rows[lo:hi]
+        for row in batch:
+            self._taken.add(row.seq)
+            self.tokens -= row.length
+            left = self._jobs[row.job] - 1
+            if left:
+                self._jobs[row.job] = left
+            else:
+                del self._jobs[row.job]
+        return batch
+
+    def take_all(self) -> list[_Row]:
+        rows = self._rows
+        self._clear()
+        return rows
 
 
 class Batcher:
@@ -112,166 +280,157 @@ class Batcher:
         self._run = run
         self.policy = policy
         self._on_batch = on_batch
-        self._pending: list[_Row] = []  # arrival order
-        self._queued_tokens = 0
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._queue = _Queue()
+        self._lock = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running: list[_Row] = []  # the batch on the model now
         self._accepting = False
-        self._busy = False
+        self._closing = False
         self._tokens_per_s = 0.0  # moving average, for retry hints
+        self.totals = BatcherTotals()  # updated on the event loop
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._accepting = True
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._thread = threading.Thread(target=self._work, name="model", daemon=True)
+        self._thread.start()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting, finish what was admitted (up to the timeout), then stop the worker."""
         self._accepting = False
-        deadline = time.monotonic() + drain_timeout_s
-        while (self._pending or self._busy) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for row in self._pending:
-            row.job._fail(Unavailable("the server stopped before this request was computed"))
-        self._pending.clear()
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if self._thread is None:
+            return
+        await asyncio.to_thread(self._thread.join, drain_timeout_s)
+        if self._thread.is_alive():  # the timeout passed: whatever is left will not be computed
+            with self._lock:
+                left, running = self._queue.take_all(), list(self._running)
+            for row in left:
+                row.job._fail(Unavailable("the server stopped before this request was computed"))
+            for row in running:
+                row.job._fail(Unavailable("the server stopped while computing this request"))
+            log.warning("stopped with %d rows uncomputed", len(left) + len(running))
 
     def run_now(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Run rows on the worker thread outside the queue (warm-up); blocks the caller."""
-        return self._executor.submit(self._run, rows).result()
+        """Run rows outside the queue on the calling thread (warm-up, before `start`)."""
+        return self._run(rows)
 
     @property
     def queued_tokens(self) -> int:
-        return self._queued_tokens
+        return self._queue.tokens
 
-    # -- admission -------------------------------------------------------------------------------
+    # -- admission (event loop) ------------------------------------------------------------------
     def submit(self, rows: Sequence[Sequence[int]], deadline: float | None = None) -> Job:
         if not self._accepting:
             raise Unavailable("the server is shutting down")
         if not rows:
             raise ValueError("a job needs at least one row")
         tokens = sum(len(r) for r in rows)
-        if self._queued_tokens and self._queued_tokens + tokens > self.policy.max_queue_tokens:
-            raise Overloaded(
-                f"queue full: {self._queued_tokens} tokens waiting, limit {self.policy.max_queue_tokens}",
-                retry_after_s=self._drain_estimate_s(),
-            )
         job = Job(rows=len(rows), deadline=deadline)
-        self._pending.extend(_Row(job, i, ids) for i, ids in enumerate(rows))
-        self._queued_tokens += tokens
-        assert self._wakeup is not None, "Batcher.start() was not called"
-        self._wakeup.set()
+        with self._lock:
+            queued = self._queue.tokens
+            if queued and queued + tokens > self.policy.max_queue_tokens:
+                raise Overloaded(
+                    f"queue full: {queued} tokens waiting, limit {self.policy.max_queue_tokens}",
+                    retry_after_s=self._drain_estimate_s(queued),
+                )
+            self._queue.add(job, rows)
+            self._lock.notify()
         return job
 
-    def _drain_estimate_s(self) -> float:
+    def _drain_estimate_s(self, queued_tokens: int) -> float:
         if self._tokens_per_s <= 0:
             return 1.0
-        return min(30.0, max(0.05, self._queued_tokens / self._tokens_per_s))
+        return min(30.0, max(0.05, queued_tokens / self._tokens_per_s))
 
-    # -- scheduling ------------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
+    # -- the worker thread -----------------------------------------------------------------------
+    def _work(self) -> None:
+        last_end: float | None = None  # None: idle, the next row runs at once
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if self.policy.wait_s > 0 and self._queued_tokens < self.policy.max_batch_tokens:
-                await asyncio.sleep(self.policy.wait_s)
-            while True:
-                batch = self._form_batch()
-                if not batch:
-                    break
-                await self._execute(loop, batch)
-
-    def _form_batch(self) -> list[_Row]:
-        self._drop_dead()
-        if not self._pending:
-            return []
-        anchor = self._pending[0]
-        by_length = sorted(self._pending, key=lambda r: r.length)
-        pos = by_length.index(anchor)
-        chosen = [anchor]
-        longest, total = anchor.length, anchor.length
-        lo, hi = pos - 1, pos + 1
-        p = self.policy
-        while len(chosen) < p.max_batch_rows:
-            left = by_length[lo] if lo >= 0 else None
-            right = by_length[hi] if hi < len(by_length) else None
-            # take the neighbour closest in length to the rows already chosen
-            if left is not None and (right is None or longest - left.length <= right.length - longest):
-                cand, lo = left, lo - 1
-            elif right is not None:
-                cand, hi = right, hi + 1
+            with self._lock:
+                batch = self._next_batch(last_end)
+                if batch is None:
+                    return
+                self._running = batch
+            if batch:
+                self._execute(batch)
+                last_end = time.monotonic()
             else:
-                break
-            new_longest = max(longest, cand.length)
-            new_total = total + cand.length
-            rows = len(chosen) + 1
-            if rows * new_longest > p.max_batch_tokens:
-                if cand is right:
-                    hi = len(by_length)  # longer rows only get worse; shorter ones may still fit
-                    continue
-                break
-            if 1 - new_total / (rows * new_longest) > p.max_padding_fraction:
-                if cand is right:
-                    hi = len(by_length)
-                    continue
-                break
-            chosen.append(cand)
-            longest, total = new_longest, new_total
-        taken = set(map(id, chosen))
-        self._pending = [r for r in self._pending if id(r) not in taken]
-        self._queued_tokens -= total
-        chosen.sort(key=lambda r: r.length)
-        return chosen
+                last_end = None
+            with self._lock:
+                self._running = []
 
-    def _drop_dead(self) -> None:
-        now = time.monotonic()
-        alive = []
-        for row in self._pending:
-            job = row.job
-            if not job.done and job.deadline is not None and now > job.deadline:
-                job._fail(DeadlineExceeded("the deadline passed while the request was queued"))
-            if job.done:
-                self._queued_tokens -= row.length
-            else:
-                alive.append(row)
-        self._pending = alive
+    def _next_batch(self, last_end: float | None) -> list[_Row] | None:
+        """Under the lock: the next batch, [] after dropping dead rows, or None when stopped."""
+        while not len(self._queue):
+            if self._closing:
+                return None
+            self._lock.wait()
+        if last_end is not None and time.monotonic() - last_end > self.policy.wait_s:
+            last_end = None  # idle for longer than wait_s: the row runs at once
+        if last_end is not None and not self._closing:
+            until = last_end + self.policy.wait_s
+            while not self._full() and (left := until - time.monotonic()) > 0:
+                self._lock.wait(left)
+        expired, dropped = self._queue.drop_dead(time.monotonic())
+        if expired or dropped:
+            self._post(self._dropped, expired, dropped)
+        return self._queue.take_batch(self.policy)
 
-    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Row]) -> None:
+    def _full(self) -> bool:
+        return len(self._queue) >= self.policy.max_batch_rows or self._queue.tokens >= self.policy.max_batch_tokens
+
+    def _execute(self, batch: list[_Row]) -> None:
         started = time.monotonic()
         for row in batch:
             if row.job.started is None:
                 row.job.started = started
-        self._busy = True
         try:
-            vectors = await loop.run_in_executor(self._executor, self._run, [r.ids for r in batch])
-        except asyncio.CancelledError:
-            for row in batch:
-                row.job._fail(Unavailable("the server stopped while computing this request"))
-            raise
+            vectors = self._run([r.ids for r in batch])
+            if len(vectors) != len(batch):
+                raise RuntimeError(f"the model returned {len(vectors)} vectors for {len(batch)} rows")
         except Exception as exc:  # every caller of the batch hears of it; the worker lives on
             log.exception("model batch of %d rows failed", len(batch))
             error = exc if isinstance(exc, EmbedError) else ModelFailure(
                 f"the model failed on a batch of {len(batch)} rows: {type(exc).__name__}: {exc}")
             for row in batch:
-                row.job._fail(error)
+                row.job.failed = True
+            self._post(self._fail_batch, batch, error)
             return
-        finally:
-            self._busy = False
         seconds = time.monotonic() - started
         tokens = sum(r.length for r in batch)
         self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (tokens / max(seconds, 1e-6))
+        stats = BatchStats(len(batch), tokens, len(batch) * max(r.length for r in batch), seconds)
+        self._post(self._deliver, batch, vectors, stats)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.debug("event loop closed; dropping %s", getattr(callback, "__name__", callback))
+
+    # -- delivery (event loop) -------------------------------------------------------------------
+    def _deliver(self, batch: list[_Row], vectors: np.ndarray, stats: BatchStats) -> None:
         for row, vector in zip(batch, vectors, strict=True):
             row.job._deliver(row.index, vector)
+        self.totals.add(stats)
         if self._on_batch:
-            padded = len(batch) * max(r.length for r in batch)
-            self._on_batch(BatchStats(len(batch), tokens, padded, seconds))
+            self._on_batch(stats)
+
+    def _fail_batch(self, batch: list[_Row], error: EmbedError) -> None:
+        self.totals.failed_batches += 1
+        for row in batch:
+            row.job._fail(error)
+
+    def _dropped(self, expired: list[Job], rows: int) -> None:
+        self.totals.dropped_rows += rows
+        for job in expired:
+            job._fail(DeadlineExceeded("the deadline passed while the request was queued"))
 
 
-__all__ = ["BatchPolicy", "BatchStats", "Batcher", "Job"]
+__all__ = ["BatchPolicy", "BatchStats", "Batcher", "BatcherTotals", "Job", "choose_window"]

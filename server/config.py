@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
 DEFAULT_PORT = 50051
@@ -34,6 +34,16 @@ class ServerConfig:
     # Dynamic NTK factor beyond the trained positions (the model card's long-context setting).
     rotary_scaling_factor: float = 2.0
     grace_s: float = 30.0
+    # After this age the server sends GOAWAY (grpc core adds +-10% jitter) so clients reconnect and spread over
+    # replicas that came up since; calls in flight get the age grace to finish. 0 = connections never age.
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: clients must present a certificate signed by this CA (mTLS)
+    auth_token_file: str | None = None
+    # Comma-separated tokens from NOMIC_EMBED_AUTH_TOKENS: kept off argv, where `ps` would show them.
+    auth_tokens_env: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
 
 
@@ -70,7 +80,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="dynamic NTK factor for inputs beyond the trained positions; 0 disables")
     p.add_argument("--grace", type=float, default=d.grace_s, dest="grace_s",
                    help="seconds admitted work may take to finish on shutdown")
+    p.add_argument("--max-connection-age", type=float, default=d.max_connection_age_s, dest="max_connection_age_s",
+                   help="seconds before the server asks a client to reconnect (rebalancing over replicas); 0 = never")
+    p.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace_s,
+                   dest="max_connection_age_grace_s", help="seconds calls in flight on an aged connection may take")
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key enables TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle; requires client certificates (mTLS)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file of bearer tokens, one per line; calls need 'authorization: Bearer <token>' "
+                        "(health checks stay open). NOMIC_EMBED_AUTH_TOKENS adds comma-separated tokens")
     return p
 
 
@@ -88,7 +108,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Ser
             defaults[action.dest] = action.type(value) if action.type else value
     parser.set_defaults(**defaults)
     args = parser.parse_args(list(argv))
-    config = ServerConfig(**vars(args))
+    config = ServerConfig(**vars(args), auth_tokens_env=env.get("NOMIC_EMBED_AUTH_TOKENS") or None)
     _check(config, parser)
     return config
 
@@ -101,5 +121,7 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if config.max_input_tokens < 0 or config.threads < 0 or config.batch_wait_ms < 0:
         parser.error("--max-input-tokens, --threads and --batch-wait-ms must not be negative")
+    if config.max_connection_age_s < 0 or config.max_connection_age_grace_s < 0:
+        parser.error("--max-connection-age and --max-connection-age-grace must not be negative")
     if not 0 <= config.port <= 65535:
         parser.error("--port must be 0..65535")

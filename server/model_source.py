@@ -38,7 +38,7 @@ def resolve_model_dir(model: str) -> Path:
                 f"model {model!r} was not found in the Hugging Face cache and could not be downloaded "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Fix: pass "
                 f"--model /path/to/dir (a directory with config.json, model.safetensors and the tokenizer "
-                f"files), or run `huggingface-cli download {model}` on a machine with network access and "
+                f"files), or run `hf download {model}` on a machine with network access and "
                 f"copy the cache (HF_HOME) here."
             ) from None
     path = Path(local)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from nomic_embed.v1 import embed_pb2 as pb
 from server.domain import EmbedOptions, Limits, LongTextMode, Task
+from server.encoding import Encoding
 from server.errors import InvalidInput
 
 TASKS = {
@@ -21,6 +22,13 @@ MODES = {
     pb.LONG_TEXT_MODE_TRUNCATE: LongTextMode.TRUNCATE,
     pb.LONG_TEXT_MODE_ERROR: LongTextMode.ERROR,
     pb.LONG_TEXT_MODE_MEAN: LongTextMode.MEAN,
+}
+ENCODINGS = {
+    pb.ENCODING_UNSPECIFIED: Encoding.VALUES,
+    pb.ENCODING_FLOAT32: Encoding.FLOAT32,
+    pb.ENCODING_FLOAT16: Encoding.FLOAT16,
+    pb.ENCODING_INT8: Encoding.INT8,
+    pb.ENCODING_UBINARY: Encoding.UBINARY,
 }
 # Fewer tokens than this leave no room for a task prefix and text between the special tokens.
 MIN_MAX_TOKENS = 16
@@ -54,6 +62,14 @@ def parse_task(task: int) -> Task:
         valid = ", ".join(pb.Task.Name(t) for t in TASKS)
         shown = pb.Task.Name(task) if task in pb.Task.values() else str(task)
         raise InvalidInput("task", f"{shown} is not a task; choose one of {valid}") from None
+
+
+def parse_encoding(encoding: int) -> Encoding:
+    try:
+        return ENCODINGS[encoding]
+    except KeyError:
+        valid = ", ".join(pb.Encoding.Name(e) for e in ENCODINGS)
+        raise InvalidInput("encoding", f"{encoding} is not an encoding; choose one of {valid}") from None
 
 
 def parse_embed_request(request: pb.EmbedRequest, limits: Limits, model: ModelBounds) -> tuple[list[str],

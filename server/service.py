@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from google.protobuf import duration_pb2
 
 from nomic_embed.v1 import embed_pb2 as pb
@@ -16,8 +17,9 @@ from nomic_embed.v1 import embed_pb2_grpc
 from server import status
 from server.domain import EmbedResult, Limits
 from server.embedder import Embedder
-from server.errors import EmbedError, InvalidInput, Unavailable
-from server.requests import ModelBounds, parse_embed_request, parse_task, parse_texts
+from server.encoding import Encoding, pack_rows
+from server.errors import EmbedError, InvalidInput, Overloaded, Unavailable
+from server.requests import ENCODINGS, ModelBounds, parse_embed_request, parse_encoding, parse_task, parse_texts
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,9 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         embedder, model, limits = self._state()
         bounds = ModelBounds(model.hidden_size, model.min_dimensions)
         texts, options = parse_embed_request(request, limits, bounds)
+        encoding = parse_encoding(request.encoding)
         result = await embedder.embed(texts, options, deadline)
-        return _response(model, result, options.dimensions)
+        return _response(model, result, options.dimensions, encoding)
 
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedStreamResponse]:
@@ -117,6 +120,7 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             return pb.EmbedStreamResponse(id=message.id, error=pb.StreamError(
                 code=status.status_code(error).value[0], message=status.message(error),
                 field=error.field if isinstance(error, InvalidInput) else "",
+                retry_delay=_duration(error.retry_after_s) if isinstance(error, Overloaded) else None,
             ))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
@@ -149,16 +153,29 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         return pb.TokenizeResponse(texts=[pb.TokenizedText(token_count=len(i), ids=i) for i in ids])
 
 
-def _response(model: ServedModel, result: EmbedResult, dimensions: int) -> pb.EmbedResponse:
+_PB_ENCODINGS = {encoding: value for value, encoding in ENCODINGS.items()}
+
+
+def _response(model: ServedModel, result: EmbedResult, dimensions: int,
+              encoding: Encoding = Encoding.VALUES) -> pb.EmbedResponse:
     t = result.timings
-    return pb.EmbedResponse(
-        embeddings=[
+    if encoding is Encoding.VALUES:
+        embeddings = [
             pb.Embedding(values=e.vector.tolist(), tokens=e.tokens, truncated=e.truncated, windows=e.windows)
             for e in result.embeddings
-        ],
+        ]
+    else:  # packed: all rows encoded in one numpy pass
+        rows = pack_rows(np.stack([e.vector for e in result.embeddings]), encoding)
+        embeddings = [
+            pb.Embedding(packed=row, tokens=e.tokens, truncated=e.truncated, windows=e.windows)
+            for e, row in zip(result.embeddings, rows, strict=True)
+        ]
+    return pb.EmbedResponse(
+        embeddings=embeddings,
         metadata=pb.ResponseMetadata(
             model_id=model.model_id, variant=model.variant, dimensions=dimensions,
             total_tokens=result.total_tokens, queue_time=_duration(t.queue_s),
             inference_time=_duration(t.inference_s), total_time=_duration(t.total_s),
+            encoding=_PB_ENCODINGS[encoding],
         ),
     )

@@ -25,6 +25,14 @@ class LongTextMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LONG_TEXT_MODE_TRUNCATE: _ClassVar[LongTextMode]
     LONG_TEXT_MODE_ERROR: _ClassVar[LongTextMode]
     LONG_TEXT_MODE_MEAN: _ClassVar[LongTextMode]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_FLOAT32: _ClassVar[Encoding]
+    ENCODING_FLOAT16: _ClassVar[Encoding]
+    ENCODING_INT8: _ClassVar[Encoding]
+    ENCODING_UBINARY: _ClassVar[Encoding]
 TASK_UNSPECIFIED: Task
 TASK_SEARCH_DOCUMENT: Task
 TASK_SEARCH_QUERY: Task
@@ -35,35 +43,44 @@ LONG_TEXT_MODE_UNSPECIFIED: LongTextMode
 LONG_TEXT_MODE_TRUNCATE: LongTextMode
 LONG_TEXT_MODE_ERROR: LongTextMode
 LONG_TEXT_MODE_MEAN: LongTextMode
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_FLOAT32: Encoding
+ENCODING_FLOAT16: Encoding
+ENCODING_INT8: Encoding
+ENCODING_UBINARY: Encoding
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts", "task", "dimensions", "long_text_mode", "max_tokens")
+    __slots__ = ("texts", "task", "dimensions", "long_text_mode", "max_tokens", "encoding")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     LONG_TEXT_MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     task: Task
     dimensions: int
     long_text_mode: LongTextMode
     max_tokens: int
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., dimensions: _Optional[int] = ..., long_text_mode: _Optional[_Union[LongTextMode, str]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    encoding: Encoding
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., dimensions: _Optional[int] = ..., long_text_mode: _Optional[_Union[LongTextMode, str]] = ..., max_tokens: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("values", "tokens", "truncated", "windows")
+    __slots__ = ("values", "tokens", "truncated", "windows", "packed")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     tokens: int
     truncated: bool
     windows: int
-    def __init__(self, values: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., windows: _Optional[int] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., windows: _Optional[int] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class ResponseMetadata(_message.Message):
-    __slots__ = ("model_id", "variant", "dimensions", "total_tokens", "queue_time", "inference_time", "total_time")
+    __slots__ = ("model_id", "variant", "dimensions", "total_tokens", "queue_time", "inference_time", "total_time", "encoding")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +88,7 @@ class ResponseMetadata(_message.Message):
     QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     variant: str
     dimensions: int
@@ -78,7 +96,8 @@ class ResponseMetadata(_message.Message):
     queue_time: _duration_pb2.Duration
     inference_time: _duration_pb2.Duration
     total_time: _duration_pb2.Duration
-    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., dimensions: _Optional[int] = ..., total_tokens: _Optional[int] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    encoding: Encoding
+    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., dimensions: _Optional[int] = ..., total_tokens: _Optional[int] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "metadata")
@@ -97,14 +116,16 @@ class EmbedStreamRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[EmbedRequest, _Mapping]] = ...) -> None: ...
 
 class StreamError(_message.Message):
-    __slots__ = ("code", "message", "field")
+    __slots__ = ("code", "message", "field", "retry_delay")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
+    RETRY_DELAY_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     field: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+    retry_delay: _duration_pb2.Duration
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., retry_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class EmbedStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,9 +33,17 @@ class RunningServer:
         return grpc.insecure_channel(self.target)
 
 
+def free_port() -> int:
+    """A loopback port free right now, for a server that must come back on the same port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def running_server(model: str, **overrides: object) -> Iterator[RunningServer]:
-    settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "threads": 1, **overrides}
+    # fp32 unless a test asks otherwise: `auto` depends on the host (bf16 on CPUs with native bf16).
+    settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "threads": 1, "variant": "fp32", **overrides}
     config = ServerConfig(model=model, **settings)  # type: ignore[arg-type]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)

@@ -1,0 +1,1 @@
+"""Benchmarks of the server against in-process baselines (`make bench`)."""

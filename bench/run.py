@@ -1,0 +1,266 @@
+"""`make bench`: the real server against in-process sentence-transformers, on the same texts, in one run.
+
+1. a full-size NomicBERT (random weights, original hub layout) and a sample of standard-library docstrings;
+2. the server, in this process (its own event loop and model thread), on a loopback port;
+3. sentence-transformers `encode` (batch 32) at fp32, and around the server's own model (its variant);
+4. one 16-token query at idle: the server over gRPC against the same forward pass in-process, alternately;
+5. load from a separate process (python -m bench.load) at each concurrency, unary and streaming;
+6. the baselines once more (the machine's load drifts: their mean faces the drift the runs faced);
+7. a table with the ratios, the targets, and a JSON file under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from bench import baseline, corpus
+from bench.load import LoadResult
+from bench.model import full_size_checkpoint
+from bench.report import RunSummary, load_average, machine, table
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
+from server import matryoshka
+from server.config import parse_args
+from server.runner import Runner
+from server.tokenization import TextTokenizer
+from tests.helpers.servers import RunningServer, running_server
+
+DOCUMENT_PREFIX = "search_document: "
+QUERY_PREFIX = "search_query: "
+QUERY = "how do I read a large file line by line and strip the trailing newline characters"
+RESULTS_DIR = Path(__file__).parent / "results"
+
+log = logging.getLogger("bench")
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="auto", help="the server's --variant")
+    p.add_argument("--texts", type=int, default=128, help="texts per run at concurrency >= 8 (a quarter below)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 32 texts, concurrency 1 and 8")
+    p.add_argument("--max-text-tokens", type=int, default=512, help="longest text of the sample, in tokens")
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--modes", default="unary,stream")
+    p.add_argument("--server-args", default="", help='more server flags, e.g. "--threads 1 --batch-wait-ms 5"')
+    p.add_argument("--no-st", action="store_true", help="skip the sentence-transformers baselines (no ratios)")
+    p.add_argument("--idle-queries", type=int, default=15, help="pairs of idle query timings")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nomic-embed-grpc-bench")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/<time>.json)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.texts, args.concurrency = 32, "1,8"
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.modes = args.modes.split(",")
+    return args
+
+
+@dataclass(frozen=True)
+class Corpus:
+    texts: list[str]
+    tokens: list[int]  # per text, as the server counts them (prefix and special tokens included)
+
+    @property
+    def prefixed(self) -> list[str]:
+        return [DOCUMENT_PREFIX + t for t in self.texts]
+
+    def describe(self) -> dict[str, int]:
+        return {"texts": len(self.texts), "tokens": sum(self.tokens), "median_tokens": int(np.median(self.tokens)),
+                "max_tokens": max(self.tokens)}
+
+
+@dataclass
+class Baselines:
+    """sentence-transformers `encode` timings: tok/s of each pass, per variant."""
+
+    passes: dict[str, list[float]] = field(default_factory=dict)
+    padded_fraction: float = 0.0
+
+    def tok_s(self, name: str) -> float:
+        passes = self.passes.get(name) or self.passes.get("fp32") or [float("nan")]
+        return len(passes) / sum(1 / p for p in passes)  # total tokens over total time
+
+
+def _corpus(tokenizer: TextTokenizer, args: argparse.Namespace) -> Corpus:
+    docstrings = corpus.cached_docstrings(args.cache_dir)
+    counts = [len(ids) + tokenizer.special_tokens for ids in tokenizer.content_ids(docstrings, DOCUMENT_PREFIX)]
+    chosen = corpus.sample(docstrings, counts, args.texts, max_tokens=args.max_text_tokens, seed=args.seed)
+    return Corpus([docstrings[i] for i in chosen], [counts[i] for i in chosen])
+
+
+def _sixteen_token_query(tokenizer: TextTokenizer) -> tuple[str, list[int]]:
+    words = QUERY.split()
+    for n in range(1, len(words) + 1):
+        text = " ".join(words[:n])
+        row = tokenizer.wrap(tokenizer.content_ids([text], QUERY_PREFIX)[0])
+        if len(row) == 16:
+            return text, row
+    raise RuntimeError("no prefix of the query words makes 16 tokens")
+
+
+def _idle_query(srv: RunningServer, runner: Runner, text: str, row: list[int], pairs: int) -> dict[str, float]:
+    """p50 of one query over gRPC and of the same forward pass in-process, timed alternately."""
+    request = pb.EmbedRequest(texts=[text], task=pb.TASK_SEARCH_QUERY)
+    forward, served, beside_model = [], [], []
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = embed_pb2_grpc.EmbedServiceStub(channel)
+        stub.Embed(request, timeout=60)  # connect
+        for _ in range(pairs):
+            started = time.perf_counter()
+            runner.run([row])
+            forward.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            response = stub.Embed(request, timeout=60)
+            served.append(time.perf_counter() - started)
+            assert response.embeddings[0].tokens == len(row)
+            # Within one request, so the machine's load cannot move it: all but the model's own time.
+            beside_model.append(served[-1] - response.metadata.inference_time.ToNanoseconds() / 1e9)
+    return {"in_process_forward_p50_ms": 1000 * float(np.median(forward)),
+            "server_p50_ms": 1000 * float(np.median(served)),
+            "added_ms": 1000 * float(np.median(served) - np.median(forward)),
+            "beside_model_p50_ms": 1000 * float(np.median(beside_model)), "pairs": pairs}
+
+
+def _drive(srv: RunningServer, mode: str, concurrency: int, requests: list[list[str]]) -> RunSummary:
+    batcher = srv.app.loaded.batcher  # type: ignore[union-attr]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"target": srv.target, "mode": mode, "concurrency": concurrency,
+                                    "requests": requests}), encoding="utf-8")
+        before = batcher.totals.copy()
+        subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
+        after = batcher.totals.copy()
+        load = LoadResult(**json.loads(out.read_text(encoding="utf-8")))
+    if load.errors:
+        log.warning("%s c=%d: %d errors, first: %s", mode, concurrency, len(load.errors), load.errors[0])
+    summary = RunSummary.of(mode, concurrency, load, before, after)
+    log.info("%s c=%d: %.0f tok/s, p50 %.0f ms, padded %.1f%%", mode, concurrency, summary.tok_s,
+             summary.p50_ms, 100 * summary.padded_fraction)
+    return summary
+
+
+def _served_vectors(srv: RunningServer, texts: list[str]) -> np.ndarray:
+    with grpc.insecure_channel(srv.target) as channel:
+        response = embed_pb2_grpc.EmbedServiceStub(channel).Embed(
+            pb.EmbedRequest(texts=texts, task=pb.TASK_SEARCH_DOCUMENT), timeout=600)
+    return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+
+
+class _BaselineRunner:
+    """sentence-transformers at fp32 and, when the server runs another variant, around the server's own model."""
+
+    def __init__(self, path: Path, variant: str, runner: Runner, data: Corpus) -> None:
+        self.data = data
+        self.models = {"fp32": (baseline.sentence_transformer(path), nullcontext)}
+        if variant != "fp32":
+            self.models[variant] = (baseline.sentence_transformer(path, runner.model), runner.compute_context)
+        self.result = Baselines(padded_fraction=baseline.padded_fraction(data.prefixed, data.tokens))
+        self.fp32_vectors: np.ndarray | None = None
+
+    def one_pass(self) -> None:
+        for name, (model, context) in self.models.items():
+            timing = baseline.time_encode(model, self.data.prefixed, context)
+            self.result.passes.setdefault(name, []).append(sum(self.data.tokens) / timing.seconds)
+            log.info("sentence-transformers %s: %.0f tok/s", name, self.result.passes[name][-1])
+            if name == "fp32" and self.fp32_vectors is None:
+                self.fp32_vectors = timing.vectors
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = _args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    load_before = load_average()
+    path = full_size_checkpoint(args.cache_dir)
+    tokenizer = TextTokenizer(path)
+    data = _corpus(tokenizer, args)
+    log.info("corpus: %s", data.describe())
+    config = parse_args(["--model", str(path), "--variant", args.variant, *shlex.split(args.server_args)], env={})
+    overrides = {k: v for k, v in asdict(config).items() if k not in ("model", "host", "port")}
+    results: dict[str, object] = {"machine": machine(), "args": {**vars(args), "cache_dir": str(args.cache_dir)},
+                                  "corpus": data.describe()}
+    runs: list[RunSummary] = []
+    with running_server(str(path), **overrides) as srv:
+        loaded = srv.app.loaded
+        assert loaded is not None
+        variant, policy = loaded.served.variant, loaded.batcher.policy
+        results["server"] = {"variant": variant, "variant_reason": loaded.served.variant_reason,
+                             "policy": asdict(policy), "threads": torch.get_num_threads(),
+                             "unpadded": loaded.runner.unpadded, "server_args": args.server_args}
+        log.info("server: variant %s, unpadded %s, budget %d tokens / %d rows, wait %.1f ms, %d threads", variant,
+                 loaded.runner.unpadded, policy.max_batch_tokens, policy.max_batch_rows, policy.wait_s * 1000,
+                 torch.get_num_threads())
+        baselines = None if args.no_st else _BaselineRunner(path, variant, loaded.runner, data)
+        if baselines:
+            baselines.one_pass()
+            assert baselines.fp32_vectors is not None
+            want = np.stack([matryoshka.finish(v, v.shape[0], layer_norm=True) for v in baselines.fp32_vectors[:8]])
+            results["max_abs_diff_vs_st_fp32"] = float(np.abs(_served_vectors(srv, data.texts[:8]) - want).max())
+        results["idle_query"] = _idle_query(srv, loaded.runner, *_sixteen_token_query(tokenizer), args.idle_queries)
+        log.info("idle 16-token query: %s", results["idle_query"])
+        for mode in args.modes:
+            for concurrency in args.concurrency:
+                n = len(data.texts) if concurrency >= 8 else max(8, len(data.texts) // 4)
+                requests = [data.texts[i : i + args.texts_per_request] for i in range(0, n, args.texts_per_request)]
+                runs.append(_drive(srv, mode, concurrency, requests))
+        if baselines:
+            baselines.one_pass()
+    results["st"] = asdict(baselines.result) if baselines else {}
+    results["runs"] = [{**asdict(r), "tok_s": r.tok_s, "texts_s": r.texts_s} for r in runs]
+    results["load_average"] = {"before": load_before, "after": load_average()}
+    _report(results, runs, baselines.result if baselines else None, variant, args.out)
+    return results
+
+
+def _report(results: dict[str, object], runs: list[RunSummary], st: Baselines | None, variant: str,
+            out: Path | None) -> None:
+    fp32, same = (st.tok_s("fp32"), st.tok_s(variant)) if st else (float("nan"), float("nan"))
+    print()
+    if st:
+        print(f"sentence-transformers encode, batch 32: fp32 {fp32:.0f} tok/s, {variant} {same:.0f} tok/s "
+              f"(passes before/after the runs: {st.passes}); its batches are {st.padded_fraction:.0%} padding")
+    print(table(runs, fp32, same))
+    idle = results["idle_query"]
+    assert isinstance(idle, dict)
+    print(f"\nidle 16-token query: server p50 {idle['server_p50_ms']:.1f} ms, in-process forward p50 "
+          f"{idle['in_process_forward_p50_ms']:.1f} ms: {idle['added_ms']:+.1f} ms; time beside the model's "
+          f"own (same request) p50 {idle['beside_model_p50_ms']:.1f} ms")
+    targets = _targets(runs, fp32, same, idle) if st else {}
+    results["targets"] = targets
+    for name, (value, goal, met) in targets.items():
+        print(f"target {name}: {value:.2f} (goal {goal}) {'met' if met else 'NOT met'}")
+    print(f"load average before {results['load_average']['before']}, after "  # type: ignore[index]
+          f"{results['load_average']['after']}")  # type: ignore[index]
+    if out is None:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        out = RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    print(f"results: {out}")
+
+
+def _targets(runs: list[RunSummary], fp32: float, same: float,
+             idle: dict[str, float]) -> dict[str, tuple[float, str, bool]]:
+    targets: dict[str, tuple[float, str, bool]] = {}
+    top = max((r.concurrency for r in runs), default=0)
+    for r in (r for r in runs if r.concurrency == top):
+        targets[f"{r.mode} c{top} vs ST same variant"] = (r.tok_s / same, ">= 1.5", r.tok_s / same >= 1.5)
+        targets[f"{r.mode} c{top} vs ST fp32"] = (r.tok_s / fp32, ">= 6 with the default variant", r.tok_s / fp32 >= 6)
+        targets[f"{r.mode} c{top} padded fraction"] = (r.padded_fraction, "<= 0.10", r.padded_fraction <= 0.10)
+    targets["idle query: p50 server - p50 in-process forward, ms"] = (idle["added_ms"], "<= 2", idle["added_ms"] <= 2)
+    targets["idle query: p50 time beside the model, ms"] = (idle["beside_model_p50_ms"], "<= 2",
+                                                           idle["beside_model_p50_ms"] <= 2)
+    return targets

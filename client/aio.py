@@ -1,0 +1,93 @@
+"""The asyncio client: `async with AsyncEmbedClient() as c: vectors = await c.embed(["a text"])`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from client.connection import DEFAULT_TARGET, Tls
+from client.embed_client import DEFAULT_RETRY, ClientSettings
+from client.errors import from_rpc_error
+from client.options import EmbedOptions, Encoding, LongTextMode, Task
+from client.results import ServerInfo, decode_embeddings
+from client.retry import Deadline, RetryPolicy
+from client.stream import AsyncEmbedStream
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class AsyncEmbedClient(ClientSettings):
+    """Asyncio client with the blocking client's methods; create it inside the event loop that uses it."""
+
+    def __init__(self, servers: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = 60.0,
+                 tls: Tls | bool | None = None, token: str | None = None, load_balancing: str | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        super().__init__(servers, timeout=timeout, tls=tls, token=token, load_balancing=load_balancing,
+                         retry=retry)
+        self._channel = self.connection.aio_channel()
+        self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncEmbedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Awaitable[Resp]], request: Req) -> Resp:
+        deadline = Deadline(self.timeout)
+        failures = 0
+        while True:
+            try:
+                return await method(request, timeout=deadline.remaining(), metadata=self.connection.metadata)
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                failures += 1
+                delay = self.retry.next_delay(error, failures, deadline)
+                if delay is None:
+                    raise error from None
+                await asyncio.sleep(delay)
+
+    async def embed(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0,
+                    *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE, max_tokens: int = 0,
+                    encoding: Encoding | str | int = Encoding.FLOAT32) -> np.ndarray:
+        """Embeddings of `texts`, shape (len(texts), dimensions or full width), dtype of the encoding."""
+        options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
+                                  encoding=encoding)
+        return decode_embeddings(await self._call(self._stub.Embed, options.request(texts)))
+
+    async def embed_response(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
+                             dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
+                             max_tokens: int = 0, encoding: Encoding | str | int = Encoding.VALUES
+                             ) -> pb.EmbedResponse:
+        options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
+                                  encoding=encoding)
+        return await self._call(self._stub.Embed, options.request(texts))
+
+    def embed_stream(self, texts: Iterable[str] | AsyncIterable[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
+                     dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
+                     max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32, batch_size: int = 64,
+                     batch_tokens: int = 8192, window: int = 4, streams: int = 1,
+                     timeout: float | None = None) -> AsyncEmbedStream:
+        """`async for batch in client.embed_stream(texts)`: as EmbedClient.embed_stream."""
+        options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
+                                  encoding=encoding)
+        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout)
+        return AsyncEmbedStream(self._channel, texts, options, settings, self.retry, self.connection.metadata)
+
+    async def tokenize(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT
+                       ) -> list[list[int]]:
+        request = pb.TokenizeRequest(texts=list(texts), task=int(EmbedOptions.of(task).task))
+        return [list(t.ids) for t in (await self._call(self._stub.Tokenize, request)).texts]
+
+    async def info(self) -> ServerInfo:
+        return ServerInfo.from_pb(await self._call(self._stub.Info, pb.InfoRequest()))

@@ -1,0 +1,147 @@
+"""Command line: `python -m client embed|info|similarity ...`. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from client.connection import DEFAULT_TARGET, Tls
+from client.embed_client import EmbedClient
+from client.errors import EmbedError
+from client.files import InputError, Record, count_texts, open_input, open_output, read_records
+from client.options import Encoding, LongTextMode, Task
+from client.results import row_width
+
+TOKEN_ENV = "NOMIC_EMBED_TOKEN"
+TARGET_ENV = "NOMIC_EMBED_TARGET"
+_OUTPUT_DTYPES = {Encoding.FLOAT32: np.float32, Encoding.VALUES: np.float32, Encoding.FLOAT16: np.float16,
+                  Encoding.INT8: np.int8, Encoding.UBINARY: np.uint8}
+
+
+def _names(kind: type[Task] | type[Encoding] | type[LongTextMode]) -> list[str]:
+    return [m.name.lower() for m in kind]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+                        help="host:port, several comma-separated, or a gRPC target such as dns:///name:port "
+                             f"(default: ${TARGET_ENV} or {DEFAULT_TARGET})")
+    common.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    common.add_argument("--ca", metavar="PEM", help="root certificates for TLS (implies --tls)")
+    common.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"bearer token sent as 'authorization' metadata (default: ${TOKEN_ENV})")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds per unary call (default 60)")
+
+    parser = argparse.ArgumentParser(prog="python -m client", description="Client of nomic-embed-grpc.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    embed = commands.add_parser("embed", parents=[common], help="embed a file of texts into .npy or .jsonl")
+    embed.add_argument("--input", required=True, help="text lines or JSONL objects; - reads stdin")
+    embed.add_argument("--output", required=True, help="out.npy (one row per text) or out.jsonl")
+    embed.add_argument("--task", default="search_document", choices=_names(Task))
+    embed.add_argument("--dimensions", type=int, default=0, help="Matryoshka width; 0 = full width")
+    embed.add_argument("--encoding", default="float32", choices=_names(Encoding),
+                       help="wire and output format (int8: q/127 approximates x; ubinary: packed sign bits)")
+    embed.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"],
+                       help="input format; auto: JSONL when the first line is an object with --text-field")
+    embed.add_argument("--text-field", default="text", help="the text's key in JSONL input (default text)")
+    embed.add_argument("--long-text-mode", default="truncate", choices=_names(LongTextMode))
+    embed.add_argument("--max-tokens", type=int, default=0, help="token limit per text; 0 = the server's")
+    embed.add_argument("--batch-size", type=int, default=64, help="texts per request (default 64)")
+    embed.add_argument("--window", type=int, default=4, help="requests in flight (default 4)")
+    embed.add_argument("--streams", type=int, default=1, help="concurrent streams, e.g. one per server")
+    embed.add_argument("--quiet", action="store_true", help="no progress bar")
+    embed.set_defaults(run=run_embed)
+
+    info = commands.add_parser("info", parents=[common], help="describe the served model and limits")
+    info.set_defaults(run=run_info)
+
+    similarity = commands.add_parser("similarity", parents=[common], help="cosine similarity of two texts")
+    similarity.add_argument("a")
+    similarity.add_argument("b")
+    similarity.add_argument("--task", default="clustering", choices=_names(Task),
+                            help="task prefix for both texts (default clustering: a symmetric comparison)")
+    similarity.set_defaults(run=run_similarity)
+    return parser
+
+
+def _client(args: argparse.Namespace) -> EmbedClient:
+    tls = Tls.from_files(ca=args.ca) if args.ca else (True if args.tls else None)
+    return EmbedClient(args.target, timeout=args.timeout, tls=tls, token=args.token)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        info = client.info()
+    for name, value in vars(info).items():
+        print(f"{name}: {value}")
+
+
+def run_similarity(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        a, b = client.embed([args.a, args.b], args.task)
+    print(f"{float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))):.4f}")
+
+
+def run_embed(args: argparse.Namespace) -> None:
+    encoding = Encoding[args.encoding.upper()]
+    jsonl = {"auto": None, "lines": False, "jsonl": True}[args.format]
+    with _client(args) as client, open_input(args.input) as lines:
+        info = client.info()  # fails fast, with a clear message, when no server answers
+        width = row_width(int(encoding), args.dimensions or info.dimensions)
+        total = count_texts(args.input)
+        records: collections.deque[Record] = collections.deque()
+        texts = _texts_keeping_records(read_records(lines, jsonl=jsonl, text_field=args.text_field), records.append)
+        stream = client.embed_stream(
+            texts, args.task, args.dimensions, encoding=encoding, long_text_mode=args.long_text_mode,
+            max_tokens=args.max_tokens, batch_size=args.batch_size, window=args.window, streams=args.streams)
+        writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width)
+        try:
+            with stream, tqdm(total=total, unit="text", unit_scale=True, disable=args.quiet, file=sys.stderr) as bar:
+                started, tokens = time.monotonic(), 0
+                for batch in stream:
+                    writer.write([records.popleft() for _ in batch.texts], batch.embeddings)
+                    tokens += batch.total_tokens
+                    bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tokens/s",
+                                        refresh=False)
+                    bar.update(len(batch.texts))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+
+
+def _texts_keeping_records(items: Iterator[tuple[str, Record]], keep: Callable[[Record], None]) -> Iterator[str]:
+    for text, record in items:
+        keep(record)
+        yield text
+
+
+def _describe(error: EmbedError, target: str) -> str:
+    where = f" (is a server running at {target}?)" if error.code is grpc.StatusCode.UNAVAILABLE else ""
+    return f"{error.code.name}: {error.details}{where}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except EmbedError as error:
+        print(f"error: {_describe(error, args.target)}", file=sys.stderr)
+        return 1
+    except (InputError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,1 @@
+"""A bounded loopback load generator for the embedding server."""

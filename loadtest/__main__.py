@@ -1,0 +1,113 @@
+"""python -m loadtest: a concurrency sweep over loopback, printing RPS, p50/p99 and counts per status code.
+
+Without --target it starts a server on a generated random checkpoint (original hub layout) and stops it after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loadtest.driver import run_level
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    p.add_argument("--target", help="host:port of a running server (default: start one)")
+    p.add_argument("--model", help="model for the started server (default: a generated random checkpoint)")
+    p.add_argument("--hidden", type=int, default=256, help="width of the generated checkpoint")
+    p.add_argument("--layers", type=int, default=4, help="layers of the generated checkpoint")
+    p.add_argument("--server-args", default="--max-queue-tokens 4096", help="extra flags for the started server")
+    p.add_argument("--concurrency", default="1,8,64,256", help="comma-separated levels")
+    p.add_argument("--seconds", type=float, default=8.0, help="duration of each level")
+    p.add_argument("--texts-per-request", type=int, default=4)
+    p.add_argument("--max-words", type=int, default=40)
+    p.add_argument("--deadline-ms", type=float, default=5000)
+    p.add_argument("--output", default="loadtest-results.json")
+    return p.parse_args()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_serving(target: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> None:
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise SystemExit(f"the server exited with status {process.returncode}:\n{tail}")
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not become SERVING in time")
+
+
+def _start_server(args: argparse.Namespace, workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    model = args.model
+    if not model:
+        sys.path.insert(0, str(ROOT))
+        from tests.helpers.checkpoint import write_tiny_nomic
+
+        model = str(write_tiny_nomic(workdir / "model", hidden=args.hidden, layers=args.layers, heads=4,
+                                     inner=4 * args.hidden, max_trained_positions=2048))
+    port = _free_port()
+    command = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+               *args.server_args.split()]
+    log = workdir / "server.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    _wait_serving(target, process, log)
+    return target, process
+
+
+def main() -> int:
+    args = _args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        process = None
+        target = args.target
+        if not target:
+            target, process = _start_server(args, Path(tmp))
+        try:
+            rows = []
+            print(f"target {target}; {args.seconds:.0f}s per level; {args.texts_per_request} texts per request")
+            print(f"{'conc':>5} {'ok rps':>8} {'p50 ms':>8} {'p99 ms':>8}  codes")
+            for level in levels:
+                result = asyncio.run(run_level(target, level, args.seconds, texts_per_request=args.texts_per_request,
+                                               max_words=args.max_words, deadline_s=args.deadline_ms / 1000))
+                row = result.row()
+                rows.append(row)
+                print(f"{level:>5} {row['rps_ok']:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}")
+        finally:
+            if process:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    Path(args.output).write_text(json.dumps({"target": target, "cpus": os.cpu_count(), "levels": rows}, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""How many bytes serving a model as a variant takes: weights + activation workspace + runtime overhead.
+
+A pure model (no torch), fed with what the checkpoint headers say. The constants are calibrated against
+peaks measured by `make quality` (CPU) and scripts/gpu_check.py (CUDA); docs/quantization.md reports
+the estimate's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quant.variants import Variant
+
+MIB = 2**20
+# What the runtime adds beyond weights and activations: kernel scratch and what a quantizing load leaves
+# resident on the CPU; cuBLAS workspaces, kernels loaded on first use and allocator rounding on CUDA.
+RUNTIME_OVERHEAD = {"cpu": 64 * MIB, "cuda": 256 * MIB}
+# Part of a GPU's free memory left alone: other processes' growth and fragmentation.
+CUDA_HEADROOM = 0.10
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    parameters: int
+    linear_parameters: int  # weights of the Linear layers: the only ones a variant changes
+    hidden_size: int
+    mlp_width: int  # outputs of a layer's MLP input projections: intermediate size, twice it when gated
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    workspace: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.workspace + self.overhead
+
+    def describe(self) -> str:
+        return (f"{mib(self.total)} = {mib(self.weights)} weights + {mib(self.workspace)} workspace + "
+                f"{mib(self.overhead)} runtime")
+
+
+def mib(n: float) -> str:
+    return f"{n / MIB:,.0f} MiB" if n >= 10 * MIB else f"{n / MIB:.1f} MiB"
+
+
+def weight_bytes(variant: Variant, model: ModelInfo) -> int:
+    other = model.parameters - model.linear_parameters  # embeddings, LayerNorm, biases: always float32
+    return int(model.linear_parameters * variant.linear_bytes_per_param + other * 4)
+
+
+def token_bytes(variant: Variant, model: ModelInfo, device_kind: str) -> float:
+    """Activation bytes per token of a batch; layers run one after another, so depth does not count.
+
+    The peak comes in the MLP (its input projections' outputs, the activation, the gate product) or in
+    attention (q, k, v, their rotated copies, the output), hence a term in each width.
+    """
+    return variant.workspace_factor[device_kind] * (4 * model.hidden_size + model.mlp_width)
+
+
+def mask_bytes(tokens: int, longest_row: int) -> int:
+    """The boolean (rows x 1 x length x length) attention mask of a padded batch."""
+    return tokens * longest_row
+
+
+def workspace_bytes(variant: Variant, model: ModelInfo, device_kind: str, tokens: int, longest_row: int) -> int:
+    return int(tokens * token_bytes(variant, model, device_kind)) + mask_bytes(tokens, min(longest_row, tokens))
+
+
+def estimate(variant: Variant, model: ModelInfo, device_kind: str, tokens: int, longest_row: int) -> MemoryEstimate:
+    """Bytes to serve batches of `tokens` padded tokens whose rows are at most `longest_row` long."""
+    return MemoryEstimate(weight_bytes(variant, model),
+                          workspace_bytes(variant, model, device_kind, tokens, longest_row),
+                          RUNTIME_OVERHEAD[device_kind])
+
+
+def tokens_that_fit(variant: Variant, model: ModelInfo, device_kind: str, available: int,
+                    longest_row: int, most: int) -> int:
+    """The largest batch token budget (at most `most`) whose estimate fits `available` bytes; 0 if none."""
+    if estimate(variant, model, device_kind, longest_row, longest_row).total > available:
+        return 0
+    lo, hi = longest_row, most
+    while lo < hi:  # the estimate grows with the budget: bisect for the largest that fits
+        mid = (lo + hi + 1) // 2
+        if estimate(variant, model, device_kind, mid, longest_row).total <= available:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

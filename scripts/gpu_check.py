@@ -1,0 +1,113 @@
+"""The CUDA check of the variants, run on a CUDA host: `python -m scripts.gpu_check [--model DIR]`.
+
+1. fp32, fp16, bf16, int8 and nf4 on the GPU: cosine to fp32, weight bytes, peak bytes
+   (torch.cuda.max_memory_allocated) while running a batch, against quant.memory's estimate, and tok/s.
+2. The `auto` choice under several --max-memory caps: the decision, then that variant loaded and run at
+   the batch budget the policy derived, with longest-input rows, and its measured peak (allocated bytes,
+   so without the CUDA context) against the cap.
+Prints one table per part. Exits with "no CUDA device" where there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quant.loader import checkpoint_info
+from quant.measure import build, measure, probe_rows
+from quant.memory import MIB
+from quant.policy import NoVariantFits, Request, choose_variant
+from quant.probe import peak_memory, probe_device, reset_peak_memory
+from quant.quality import agreement, stdlib_texts
+from quant.variants import VARIANTS
+from server.model_spec import read_model_spec
+from server.tokenization import TextTokenizer
+from tests.helpers.checkpoint import write_tiny_nomic
+
+CAPS_MIB = [None, 4096, 2048, 1536, 1024, 768, 512, 256]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: full-size NomicBERT, random)")
+    p.add_argument("--texts", type=int, default=300)
+    p.add_argument("--max-input", type=int, default=8192, help="longest input for the --max-memory part")
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu for a (slow) dry run of the script")
+    args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device: this check runs on a CUDA host (torch sees none here)")
+    device = probe_device(args.device)
+    print(f"device: {device.describe()}, {device.free_bytes / 2**30:.1f} of {device.total_bytes / 2**30:.1f} GiB "
+          f"free; bf16 {'native' if device.native_bf16 else 'emulated'}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        model = args.model or _random_nomic(Path(tmp))
+        variants_table(model, device.kind, device.torch_device, stdlib_texts(args.texts))
+        caps_table(model, args.device, args.max_input)
+
+
+def _random_nomic(where: Path) -> Path:
+    return write_tiny_nomic(where / "nomic-768x12", hidden=768, layers=12, heads=12, inner=3072,
+                            max_trained_positions=2048, config_style="v5")
+
+
+def variants_table(model: Path, kind: str, device: str, texts: list[str]) -> None:
+    print("\n| variant | mean cos | min cos | top-10 overlap | weights MiB | peak MiB @ 32x512 | estimate MiB (error) "
+          "| tok/s | x fp32 |\n|---|---|---|---|---|---|---|---|---|")
+    reference: tuple[np.ndarray, float] | None = None
+    for variant in (name for name, v in VARIANTS.items() if kind in v.devices):
+        try:
+            m, vectors = measure(model, variant, device, texts, batch_rows=32, row_tokens=512,
+                                 text_batch_tokens=16384, max_text_tokens=512)
+        except Exception as exc:  # report and go on: one broken variant must not hide the others
+            print(f"| {variant} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} |")
+            continue
+        finally:
+            _release()
+        if reference is None:
+            reference = (vectors, m.tokens_per_s)
+        q = agreement(vectors, reference[0])
+        print(f"| {variant} | {q.mean_cosine:.5f} | {q.min_cosine:.5f} | {q.neighbour_overlap:.3f} "
+              f"| {m.weight_bytes / MIB:.1f} | {m.peak_bytes / MIB:.0f} | {m.estimate_bytes / MIB:.0f} "
+              f"({m.estimate_error:+.0%}) | {m.tokens_per_s:.0f} | {m.tokens_per_s / reference[1]:.2f} |", flush=True)
+
+
+def caps_table(model: Path, requested_device: str, max_input: int) -> None:
+    spec = read_model_spec(model)
+    info = checkpoint_info(model, spec.config)
+    tokenizer = TextTokenizer(model)
+    print("\n| --max-memory | choice | batch tokens | estimate MiB | measured peak MiB | within cap |\n"
+          "|---|---|---|---|---|---|")
+    for cap_mib in CAPS_MIB:
+        cap = cap_mib * MIB if cap_mib else None
+        device = probe_device(requested_device)  # free memory now, as the server would see it at start
+        label = f"{cap_mib} MiB" if cap_mib else "none"
+        try:
+            decision = choose_variant(device, info, Request("auto", cap, 16384, longest_row=max_input))
+        except NoVariantFits as exc:
+            print(f"| {label} | refused: {exc} | | | | |", flush=True)
+            continue
+        before = reset_peak_memory(device.torch_device)
+        built = build(model, decision, device.torch_device, tokenizer)
+        rows = max(1, decision.batch_tokens // max_input)
+        built.runner.run(probe_rows(tokenizer, rows, max_input))
+        peak = peak_memory(device.torch_device) - before
+        del built
+        _release()
+        within = "yes" if cap is None or peak <= cap else "NO"
+        print(f"| {label} | {decision.variant.name} | {decision.batch_tokens} ({rows} x {max_input}) "
+              f"| {decision.memory.total / MIB:.0f} | {peak / MIB:.0f} | {within} |", flush=True)
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

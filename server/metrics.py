@@ -1,0 +1,131 @@
+"""Prometheus metrics: what the server does, in base units, scraped over HTTP (--metrics-port)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from server.batcher import BatchStats
+from server.domain import EmbedResult
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_POWERS = tuple(float(2**i) for i in range(0, 18))
+
+
+class Metrics:
+    """The server's metrics on a registry of their own (several servers can live in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter("nomic_embed_requests", "RPCs answered, by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.request_seconds = Histogram("nomic_embed_request_duration_seconds", "Time from arrival to answer",
+                                         ["method"], buckets=_LATENCY, registry=r)
+        self.in_flight = Gauge("nomic_embed_requests_in_flight", "RPCs being handled", registry=r)
+        self.queue_seconds = Histogram("nomic_embed_queue_duration_seconds",
+                                       "Time an embed request waited for the model", buckets=_LATENCY, registry=r)
+        self.inference_seconds = Histogram("nomic_embed_inference_duration_seconds",
+                                           "Time the model computed for an embed request", buckets=_LATENCY,
+                                           registry=r)
+        self.tokens = Counter("nomic_embed_tokens", "Tokens embedded", registry=r)
+        self.batch_rows = Histogram("nomic_embed_batch_rows", "Rows per model batch", buckets=_POWERS, registry=r)
+        self.batch_tokens = Histogram("nomic_embed_batch_tokens", "Real (unpadded) tokens per model batch",
+                                      buckets=_POWERS, registry=r)
+        self.batch_padding = Histogram("nomic_embed_batch_padding_ratio",
+                                       "Fraction of a batch's padded tokens that are padding",
+                                       buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
+        self.batch_seconds = Histogram("nomic_embed_batch_duration_seconds", "Model time per batch",
+                                       buckets=_LATENCY, registry=r)
+        self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
+        self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)
+
+    def describe_model(self, *, model_id: str, variant: str, device: str, reason: str) -> None:
+        self.model.info({"model": model_id, "variant": variant, "device": device, "variant_reason": reason})
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_rows.observe(stats.rows)
+        self.batch_tokens.observe(stats.tokens)
+        self.batch_padding.observe(1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0)
+        self.batch_seconds.observe(stats.seconds)
+
+    def observe_result(self, result: EmbedResult) -> None:
+        self.queue_seconds.observe(result.timings.queue_s)
+        self.inference_seconds.observe(result.timings.inference_s)
+        self.tokens.inc(result.total_tokens)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every unary RPC by method and final status code, and times it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        m = self.metrics
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+                started = time.monotonic()
+                m.in_flight.inc()
+                code = "UNKNOWN"
+                try:
+                    response = await inner(request, context)
+                    code = _code(context, "OK")
+                    return response
+                except grpc.aio.AbortError:
+                    code = _code(context, "UNKNOWN")
+                    raise
+                except BaseException:
+                    code = "CANCELLED" if context.cancelled() else "UNKNOWN"
+                    raise
+                finally:
+                    m.in_flight.dec()
+                    m.requests.labels(method, code).inc()
+                    m.request_seconds.labels(method).observe(time.monotonic() - started)
+
+            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+        if handler.stream_stream:
+            inner_stream = handler.stream_stream
+
+            async def stream(requests: object, context: grpc.aio.ServicerContext):
+                m.in_flight.inc()
+                code = "UNKNOWN"
+                try:
+                    async for response in inner_stream(requests, context):
+                        yield response
+                    code = _code(context, "OK")
+                except grpc.aio.AbortError:
+                    code = _code(context, "UNKNOWN")
+                    raise
+                finally:
+                    m.in_flight.dec()
+                    m.requests.labels(method, code).inc()
+
+            return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
+                                                         response_serializer=handler.response_serializer)
+        return handler
+
+
+def _code(context: grpc.aio.ServicerContext, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name  # type: ignore[arg-type]

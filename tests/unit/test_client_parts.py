@@ -1,0 +1,87 @@
+"""The client's pure parts: batching, retry timing, connection targets, input and output files."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client.batching import BatchLimits, batches, estimate_tokens
+from client.connection import connect
+from client.errors import EmbedError
+from client.files import InputError, NpyWriter, read_records
+from client.retry import Deadline, RetryPolicy
+
+
+def split(texts: list[str], limits: BatchLimits) -> list[tuple[int, list[str]]]:
+    async def collect() -> list[tuple[int, list[str]]]:
+        return [b async for b in batches(texts, limits)]
+
+    return asyncio.run(collect())
+
+
+def test_batches_close_on_count_and_on_estimated_tokens() -> None:
+    assert split([f"t{i}" for i in range(7)], BatchLimits(max_texts=3)) == [
+        (0, ["t0", "t1", "t2"]), (3, ["t3", "t4", "t5"]), (6, ["t6"])]
+    long = "x" * 400  # about 108 estimated tokens
+    assert estimate_tokens(long) == 108
+    got = split(["a", "b", long, "c", long, long], BatchLimits(max_texts=10, max_tokens=120))
+    assert got == [(0, ["a", "b"]), (2, [long, "c"]), (4, [long]), (5, [long])]
+    assert split(["x" * 10_000], BatchLimits(max_tokens=100)) == [(0, ["x" * 10_000])]  # alone, not dropped
+
+
+def test_batches_refuse_what_is_not_text() -> None:
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+        split(["a", 3], BatchLimits())  # type: ignore[list-item]
+
+
+def test_retry_honours_the_server_hint_and_gives_up_when_it_must() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.1, max_backoff_s=0.3)
+    busy = EmbedError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", retry_after_s=2.0)
+    away = EmbedError(grpc.StatusCode.UNAVAILABLE, "restarting")
+    forever = Deadline(None)
+    assert all(2.0 <= policy.next_delay(busy, 1, forever) <= 2.4 for _ in range(50))  # type: ignore[operator]
+    assert all(0.05 <= policy.next_delay(away, 1, forever) <= 0.1 for _ in range(50))  # type: ignore[operator]
+    assert all(0.1 <= policy.next_delay(away, 2, forever) <= 0.2 for _ in range(50))  # type: ignore[operator]
+    assert policy.next_delay(away, 3, forever) is None  # out of attempts
+    assert policy.next_delay(busy, 1, Deadline(1.0)) is None  # the hint would pass the deadline
+    assert policy.next_delay(EmbedError(grpc.StatusCode.INVALID_ARGUMENT, "bad"), 1, forever) is None
+
+
+def test_several_addresses_become_one_round_robin_target() -> None:
+    c = connect("127.0.0.1:5001, 127.0.0.1:5002", token="secret")
+    options = dict(c.options)
+    assert c.target == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
+    assert json.loads(options["grpc.service_config"]) == {"loadBalancingConfig": [{"round_robin": {}}]}
+    assert c.metadata == (("authorization", "Bearer secret"),)
+    assert options["grpc.max_receive_message_length"] >= 64 * 1024 * 1024
+    assert "round_robin" in dict(connect("dns:///embed.internal:50051").options)["grpc.service_config"]
+    assert "grpc.service_config" not in dict(connect("localhost:50051").options)
+    assert connect(["[::1]:5001", "[::1]:5002"]).target == "ipv6:[::1]:5001,[::1]:5002"
+    with pytest.raises(ValueError, match="not host:port"):
+        connect(["127.0.0.1:5001", "127.0.0.1"])
+
+
+def test_input_lines_and_jsonl_are_told_apart() -> None:
+    lines = list(read_records(io.StringIO("first\n\nsecond\r\n"), jsonl=None))
+    assert lines == [("first", {"text": "first"}), ("second", {"text": "second"})]
+    records = list(read_records(io.StringIO('{"id": 7, "body": "hi"}\n'), jsonl=None, text_field="body"))
+    assert records == [("hi", {"id": 7, "body": "hi"})]
+    with pytest.raises(InputError, match="line 2: expected a JSON object"):
+        list(read_records(io.StringIO('{"text": "a"}\n{"txt": "b"}\n'), jsonl=None))
+
+
+def test_npy_writer_writes_the_final_row_count(tmp_path: Path) -> None:
+    path = tmp_path / "out.npy"
+    writer = NpyWriter(path, np.dtype(np.int8), 4)
+    rows = np.arange(24, dtype=np.int8).reshape(6, 4)
+    writer.write([{}] * 2, rows[:2])
+    writer.write([{}] * 4, rows[2:])
+    assert not path.exists()  # only PATH.part until finished
+    writer.finish()
+    assert np.array_equal(np.load(path), rows)
