@@ -91,7 +91,10 @@ async def _stream(stub: embed_pb2_grpc.EmbedServiceStub, work: Iterator[tuple[in
             else:
                 recorder.response(texts, message.response, time.perf_counter() - started)
 
-    await asyncio.gather(send(), receive())
+    try:
+        await asyncio.gather(send(), receive())
+    except grpc.aio.AioRpcError as exc:  # the stream broke: what it had in flight is lost
+        recorder.result.errors.extend(f"{exc.code().name}: {exc.details()}" for _ in range(max(len(in_flight), 1)))
 
 
 async def drive(target: str, mode: str, concurrency: int, requests: list[list[str]],

@@ -29,6 +29,7 @@ from server.config import ServerConfig
 from server.domain import Limits
 from server.embedder import Embedder, ModelTraits
 from server.errors import StartupError
+from server.metrics import Metrics, MetricsInterceptor
 from server.model_source import resolve_model_dir
 from server.model_spec import read_model_spec
 from server.rotary import PerRowNTKRotary
@@ -72,14 +73,17 @@ class App:
         self.grpc_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.service = EmbedService()
+        self.metrics = Metrics()
         self.loaded: Loaded | None = None
         self.port = 0
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
         """Bind, load and warm up; returns the bound port once SERVING."""
         await self._bind()
         started = time.monotonic()
         self.loaded = await asyncio.to_thread(load, self.config)
+        self._observe(self.loaded)
         self.loaded.batcher.start()
         self.service.attach(self.loaded.embedder, self.loaded.served, self.loaded.limits)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -92,7 +96,10 @@ class App:
         c = self.config
         credentials = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
         tokens = load_tokens(c.auth_token_file, c.auth_tokens_env)
-        interceptors = [BearerTokenAuth(tokens)] if tokens else []
+        # Metrics first, so that refused calls are counted too.
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if tokens:
+            interceptors.append(BearerTokenAuth(tokens))
         self.grpc_server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         embed_pb2_grpc.add_EmbedServiceServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
@@ -115,6 +122,16 @@ class App:
                  "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
                  f", {len(tokens)} bearer token(s)" if tokens else "")
 
+    def _observe(self, loaded: Loaded) -> None:
+        s, m = loaded.served, self.metrics
+        m.describe_model(model_id=s.model_id, variant=s.variant, device=s.device, reason=s.variant_reason)
+        loaded.embedder.on_result = m.observe_result
+        loaded.batcher.on_batch = m.observe_batch
+        m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
+        if self.config.metrics_port is not None:
+            self.metrics_port = m.serve(self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+
     async def _set_health(self, state: int) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, state)
@@ -126,6 +143,7 @@ class App:
             await self.grpc_server.stop(self.config.grace_s)
         if self.loaded:
             await self.loaded.batcher.stop(self.config.grace_s)
+        self.metrics.close()
         log.info("stopped")
 
 

@@ -279,7 +279,7 @@ class Batcher:
                  on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self._run = run
         self.policy = policy
-        self._on_batch = on_batch
+        self.on_batch = on_batch  # called on the event loop after each delivered batch
         self._queue = _Queue()
         self._lock = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -338,6 +338,14 @@ class Batcher:
                     f"queue full: {queued} tokens waiting, limit {self.policy.max_queue_tokens}",
                     retry_after_s=self._drain_estimate_s(queued),
                 )
+            if deadline is not None and queued and self._tokens_per_s > 0:
+                # Refuse now what cannot finish in time, rather than compute it and throw it away.
+                wait_s = (queued + tokens) / self._tokens_per_s
+                if time.monotonic() + wait_s > deadline:
+                    raise DeadlineExceeded(
+                        f"the estimated time to compute this request behind {queued} queued tokens "
+                        f"({wait_s:.2f}s) exceeds its deadline"
+                    )
             self._queue.add(job, rows)
             self._lock.notify()
         return job
@@ -403,7 +411,9 @@ class Batcher:
             return
         seconds = time.monotonic() - started
         tokens = sum(r.length for r in batch)
-        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (tokens / max(seconds, 1e-6))
+        rate = tokens / max(seconds, 1e-6)
+        # The first batch sets the estimate: averaging it with zero would make it 5x too slow at first.
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * rate if self._tokens_per_s else rate
         stats = BatchStats(len(batch), tokens, len(batch) * max(r.length for r in batch), seconds)
         self._post(self._deliver, batch, vectors, stats)
 
@@ -419,8 +429,8 @@ class Batcher:
         for row, vector in zip(batch, vectors, strict=True):
             row.job._deliver(row.index, vector)
         self.totals.add(stats)
-        if self._on_batch:
-            self._on_batch(stats)
+        if self.on_batch:
+            self.on_batch(stats)
 
     def _fail_batch(self, batch: list[_Row], error: EmbedError) -> None:
         self.totals.failed_batches += 1

@@ -38,6 +38,7 @@ class ServerConfig:
     # replicas that came up since; calls in flight get the age grace to finish. 0 = connections never age.
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float = 30.0
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None = off, 0 = a free port
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate signed by this CA (mTLS)
@@ -85,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace_s,
                    dest="max_connection_age_grace_s", help="seconds calls in flight on an aged connection may take")
     p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on this port (on --host); off by default")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key enables TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle; requires client certificates (mTLS)")

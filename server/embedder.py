@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from server import matryoshka
@@ -27,10 +27,12 @@ class ModelTraits:
 
 
 class Embedder:
-    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, traits: ModelTraits) -> None:
+    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, traits: ModelTraits,
+                 on_result: Callable[[EmbedResult], None] | None = None) -> None:
         self.tokenizer = tokenizer
         self.batcher = batcher
         self.traits = traits
+        self.on_result = on_result  # e.g. metrics: sees every computed result
 
     def prefix(self, task: Task) -> str:
         return task.prefix if self.traits.task_prefixes else ""
@@ -78,7 +80,10 @@ class Embedder:
                 tokens=rows.tokens, truncated=rows.truncated, windows=n,
             ))
         timings = Timings(job.queue_s, job.inference_s, time.monotonic() - arrived)
-        return EmbedResult(embeddings, timings)
+        result = EmbedResult(embeddings, timings)
+        if self.on_result:
+            self.on_result(result)
+        return result
 
     async def _content_ids(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
         if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:

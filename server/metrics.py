@@ -57,9 +57,15 @@ class Metrics:
         self.tokens.inc(result.total_tokens)
 
     def serve(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
+        """Expose /metrics over HTTP (a daemon thread); returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -109,8 +115,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 m.in_flight.inc()
                 code = "UNKNOWN"
                 try:
-                    async for response in inner_stream(requests, context):
-                        yield response
+                    responses = inner_stream(requests, context)
+                    if hasattr(responses, "__aiter__"):
+                        async for response in responses:
+                            yield response
+                    else:  # a coroutine handler that writes with context.write (or aborts)
+                        await responses
                     code = _code(context, "OK")
                 except grpc.aio.AbortError:
                     code = _code(context, "UNKNOWN")

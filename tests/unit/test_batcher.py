@@ -300,9 +300,9 @@ def test_an_idle_worker_does_not_wait_but_a_busy_one_gathers_rows() -> None:
     model = FakeModel()
 
     async def main() -> float:
-        batcher = await started(model, BatchPolicy(wait_s=0.5))
+        batcher = await started(model, BatchPolicy(wait_s=1.0))
         first = batcher.submit([[1, 2]])
-        await asyncio.wait_for(first.result(), 0.4)  # no wait_s at idle
+        await asyncio.wait_for(first.result(), 0.8)  # no wait_s at idle
         idle_s = first.inference_s + first.queue_s
         # Just after a batch, rows that arrive within wait_s go into one batch.
         jobs = []
@@ -313,7 +313,7 @@ def test_an_idle_worker_does_not_wait_but_a_busy_one_gathers_rows() -> None:
         await batcher.stop()
         return idle_s
 
-    assert run(main()) < 0.4
+    assert run(main()) < 0.8
     assert len(model.batches) == 2
 
 
@@ -386,3 +386,22 @@ def test_window_pads_a_small_batch_rather_than_run_two() -> None:
     policy = BatchPolicy(max_padding_fraction=0.1, overhead_tokens=32)
     assert choose_window([10, 30], 0, policy) == (0, 2)  # 20 padded tokens < one more forward pass
     assert choose_window([10, 90], 0, policy) == (0, 1)  # 80 padded tokens > one more forward pass
+
+
+def test_a_deadline_shorter_than_the_estimated_wait_is_refused_at_once() -> None:
+    model = FakeModel(seconds_per_batch=0.05)
+
+    async def main() -> None:
+        batcher = await started(model)
+        await batcher.submit([[7] * 50]).result()  # teaches the batcher its speed: ~1,000 tokens/s
+        blocker = await occupy(batcher, model)
+        batcher.submit([[8] * 400])  # ~0.4 s of work waits behind the held batch
+        with pytest.raises(DeadlineExceeded, match="exceeds its deadline"):
+            batcher.submit([[9] * 10], deadline=time.monotonic() + 0.05)
+        patient = batcher.submit([[9] * 10], deadline=time.monotonic() + 30)
+        model.release()
+        await blocker
+        assert (await patient.result()).shape == (1, 2)
+        await batcher.stop()
+
+    run(main())
