@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -63,15 +64,40 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _host_memory() -> tuple[int, int]:
+    """(total, available) bytes; inside a container, bounded by its cgroup limit."""
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f.read().splitlines())
         total = int(fields["MemTotal"].split()[0]) * 1024
         free = int(fields["MemAvailable"].split()[0]) * 1024
-        return total, free
     except (OSError, KeyError, ValueError):
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return pages, pages
+        total = free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = _cgroup_value("memory.max")
+    if limit is not None:
+        used = _cgroup_value("memory.current") or 0
+        total, free = min(total, limit), min(free, max(0, limit - used))
+    return total, free
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, bounded by a cgroup CPU quota (container limits)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def _cgroup_value(name: str) -> int | None:
+    """A cgroup v2 number of this process ("max" or absent -> None)."""
+    try:
+        text = Path(f"/sys/fs/cgroup/{name}").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def reset_peak_memory(device: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import server
 from nomic_embed.v1 import embed_pb2, embed_pb2_grpc
 from quant.loader import CheckpointMismatch, checkpoint_info, load_model
 from quant.policy import NoVariantFits, Request, choose_variant
-from quant.probe import probe_device
+from quant.probe import available_cpus, probe_device
 from server.batcher import Batcher, BatchPolicy
 from server.config import ServerConfig
 from server.domain import Limits
@@ -138,18 +137,19 @@ class App:
 
     async def stop(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + self.config.grace_s  # one grace period for the whole drain
         if self.grpc_server:
             # Stops accepting RPCs; handlers already running finish within the grace period.
             await self.grpc_server.stop(self.config.grace_s)
         if self.loaded:
-            await self.loaded.batcher.stop(self.config.grace_s)
+            await self.loaded.batcher.stop(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
         log.info("stopped")
 
 
 def load(config: ServerConfig) -> Loaded:
     """Probe, choose, load and warm up (blocking: runs off the event loop)."""
-    threads = config.threads or len(os.sched_getaffinity(0))
+    threads = config.threads or available_cpus()
     torch.set_num_threads(threads)
     try:
         device = probe_device(config.device)
