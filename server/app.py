@@ -51,9 +51,13 @@ _GRPC_OPTIONS = [
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The server's grpc core options; aged connections make clients re-resolve and reach new replicas."""
+    # grpc core refuses larger messages with RESOURCE_EXHAUSTED: keep it above the app's own limit, which
+    # answers INVALID_ARGUMENT naming the field.
+    core_max = max(64 * 2**20, 2 * config.max_request_bytes)
+    options = [(k, core_max if k == "grpc.max_receive_message_length" else v) for k, v in _GRPC_OPTIONS]
     if config.max_connection_age_s <= 0:
-        return list(_GRPC_OPTIONS)
-    return [*_GRPC_OPTIONS, ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+        return options
+    return [*options, ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000))]
 
 
@@ -178,6 +182,7 @@ def load(config: ServerConfig) -> Loaded:
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
         max_text_chars=config.max_text_chars, max_batch_tokens=decision.batch_tokens,
         max_batch_rows=config.max_batch_rows, max_queue_tokens=config.max_queue_tokens,
+        max_request_tokens=config.max_request_tokens, max_request_bytes=config.max_request_bytes,
     )
     batcher = Batcher(runner.run, BatchPolicy(
         max_batch_tokens=limits.max_batch_tokens, max_batch_rows=limits.max_batch_rows,
@@ -191,7 +196,8 @@ def load(config: ServerConfig) -> Loaded:
         max_input_tokens=max_input, weight_bytes=loaded.weight_bytes, task_prefixes=spec.task_prefixes,
         pooling=spec.pooling, server_version=server.__version__,
     )
-    return Loaded(Embedder(tokenizer, batcher, traits), batcher, served, limits, runner)
+    embedder = Embedder(tokenizer, batcher, traits, max_request_tokens=limits.max_request_tokens)
+    return Loaded(embedder, batcher, served, limits, runner)
 
 
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:

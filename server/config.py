@@ -29,6 +29,8 @@ class ServerConfig:
     max_batch_tokens: int = 16384
     max_batch_rows: int = 128
     max_queue_tokens: int = 1_000_000
+    max_request_tokens: int = 262_144
+    max_request_bytes: int = 16 * 2**20
     batch_wait_ms: float = 0.0
     threads: int = 0  # intra-op threads of the model; 0 = the cores this process may use
     # Dynamic NTK factor beyond the trained positions (the model card's long-context setting).
@@ -72,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="padded tokens (rows x longest row) per model batch")
     p.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows)
+    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
+                   help="tokens per request, all texts together (beyond it: INVALID_ARGUMENT)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="serialized bytes per request (beyond it: INVALID_ARGUMENT)")
     p.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
                    help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
@@ -118,7 +124,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Ser
 
 def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
     positive = ("max_texts_per_request", "max_text_chars", "max_batch_tokens", "max_batch_rows",
-                "max_queue_tokens")
+                "max_queue_tokens", "max_request_tokens", "max_request_bytes")
     for name in positive:
         if getattr(config, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")

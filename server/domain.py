@@ -71,3 +71,5 @@ class Limits:
     max_batch_tokens: int
     max_batch_rows: int
     max_queue_tokens: int
+    max_request_tokens: int = 262_144  # tokens the model reads for one request, all texts together
+    max_request_bytes: int = 16 * 2**20  # serialized size of one request

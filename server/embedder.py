@@ -28,8 +28,10 @@ class ModelTraits:
 
 class Embedder:
     def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, traits: ModelTraits,
-                 on_result: Callable[[EmbedResult], None] | None = None) -> None:
+                 on_result: Callable[[EmbedResult], None] | None = None,
+                 max_request_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.max_request_tokens = max_request_tokens
         self.batcher = batcher
         self.traits = traits
         self.on_result = on_result  # e.g. metrics: sees every computed result
@@ -59,6 +61,10 @@ class Embedder:
                     "(long_text_mode ERROR; use TRUNCATE or MEAN, or shorten the text)",
                 )
             per_text.append(rows)
+        total = sum(rows.tokens for rows in per_text)
+        if self.max_request_tokens is not None and total > self.max_request_tokens:
+            raise InvalidInput("texts", f"{total} tokens exceed the limit of {self.max_request_tokens} tokens "
+                                        "per request; split the batch or use EmbedStream")
         flat = [row for rows in per_text for row in rows.rows]
         job = self.batcher.submit(flat, deadline)
         try:

@@ -74,6 +74,10 @@ def parse_encoding(encoding: int) -> Encoding:
 
 def parse_embed_request(request: pb.EmbedRequest, limits: Limits, model: ModelBounds) -> tuple[list[str],
                                                                                                EmbedOptions]:
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidInput("texts", f"the request's {size} bytes exceed the limit of {limits.max_request_bytes} "
+                                    "bytes per request; split the batch or use EmbedStream")
     texts = parse_texts(request.texts, limits)
     task = parse_task(request.task)
     dimensions = request.dimensions or model.hidden_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from grpc_status import rpc_status
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from tests.conftest import TINY
-from tests.helpers.servers import RunningServer
+from tests.helpers.servers import RunningServer, running_server
 
 A = "A short query about cats."
 LONG_B = " ".join(["a long document about many different things that goes on and on"] * 12)
@@ -133,3 +135,18 @@ def test_stream_echoes_ids_and_reports_bad_messages_without_closing(tiny_server:
     assert replies[1].error.field == "dimensions"
     unary = _stub(tiny_server).Embed(_request(texts=[LONG_B, A]), timeout=30)
     assert [list(e.values) for e in replies[2].response.embeddings] == [list(e.values) for e in unary.embeddings]
+
+
+def test_request_size_and_total_token_limits(tiny_original: Path) -> None:
+    with running_server(str(tiny_original), max_request_tokens=100, max_request_bytes=2000) as srv:
+        stub = _stub(srv)
+        cases = {
+            "bytes": (_request(texts=["word " * 100] * 5), "2000 bytes"),
+            "tokens": (_request(texts=["one two three four five six seven eight"] * 12), "limit of 100 tokens"),
+        }
+        for request, hint in cases.values():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Embed(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("texts:") and hint in info.value.details()
+        assert len(stub.Embed(_request(texts=["within the limits"] * 3), timeout=30).embeddings) == 3
