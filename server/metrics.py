@@ -69,7 +69,7 @@ class Metrics:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every unary RPC by method and final status code, and times it."""
+    """Counts unary and bidirectional-streaming RPCs by method and final status code; times unary ones."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics

@@ -39,6 +39,7 @@ class TextTokenizer:
         self._tok.no_padding()
         self.pad_id = int(hf.pad_token_id if hf.pad_token_id is not None else 0)
         self._head, self._tail = self._special_template()
+        self._prefix_lengths: dict[str, int] = {}
 
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens a single sequence is wrapped in, e.g. [CLS] ... [SEP]."""
@@ -59,7 +60,10 @@ class TextTokenizer:
         return [e.ids for e in encodings]
 
     def prefix_length(self, prefix: str) -> int:
-        return len(self._tok.encode(prefix, add_special_tokens=False).ids) if prefix else 0
+        # A handful of task prefixes exist: tokenize each once, not on every request.
+        if prefix not in self._prefix_lengths:
+            self._prefix_lengths[prefix] = len(self._tok.encode(prefix, add_special_tokens=False).ids) if prefix else 0
+        return self._prefix_lengths[prefix]
 
     def wrap(self, content: Sequence[int]) -> list[int]:
         return [*self._head, *content, *self._tail]
