@@ -21,12 +21,14 @@ class EncodeTiming:
     vectors: np.ndarray  # pooled, not normalized
 
 
-def sentence_transformer(path: Path, model: PreTrainedModel | None = None) -> SentenceTransformer:
-    """sentence-transformers' pipeline for the checkpoint; with `model`, around that model instead.
+def sentence_transformer(path: Path, model: PreTrainedModel | None = None, device: str = "cpu"
+                         ) -> SentenceTransformer:
+    """sentence-transformers' pipeline for the checkpoint, on the server's device; with `model`, around
+    that model instead.
 
     Passing the server's own model gives the baseline at the server's variant, however it was made.
     """
-    st = SentenceTransformer(str(path), device="cpu")
+    st = SentenceTransformer(str(path), device=device)
     if model is not None:
         st[0].model = model
     return st

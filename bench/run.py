@@ -166,9 +166,10 @@ class _BaselineRunner:
 
     def __init__(self, path: Path, variant: str, runner: Runner, data: Corpus) -> None:
         self.data = data
-        self.models = {"fp32": (baseline.sentence_transformer(path), nullcontext)}
+        device = str(runner.device)
+        self.models = {"fp32": (baseline.sentence_transformer(path, device=device), nullcontext)}
         if variant != "fp32":
-            self.models[variant] = (baseline.sentence_transformer(path, runner.model), runner.compute_context)
+            self.models[variant] = (baseline.sentence_transformer(path, runner.model, device), runner.compute_context)
         self.result = Baselines(padded_fraction=baseline.padded_fraction(data.prefixed, data.tokens))
         self.fp32_vectors: np.ndarray | None = None
 

@@ -55,8 +55,10 @@ class EmbedClient(ClientSettings):
         self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
         self._loop: LoopThread | None = None  # started by the first embed_stream
         self._aio_channel: grpc.aio.Channel | None = None
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
         if self._loop is not None:
             if self._aio_channel is not None:
@@ -80,7 +82,7 @@ class EmbedClient(ClientSettings):
                 error = from_rpc_error(exc)
                 failures += 1
                 delay = self.retry.next_delay(error, failures, deadline)
-                if delay is None:
+                if delay is None or self._closed:  # closing the client mid-call cancels the call: final
                     raise error from None
                 time.sleep(delay)
 

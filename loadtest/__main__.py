@@ -1,4 +1,6 @@
-"""python -m loadtest: a concurrency sweep over loopback, printing RPS, p50/p99 and counts per status code.
+"""python -m loadtest: a concurrency sweep over loopback, then a burst of calls started at once, printing RPS,
+p50/p99 and counts per status code (and RESOURCE_EXHAUSTED answers that carried no RetryInfo: there should be
+none).
 
 Without --target it starts a server on a generated random checkpoint (original hub layout) and stops it after.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.driver import run_level
+from loadtest.driver import LoadResult, burst, run_level
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--texts-per-request", type=int, default=4)
     p.add_argument("--max-words", type=int, default=40)
     p.add_argument("--deadline-ms", type=float, default=5000)
+    p.add_argument("--burst", type=int, default=5000, help="calls started at once after the sweep; 0: none")
+    p.add_argument("--burst-channels", type=int, default=1, help="connections the burst is spread over")
+    p.add_argument("--burst-deadline-ms", type=float, default=20000,
+                   help="deadline of each burst call: the last calls wait for the server to take them from grpc")
     p.add_argument("--output", default="loadtest-results.json")
     return p.parse_args()
 
@@ -82,6 +88,14 @@ def _start_server(args: argparse.Namespace, workdir: Path) -> tuple[str, subproc
     return target, process
 
 
+def _print_row(label: str, result: LoadResult) -> dict[str, object]:
+    row = result.row()
+    missing = row["refusals_without_retry_info"]
+    print(f"{label:>13} {row['rps_ok']!s:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}"
+          + (f"  ({missing} RESOURCE_EXHAUSTED without RetryInfo)" if missing else ""))
+    return row
+
+
 def main() -> int:
     args = _args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -91,15 +105,18 @@ def main() -> int:
         if not target:
             target, process = _start_server(args, Path(tmp))
         try:
-            rows = []
+            rows: list[dict[str, object]] = []
+            texts = {"texts_per_request": args.texts_per_request, "max_words": args.max_words}
             print(f"target {target}; {args.seconds:.0f}s per level; {args.texts_per_request} texts per request")
-            print(f"{'conc':>5} {'ok rps':>8} {'p50 ms':>8} {'p99 ms':>8}  codes")
+            print(f"{'load':>13} {'ok rps':>8} {'p50 ms':>8} {'p99 ms':>8}  codes")
             for level in levels:
-                result = asyncio.run(run_level(target, level, args.seconds, texts_per_request=args.texts_per_request,
-                                               max_words=args.max_words, deadline_s=args.deadline_ms / 1000))
-                row = result.row()
-                rows.append(row)
-                print(f"{level:>5} {row['rps_ok']:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}")
+                result = asyncio.run(run_level(target, level, args.seconds, deadline_s=args.deadline_ms / 1000,
+                                               **texts))
+                rows.append(_print_row(f"{level} callers", result))
+            if args.burst:
+                result = asyncio.run(burst(target, args.burst, channels=args.burst_channels,
+                                           deadline_s=args.burst_deadline_ms / 1000, **texts))
+                rows.append({"burst_channels": args.burst_channels, **_print_row(f"burst {args.burst}", result)})
         finally:
             if process:
                 process.send_signal(signal.SIGTERM)

@@ -114,6 +114,12 @@ def reset_peak_memory(device: str) -> int:
     return _proc_status_bytes("VmRSS")
 
 
+def release_cached_memory(device: str) -> None:
+    """Hand the caching allocator's free blocks back (after an out-of-memory), so a smaller retry can fit."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def peak_memory(device: str) -> int:
     """The most bytes in use since `reset_peak_memory`."""
     if device.startswith("cuda"):

@@ -5,6 +5,9 @@
 2. The `auto` choice under several --max-memory caps: the decision, then that variant loaded and run at
    the batch budget the policy derived, with longest-input rows, and its measured peak (allocated bytes,
    so without the CUDA context) against the cap.
+3. Real CUDA out-of-memory: a server (fp16) on the GPU, all but a little of the free memory held by
+   another allocation, then long texts: batches split and retried (vectors as without the squeeze), a
+   text that cannot fit even alone answered RESOURCE_EXHAUSTED, the server still SERVING after.
 Prints one table per part. Exits with "no CUDA device" where there is none.
 """
 
@@ -14,6 +17,7 @@ import argparse
 import gc
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,8 @@ def main() -> None:
         model = args.model or _random_nomic(Path(tmp))
         variants_table(model, device.kind, device.torch_device, stdlib_texts(args.texts))
         caps_table(model, args.device, args.max_input)
+        if device.kind == "cuda":
+            oom_check(model)
 
 
 def _random_nomic(where: Path) -> Path:
@@ -102,6 +108,55 @@ def caps_table(model: Path, requested_device: str, max_input: int) -> None:
         within = "yes" if cap is None or peak <= cap else "NO"
         print(f"| {label} | {decision.variant.name} | {decision.batch_tokens} ({rows} x {max_input}) "
               f"| {decision.memory.total / MIB:.0f} | {peak / MIB:.0f} | {within} |", flush=True)
+
+
+def oom_check(model: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from nomic_embed.v1 import embed_pb2 as pb
+    from nomic_embed.v1 import embed_pb2_grpc
+    from tests.helpers.servers import running_server
+
+    print("\n| squeeze | request | outcome | max abs diff | batch splits | budget tokens | seconds |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
+    docs = [" ".join(t.split()[:60]) for t in stdlib_texts(64)]
+    texts = [" ".join([d] * 12) for d in docs]  # ~1,000 tokens each
+    giant = "hello " * 7900  # close to the 8,192-token limit
+    with running_server(str(model), device="cuda", variant="fp16") as srv:
+        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
+        batcher = srv.app.loaded.batcher
+
+        def embed(batch: list[str]) -> tuple[str, np.ndarray | None, float]:
+            started = time.monotonic()
+            try:
+                reply = stub.Embed(pb.EmbedRequest(texts=batch, task=pb.TASK_SEARCH_DOCUMENT),
+                                   timeout=300)
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()[:140]}", None, time.monotonic() - started
+            return "OK", np.array([e.values for e in reply.embeddings]), time.monotonic() - started
+
+        _, expected, _ = embed(texts)
+        for headroom_mib, batch, label in ((384, texts, "64 x ~1k tokens"), (96, texts, "64 x ~1k tokens"),
+                                           (96, [giant], "1 x ~7.9k tokens"), (16, [giant], "1 x ~7.9k tokens")):
+            _release()
+            free, _ = torch.cuda.mem_get_info()
+            hold = torch.empty(max(0, free - headroom_mib * MIB), dtype=torch.uint8, device="cuda")
+            try:
+                splits = batcher.totals.oom_splits
+                outcome, vectors, seconds = embed(batch)
+            finally:
+                del hold
+                _release()
+            diff = f"{np.abs(vectors - expected).max():.2e}" if vectors is not None and len(batch) > 1 else ""
+            print(f"| {headroom_mib} MiB free | {label} | {outcome} | {diff} | {batcher.totals.oom_splits - splits} "
+                  f"| {batcher._budget_tokens} | {seconds:.2f} |", flush=True)
+        health = health_pb2_grpc.HealthStub(srv.channel()).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        outcome, vectors, _ = embed(texts)
+        print(f"after: health {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}, "
+              f"unsqueezed request {outcome}, max abs diff "
+              f"{np.abs(vectors - expected).max() if vectors is not None else float('nan'):.2e}; "
+              f"totals {batcher.totals}", flush=True)
 
 
 def _release() -> None:

@@ -1,20 +1,23 @@
-"""python -m server --model ID_OR_DIR --host H --port P --variant V"""
+"""python -m server --model ID_OR_DIR --host H --port P --variant V  (--help lists every flag)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+import threading
 
+from server import logs
 from server.app import run
+from server.batcher import MODEL_THREAD
 from server.config import parse_args
 from server.errors import StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(run(config))
     except StartupError as exc:
@@ -22,6 +25,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if any(t.name == MODEL_THREAD and t.is_alive() for t in threading.enumerate()):
+        # The grace period ended mid-batch: finalizing the interpreter under a thread still inside torch
+        # aborts the process (std::terminate), so leave without finalizing; the callers were answered.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

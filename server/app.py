@@ -25,27 +25,45 @@ from quant.policy import NoVariantFits, Request, choose_variant
 from quant.probe import available_cpus, probe_device
 from server.batcher import Batcher, BatchPolicy
 from server.config import ServerConfig
-from server.domain import Limits
+from server.domain import EmbedResult, Limits
 from server.embedder import Embedder, ModelTraits
 from server.errors import StartupError
 from server.metrics import Metrics, MetricsInterceptor
 from server.model_source import resolve_model_dir
 from server.model_spec import read_model_spec
+from server.request_ids import RequestIdInterceptor
 from server.rotary import PerRowNTKRotary
 from server.runner import Runner, install_per_row_rotary
 from server.security import BearerTokenAuth, load_tokens, server_credentials
 from server.service import EmbedService, ServedModel
 from server.tokenization import TextTokenizer
+from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name
-# grpc core's own limits sit above the app's admission control, so overload is answered by the app.
+# grpc core's own limits sit above the app's admission control, so that overload is answered by the app
+# (RESOURCE_EXHAUSTED with RetryInfo, from the queue bounded by tokens) and never by core, whose refusals are a
+# bare CANCELLED or UNAVAILABLE. Measured with grpcio 1.85 (docs/robustness.md):
+# - Calls not yet taken by the server's event loop wait in core's pending list; beyond 1,000 (the default)
+#   core CANCELs them: of 2,000 calls started at once ~10% came back CANCELLED, of 5,000 42%. A burst of
+#   10,000 raised peak memory by ~170 MB (~17 KiB a call, its handler included), so 16,384 pending calls stay
+#   within ~300 MiB. A call waits there at most 30 s (core's default); callers' deadlines are usually shorter.
+# - A connection asked for more calls than max_concurrent_streams answers some of them RST_STREAM
+#   (REFUSED_STREAM), which clients report as UNAVAILABLE: 5,000 calls on one channel with 4,096 got 12%.
+# `maximum_concurrent_rpcs` of grpc.aio.server stays unset: its refusals carry no RetryInfo, and it would
+# refuse health probes too. What is admitted is bounded by --max-queue-tokens instead.
+_MAX_PENDING_CALLS = 16_384
+# On shutdown, how long calls still arriving after the queue has drained are refused before the transport
+# stops (see App.stop): a client's round trip plus its first retry.
+_STRAGGLERS_S = 0.5
 _GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_concurrent_streams", 4096),
+    ("grpc.max_concurrent_streams", _MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
 ]
 
 
@@ -77,6 +95,7 @@ class App:
         self.health = health.aio.HealthServicer()
         self.service = EmbedService()
         self.metrics = Metrics()
+        self.tracing: Tracing | None = None
         self.loaded: Loaded | None = None
         self.port = 0
         self.metrics_port: int | None = None
@@ -99,8 +118,13 @@ class App:
         c = self.config
         credentials = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
         tokens = load_tokens(c.auth_token_file, c.auth_tokens_env)
-        # Metrics first, so that refused calls are counted too.
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        # Tracing first, so that its span covers the rest; then metrics, so that refused calls are counted
+        # too; request ids before authentication, so that refusals carry one.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if c.otlp_endpoint:
+            self.tracing = Tracing(c.otlp_endpoint, server.__version__)
+            interceptors.append(self.tracing.interceptor)
+        interceptors += [MetricsInterceptor(self.metrics), RequestIdInterceptor(access=c.access_log)]
         if tokens:
             interceptors.append(BearerTokenAuth(tokens))
         self.grpc_server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
@@ -129,7 +153,15 @@ class App:
         s, m = loaded.served, self.metrics
         m.describe_model(model_id=s.model_id, variant=s.variant, device=s.device, reason=s.variant_reason)
         loaded.embedder.on_result = m.observe_result
+        if (tracing := self.tracing) is not None:
+            def observe(result: EmbedResult) -> None:
+                m.observe_result(result)
+                tracing.observe_result(s.variant, result)
+
+            loaded.embedder.on_result = observe
         loaded.batcher.on_batch = m.observe_batch
+        loaded.batcher.on_out_of_memory = m.observe_out_of_memory
+        m.batch_budget.set(loaded.batcher.policy.max_batch_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
         if self.config.metrics_port is not None:
             self.metrics_port = m.serve(self.config.host, self.config.metrics_port)
@@ -142,12 +174,19 @@ class App:
     async def stop(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + self.config.grace_s  # one grace period for the whole drain
-        if self.grpc_server:
-            # Stops accepting RPCs; handlers already running finish within the grace period.
-            await self.grpc_server.stop(self.config.grace_s)
         if self.loaded:
-            await self.loaded.batcher.stop(max(0.0, deadline - time.monotonic()))
+            # Admitted work finishes while the transport still takes calls, and the transport stays up a
+            # moment longer for calls sent before their callers heard of the shutdown: the app refuses them
+            # (UNAVAILABLE, which clients retry elsewhere), where grpc core's stop would CANCEL every call it
+            # has received but not yet handed to a handler.
+            await self.loaded.batcher.stop(self.config.grace_s)
+            await asyncio.sleep(min(_STRAGGLERS_S, max(0.0, deadline - time.monotonic())))
+        if self.grpc_server:
+            # Stops accepting RPCs; handlers already running finish within what is left of the grace period.
+            await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("stopped")
 
 
@@ -223,6 +262,6 @@ async def run(config: ServerConfig) -> None:
             await waiter
         else:
             start.cancel()
-        log.info("shutting down: draining admitted work (grace %.0fs)", config.grace_s)
+        log.info("shutting down: draining admitted work (grace %gs)", config.grace_s)
     finally:
         await app.stop()

@@ -5,7 +5,9 @@ thread forms each batch itself the moment it is free, so the model never waits f
 and every row that arrived during one batch can join the next. Rows are grouped by length under a
 padded-token budget (rows x longest row) and a row cap; the oldest row always goes into the next
 batch, so nothing starves. Rows whose caller cancelled or whose deadline passed are dropped before
-compute, and every job gets its vectors or the error of a batch it was in.
+compute, and every job gets its vectors or the error of a batch it was in. A batch the device has no
+memory for is split in halves and retried down to single rows (only a row that does not fit alone
+fails), and later batches are held below the size that failed until enough have run.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, EmbedError, ModelFailure, Overloaded, Unavailable
+from server.errors import DeadlineExceeded, EmbedError, ModelFailure, OutOfMemory, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
+MODEL_THREAD = "model"  # the worker thread's name
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class BatcherTotals:
     busy_s: float = 0.0
     failed_batches: int = 0
     dropped_rows: int = 0  # skipped before compute: the caller cancelled, ran out of time or already failed
+    oom_splits: int = 0  # batches split in two after the device ran out of memory
+    oom_rows: int = 0  # rows that did not fit even alone (their requests failed)
 
     def add(self, stats: BatchStats) -> None:
         self.batches += 1
@@ -74,6 +79,22 @@ class BatcherTotals:
 
     def copy(self) -> BatcherTotals:
         return BatcherTotals(**vars(self))
+
+
+@dataclass(frozen=True)
+class OutOfMemoryEvent:
+    """A batch of `rows` rows and `padded_tokens` padded tokens did not fit; later batches stay within
+    `budget_tokens` until enough have run."""
+
+    rows: int
+    padded_tokens: int
+    budget_tokens: int
+
+
+# After an out-of-memory, this many batches run within the lowered budget before it grows again by a
+# quarter, so a device whose memory came back regains full batches within a few hundred batches.
+_BUDGET_RECOVERY_BATCHES = 64
+_BUDGET_GROWTH = 1.25
 
 
 @dataclass(eq=False)
@@ -280,6 +301,9 @@ class Batcher:
         self._run = run
         self.policy = policy
         self.on_batch = on_batch  # called on the event loop after each delivered batch
+        self.on_out_of_memory: Callable[[OutOfMemoryEvent], None] | None = None  # likewise, per split
+        self._budget_tokens = policy.max_batch_tokens  # lowered after an out-of-memory (worker thread only)
+        self._batches_within_budget = 0
         self._queue = _Queue()
         self._lock = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -294,7 +318,7 @@ class Batcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._accepting = True
-        self._thread = threading.Thread(target=self._work, name="model", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=MODEL_THREAD, daemon=True)
         self._thread.start()
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -387,7 +411,10 @@ class Batcher:
         expired, dropped = self._queue.drop_dead(time.monotonic())
         if expired or dropped:
             self._post(self._dropped, expired, dropped)
-        return self._queue.take_batch(self.policy)
+        policy = self.policy
+        if self._budget_tokens < policy.max_batch_tokens:
+            policy = replace(policy, max_batch_tokens=self._budget_tokens)
+        return self._queue.take_batch(policy)
 
     def _full(self) -> bool:
         return len(self._queue) >= self.policy.max_batch_rows or self._queue.tokens >= self.policy.max_batch_tokens
@@ -398,9 +425,7 @@ class Batcher:
             if row.job.started is None:
                 row.job.started = started
         try:
-            vectors = self._run([r.ids for r in batch])
-            if len(vectors) != len(batch):
-                raise RuntimeError(f"the model returned {len(vectors)} vectors for {len(batch)} rows")
+            self._compute(batch)
         except Exception as exc:  # every caller of the batch hears of it; the worker lives on
             log.exception("model batch of %d rows failed", len(batch))
             error = exc if isinstance(exc, EmbedError) else ModelFailure(
@@ -409,6 +434,41 @@ class Batcher:
                 row.job.failed = True
             self._post(self._fail_batch, batch, error)
             return
+        if self._budget_tokens < self.policy.max_batch_tokens:
+            self._batches_within_budget += 1
+            if self._batches_within_budget >= _BUDGET_RECOVERY_BATCHES:
+                self._batches_within_budget = 0
+                self._budget_tokens = min(self.policy.max_batch_tokens, int(self._budget_tokens * _BUDGET_GROWTH))
+
+    def _compute(self, batch: list[_Row]) -> None:
+        """Run the batch and post its vectors; out of memory, run each half (shorter rows first) the same
+        way, and fail only the requests of rows that do not fit alone."""
+        started = time.monotonic()
+        try:
+            vectors = self._run([r.ids for r in batch])
+        except OutOfMemory as exc:
+            padded = len(batch) * max(r.length for r in batch)
+            if len(batch) == 1:
+                row = batch[0]
+                log.warning("a row of %d tokens does not fit in the device's memory alone", row.length)
+                row.job.failed = True
+                self._post(self._fail_rows, batch, OutOfMemory(
+                    f"texts[{row.index}] ({row.length} tokens) does not fit in the device's free memory even "
+                    f"alone; send it shorter, or serve a smaller variant ({exc})"))
+                return
+            self._budget_tokens = max(1, min(self._budget_tokens, padded // 2))
+            self._batches_within_budget = 0
+            log.warning("out of memory on a batch of %d rows (%d padded tokens): split in two; batches now "
+                        "stay within %d tokens", len(batch), padded, self._budget_tokens)
+            self._post(self._out_of_memory, OutOfMemoryEvent(len(batch), padded, self._budget_tokens))
+            half = len(batch) // 2
+            for part in (batch[:half], batch[half:]):
+                alive = [r for r in part if not r.job.dead]  # a row that failed alone fails its request
+                if alive:
+                    self._compute(alive)
+            return
+        if len(vectors) != len(batch):
+            raise RuntimeError(f"the model returned {len(vectors)} vectors for {len(batch)} rows")
         seconds = time.monotonic() - started
         tokens = sum(r.length for r in batch)
         rate = tokens / max(seconds, 1e-6)
@@ -437,10 +497,22 @@ class Batcher:
         for row in batch:
             row.job._fail(error)
 
+    def _fail_rows(self, rows: list[_Row], error: EmbedError) -> None:
+        self.totals.oom_rows += len(rows)
+        for row in rows:
+            row.job._fail(error)
+
+    def _out_of_memory(self, event: OutOfMemoryEvent) -> None:
+        self.totals.oom_splits += 1
+        if self.on_out_of_memory:
+            self.on_out_of_memory(event)
+
     def _dropped(self, expired: list[Job], rows: int) -> None:
         self.totals.dropped_rows += rows
         for job in expired:
             job._fail(DeadlineExceeded("the deadline passed while the request was queued"))
 
 
-__all__ = ["BatchPolicy", "BatchStats", "Batcher", "BatcherTotals", "Job", "choose_window"]
+__all__ = [
+    "MODEL_THREAD", "BatchPolicy", "BatchStats", "Batcher", "BatcherTotals", "Job", "OutOfMemoryEvent", "choose_window",
+]

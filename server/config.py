@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from server.logs import FORMATS, LEVELS
+
 DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
 DEFAULT_PORT = 50051
 
@@ -48,6 +50,10 @@ class ServerConfig:
     # Comma-separated tokens from NOMIC_EMBED_AUTH_TOKENS: kept off argv, where `ps` would show them.
     auth_tokens_env: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    log_format: str = "text"  # text, or json: one object per line
+    access_log: bool = False  # one log line per RPC: method, status code, duration, request id
+    # OTLP/gRPC collector for traces (http://host:4317); None = no tracing, and OpenTelemetry stays unloaded.
+    otlp_endpoint: str | None = None
 
 
 def parse_size(text: str) -> int:
@@ -91,7 +97,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds before the server asks a client to reconnect (rebalancing over replicas); 0 = never")
     p.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace_s,
                    dest="max_connection_age_grace_s", help="seconds calls in flight on an aged connection may take")
-    p.add_argument("--log-level", default=d.log_level)
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=d.log_level)
+    p.add_argument("--log-format", choices=FORMATS, default=d.log_format,
+                   help="json: one JSON object per line, with the request id of the call that wrote it")
+    p.add_argument("--access-log", action="store_true", default=d.access_log,
+                   help="log one line per RPC: method, status code, duration, request id (never texts)")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="send OpenTelemetry traces over OTLP/gRPC, e.g. http://collector:4317 (needs the "
+                        "[tracing] extra); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port (on --host); off by default")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key enables TLS")
@@ -114,12 +127,23 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Ser
         key = "NOMIC_EMBED_" + action.option_strings[0].lstrip("-").replace("-", "_").upper()
         if key in env:
             value = env[key]
-            defaults[action.dest] = action.type(value) if action.type else value
+            if isinstance(action, argparse._StoreTrueAction):
+                defaults[action.dest] = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                defaults[action.dest] = action.type(value) if action.type else value
+    defaults.setdefault("otlp_endpoint", _otel_endpoint(env))
     parser.set_defaults(**defaults)
     args = parser.parse_args(list(argv))
     config = ServerConfig(**vars(args), auth_tokens_env=env.get("NOMIC_EMBED_AUTH_TOKENS") or None)
     _check(config, parser)
     return config
+
+
+def _otel_endpoint(env: Mapping[str, str]) -> str | None:
+    """The standard OpenTelemetry variables, unless OTEL_SDK_DISABLED=true."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
 
 def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:

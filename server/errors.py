@@ -32,6 +32,10 @@ class Unavailable(EmbedError):
     """The server is not ready or is shutting down."""
 
 
+class OutOfMemory(EmbedError):
+    """The device ran out of memory computing a batch (raised by the runner, the batch split by the batcher)."""
+
+
 class ModelFailure(EmbedError):
     """The model failed while computing a batch this request was in."""
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from server.batcher import BatchStats
+from server.batcher import BatchStats, OutOfMemoryEvent
 from server.domain import EmbedResult
+from server.rpc_hooks import Begin, End, HookInterceptor, final_code
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _POWERS = tuple(float(2**i) for i in range(0, 18))
@@ -39,6 +39,11 @@ class Metrics:
                                        buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
         self.batch_seconds = Histogram("nomic_embed_batch_duration_seconds", "Model time per batch",
                                        buckets=_LATENCY, registry=r)
+        self.oom_splits = Counter("nomic_embed_batch_oom_splits",
+                                  "Model batches split in two after the device ran out of memory", registry=r)
+        self.batch_budget = Gauge("nomic_embed_batch_token_budget",
+                                  "Padded tokens a model batch may hold now (lowered after out-of-memory)",
+                                  registry=r)
         self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
         self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)
 
@@ -50,6 +55,10 @@ class Metrics:
         self.batch_tokens.observe(stats.tokens)
         self.batch_padding.observe(1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0)
         self.batch_seconds.observe(stats.seconds)
+
+    def observe_out_of_memory(self, event: OutOfMemoryEvent) -> None:
+        self.oom_splits.inc()
+        self.batch_budget.set(event.budget_tokens)
 
     def observe_result(self, result: EmbedResult) -> None:
         self.queue_seconds.observe(result.timings.queue_s)
@@ -68,74 +77,25 @@ class Metrics:
             http.server_close()
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(HookInterceptor):
     """Counts unary and bidirectional-streaming RPCs by method and final status code; times unary ones."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
+    def hooks(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler) -> tuple[Begin, End]:
         method = details.method.rsplit("/", 1)[-1]
         m = self.metrics
-        if handler.unary_unary:
-            inner = handler.unary_unary
+        timed = handler.unary_unary is not None
 
-            async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
-                started = time.monotonic()
-                m.in_flight.inc()
-                code = "UNKNOWN"
-                try:
-                    response = await inner(request, context)
-                    code = _code(context, "OK")
-                    return response
-                except grpc.aio.AbortError:
-                    code = _code(context, "UNKNOWN")
-                    raise
-                except BaseException:
-                    code = "CANCELLED" if context.cancelled() else "UNKNOWN"
-                    raise
-                finally:
-                    m.in_flight.dec()
-                    m.requests.labels(method, code).inc()
-                    m.request_seconds.labels(method).observe(time.monotonic() - started)
+        def begin(context: grpc.aio.ServicerContext) -> float:
+            m.in_flight.inc()
+            return time.monotonic()
 
-            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                       response_serializer=handler.response_serializer)
-        if handler.stream_stream:
-            inner_stream = handler.stream_stream
+        def end(context: grpc.aio.ServicerContext, started: float, ok: bool) -> None:
+            m.in_flight.dec()
+            m.requests.labels(method, final_code(context, ok)).inc()
+            if timed:
+                m.request_seconds.labels(method).observe(time.monotonic() - started)
 
-            async def stream(requests: object, context: grpc.aio.ServicerContext):
-                m.in_flight.inc()
-                code = "UNKNOWN"
-                try:
-                    responses = inner_stream(requests, context)
-                    if hasattr(responses, "__aiter__"):
-                        async for response in responses:
-                            yield response
-                    else:  # a coroutine handler that writes with context.write (or aborts)
-                        await responses
-                    code = _code(context, "OK")
-                except grpc.aio.AbortError:
-                    code = _code(context, "UNKNOWN")
-                    raise
-                finally:
-                    m.in_flight.dec()
-                    m.requests.labels(method, code).inc()
-
-            return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                         response_serializer=handler.response_serializer)
-        return handler
-
-
-def _code(context: grpc.aio.ServicerContext, default: str) -> str:
-    code = context.code()
-    if code is None:
-        return default
-    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name  # type: ignore[arg-type]
+        return begin, end

@@ -7,10 +7,17 @@ from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
+from quant.probe import release_cached_memory
+from server.errors import OutOfMemory
 from server.rotary import PerRowNTKRotary, row_position_ids
 from server.unpadded import Packing, encode_unpadded, pool, supports_unpadded
+
+# Not cuDNN attention, torch's first choice for half precision on Hopper: it builds a plan for each new
+# shape, and batches change shape nearly every time (on an H200 fp16 ran 20x slower than fp32 with it).
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Runner:
@@ -33,10 +40,21 @@ class Runner:
         self.unpadded = unpadded and supports_unpadded(model)
 
     def run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Pooled hidden states, one float32 row per input row (before any normalization)."""
-        with torch.inference_mode(), self.compute_context():
-            pooled = self._unpadded(rows) if self.unpadded else self._padded(rows)
-        return pooled.cpu().numpy()
+        """Pooled hidden states, one float32 row per input row (before any normalization).
+
+        Raises OutOfMemory when the device cannot hold the batch's activations.
+        """
+        try:
+            with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS), self.compute_context():
+                pooled = self._unpadded(rows) if self.unpadded else self._padded(rows)
+            return pooled.cpu().numpy()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            detail = str(exc).splitlines()[0][:300]
+        # Outside the handler: the failed forward's frames, and the activations they hold, are freed.
+        release_cached_memory(str(self.device))
+        raise OutOfMemory(f"out of memory computing {len(rows)} rows of {sum(map(len, rows))} tokens: {detail}")
 
     def _unpadded(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         packing = Packing.of(rows, self.device)
@@ -58,6 +76,16 @@ class Runner:
             return hidden[:, 0]
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(dim=1) / m.sum(dim=1)
+
+
+# What the CPU allocator and cuBLAS (its workspace) say when they run out; CUDA's caching allocator
+# raises torch.OutOfMemoryError.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES))
 
 
 def install_per_row_rotary(model: PreTrainedModel, rotary: PerRowNTKRotary) -> None:

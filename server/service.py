@@ -14,11 +14,12 @@ from google.protobuf import duration_pb2
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from server import status
+from server import status, timings
 from server.domain import EmbedResult, Limits
 from server.embedder import Embedder
 from server.encoding import Encoding, pack_rows
 from server.errors import EmbedError, InvalidInput, Overloaded, Unavailable
+from server.request_ids import add_trailers
 from server.requests import ENCODINGS, ModelBounds, parse_embed_request, parse_encoding, parse_task, parse_texts
 
 log = logging.getLogger(__name__)
@@ -69,25 +70,30 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         return self._ready
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        started = time.monotonic()  # for failures only: an answer reports the embedder's own timings
         try:
-            return await self._embed(request, _deadline(context))
-        except EmbedError as error:
+            response, result = await self._embed(request, _deadline(context))
+        except Exception as error:
+            if not isinstance(error, EmbedError):  # a bug must still answer the caller, with what went wrong
+                log.exception("Embed failed")
+            add_trailers(context, timings.elapsed_trailers(time.monotonic() - started))
             await status.abort(context, error)
-        except Exception as error:  # a bug must still answer the caller, with what went wrong
-            log.exception("Embed failed")
-            await status.abort(context, error)
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable") from None
+        add_trailers(context, timings.result_trailers(result))
+        return response
 
-    async def _embed(self, request: pb.EmbedRequest, deadline: float | None) -> pb.EmbedResponse:
+    async def _embed(self, request: pb.EmbedRequest,
+                     deadline: float | None) -> tuple[pb.EmbedResponse, EmbedResult]:
         embedder, model, limits = self._state()
         bounds = ModelBounds(model.hidden_size, model.min_dimensions)
         texts, options = parse_embed_request(request, limits, bounds)
         encoding = parse_encoding(request.encoding)
         result = await embedder.embed(texts, options, deadline)
-        return _response(model, result, options.dimensions, encoding)
+        return _response(model, result, options.dimensions, encoding), result
 
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedStreamResponse]:
+        started, tokens = time.monotonic(), 0
         deadline = _deadline(context)
         window: asyncio.Queue[asyncio.Task[pb.EmbedStreamResponse] | None] = asyncio.Queue(STREAM_WINDOW)
 
@@ -101,9 +107,12 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         reader = asyncio.ensure_future(read())
         try:
             while (task := await window.get()) is not None:
-                yield await task
+                reply = await task
+                tokens += reply.response.metadata.total_tokens  # 0 for an error
+                yield reply
             await reader  # re-raises a broken request stream
         finally:
+            add_trailers(context, timings.elapsed_trailers(time.monotonic() - started, tokens))
             reader.cancel()
             while not window.empty():
                 if (task := window.get_nowait()) is not None:
@@ -113,7 +122,8 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         try:
             if not message.HasField("request"):
                 raise InvalidInput("request", "each stream message needs a request")
-            return pb.EmbedStreamResponse(id=message.id, response=await self._embed(message.request, deadline))
+            response, _ = await self._embed(message.request, deadline)
+            return pb.EmbedStreamResponse(id=message.id, response=response)
         except Exception as error:
             if not isinstance(error, EmbedError):
                 log.exception("EmbedStream message %r failed", message.id)
@@ -137,7 +147,8 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             limits=pb.Limits(
                 max_texts_per_request=lim.max_texts_per_request, max_input_tokens=lim.max_input_tokens,
                 max_batch_tokens=lim.max_batch_tokens, max_batch_rows=lim.max_batch_rows,
-                max_text_chars=lim.max_text_chars,
+                max_text_chars=lim.max_text_chars, max_request_tokens=lim.max_request_tokens,
+                max_request_bytes=lim.max_request_bytes, max_queue_tokens=lim.max_queue_tokens,
             ),
         )
 

@@ -7,11 +7,20 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.errors import DeadlineExceeded, EmbedError, InvalidInput, ModelFailure, Overloaded, Unavailable
+from server.errors import (
+    DeadlineExceeded,
+    EmbedError,
+    InvalidInput,
+    ModelFailure,
+    OutOfMemory,
+    Overloaded,
+    Unavailable,
+)
 
 _CODES: dict[type[EmbedError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,  # without RetryInfo: the same text may not fit later
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
@@ -47,5 +56,10 @@ def to_rpc_status(error: BaseException) -> grpc.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
-    """End the call with the status for `error` (raises, as context.abort does)."""
-    await context.abort_with_status(to_rpc_status(error))
+    """End the call with the status for `error` (raises, as context.abort does).
+
+    Trailing metadata set earlier in the call (request id, timings) is kept: abort_with_status would replace it.
+    """
+    status = to_rpc_status(error)
+    await context.abort(status.code, status.details,
+                        (*(context.trailing_metadata() or ()), *status.trailing_metadata))

@@ -142,18 +142,24 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_texts_per_request", "max_input_tokens", "max_batch_tokens", "max_batch_rows", "max_text_chars")
+    __slots__ = ("max_texts_per_request", "max_input_tokens", "max_batch_tokens", "max_batch_rows", "max_text_chars", "max_request_tokens", "max_request_bytes", "max_queue_tokens")
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_texts_per_request: int
     max_input_tokens: int
     max_batch_tokens: int
     max_batch_rows: int
     max_text_chars: int
-    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
+    max_request_tokens: int
+    max_request_bytes: int
+    max_queue_tokens: int
+    def __init__(self, max_texts_per_request: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "variant", "variant_reason", "device", "dimensions", "min_dimensions", "max_input_tokens", "weight_bytes", "limits", "task_prefixes", "pooling", "server_version")

@@ -120,6 +120,10 @@ def test_info(tiny_server: RunningServer) -> None:
     assert info.variant == "fp32" and info.variant_reason and info.device == "cpu"
     assert info.weight_bytes > 30528 * TINY["hidden"] * 4 and info.task_prefixes and info.pooling == "mean"
     assert info.limits.max_input_tokens == 8192 and info.limits.max_texts_per_request > 0
+    limits = tiny_server.app.loaded.limits
+    assert (info.limits.max_request_tokens, info.limits.max_request_bytes, info.limits.max_queue_tokens) == (
+        limits.max_request_tokens, limits.max_request_bytes, limits.max_queue_tokens)
+    assert info.limits.max_request_bytes > 0
 
 
 def test_stream_echoes_ids_and_reports_bad_messages_without_closing(tiny_server: RunningServer) -> None:

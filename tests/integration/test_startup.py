@@ -124,3 +124,36 @@ def test_sigterm_drains_and_exits_cleanly(tiny_original: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, out
     assert "shutting down" in out and "stopped" in out and "Traceback" not in out
+
+
+def test_a_grace_period_ending_mid_batch_exits_cleanly(tmp_path: Path) -> None:
+    """The model thread is still inside torch when the grace period ends: the process must not abort."""
+    from nomic_embed.v1 import embed_pb2 as pb
+    from nomic_embed.v1 import embed_pb2_grpc
+
+    model = write_tiny_nomic(tmp_path / "m", hidden=384, layers=6, heads=6, inner=1536, max_trained_positions=2048)
+    port = _free_port()
+    proc = _run_server("--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
+                       "--grace", "0.3")
+    try:
+        stub = embed_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                stub.Embed(pb.EmbedRequest(texts=["ready?"], task=pb.TASK_SEARCH_QUERY), timeout=2)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline and proc.poll() is None, "server never answered"
+                time.sleep(0.2)
+        # Seconds of work on one core: far more than the grace period.
+        call = stub.Embed.future(pb.EmbedRequest(texts=["word " * 2000] * 16, task=pb.TASK_SEARCH_QUERY),
+                                 timeout=60)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        error = call.exception()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "rows uncomputed" in out and "terminate called" not in out
+    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.batcher import Batcher, BatchPolicy, choose_window
-from server.errors import DeadlineExceeded, ModelFailure, Overloaded, Unavailable
+from server.errors import DeadlineExceeded, ModelFailure, OutOfMemory, Overloaded, Unavailable
 
 POISON = 666  # a token id the fake model fails on
 
@@ -405,3 +405,71 @@ def test_a_deadline_shorter_than_the_estimated_wait_is_refused_at_once() -> None
         await batcher.stop()
 
     run(main())
+
+
+class MemoryBoundModel(FakeModel):
+    """Runs out of memory above `capacity` padded tokens, as a device does."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.refused: list[int] = []  # padded tokens of each batch that did not fit
+
+    def __call__(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        padded = len(rows) * max(len(r) for r in rows)
+        if padded > self.capacity:
+            self.refused.append(padded)
+            raise OutOfMemory(f"{padded} padded tokens")
+        return super().__call__(rows)
+
+
+def test_out_of_memory_splits_the_batch_and_fails_only_rows_that_never_fit() -> None:
+    rng = random.Random(11)
+    fitting = [rows_of(rng, 3, (10, 20)) for _ in range(6)]
+    too_long = [[5] * 80]
+    model = MemoryBoundModel(capacity=40)
+
+    async def main() -> None:
+        batcher = await started(model, BatchPolicy(max_batch_tokens=10_000, wait_s=0))
+        blocker = await occupy(batcher, model)
+        jobs = [batcher.submit(rows) for rows in fitting]
+        mixed = batcher.submit([fitting[0][0], too_long[0]])
+        doomed = batcher.submit(too_long)
+        model.release()
+        await blocker
+        for rows, job in zip(fitting, jobs, strict=True):
+            assert_encodes(await job.result(), rows)
+        for job in (mixed, doomed):
+            with pytest.raises(OutOfMemory, match=r"texts\[\d\] \(80 tokens\) does not fit"):
+                await job.result()
+        assert batcher.totals.oom_splits >= 3
+        assert batcher.totals.oom_rows == 2  # each request's long row, each tried alone once
+        assert batcher.totals.failed_batches == 0
+        after = batcher.submit([[1, 2, 3, 4]])  # the worker lives on
+        assert_encodes(await after.result(), [[1, 2, 3, 4]])
+        await batcher.stop()
+
+    run(main())
+    assert all(len(b) * max(map(len, b)) <= model.capacity for b in model.batches[1:])
+
+
+def test_after_out_of_memory_batches_stay_within_the_lowered_budget() -> None:
+    rng = random.Random(12)
+    model = MemoryBoundModel(capacity=200)
+
+    async def main() -> None:
+        batcher = await started(model, BatchPolicy(max_batch_tokens=2_000, max_padding_fraction=1.0, wait_s=0))
+        events = []
+        batcher.on_out_of_memory = events.append
+        for _ in range(3):  # each round queues more rows than fit in one batch
+            blocker = await occupy(batcher, model)
+            jobs = [batcher.submit(rows_of(rng, 4, (20, 20))) for _ in range(5)]
+            model.release()
+            await blocker
+            await asyncio.gather(*(j.result() for j in jobs))
+        await batcher.stop()
+        assert batcher.totals.oom_splits == len(events) >= 1
+        assert events[0].padded_tokens > 200 >= events[-1].budget_tokens
+
+    run(main())
+    assert len(model.refused) <= 2  # once lowered, the budget keeps later batches from failing again

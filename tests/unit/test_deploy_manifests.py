@@ -74,6 +74,21 @@ def _grpc_port(container: dict[str, Any]) -> int:
     return port
 
 
+def _check_metrics_port(deployment: dict[str, Any]) -> None:
+    """The server serves metrics on a named container port, and the pod tells Prometheus where."""
+    container = _server(deployment)
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"]
+    assert _config(container).metrics_port == port != _grpc_port(container)
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_metrics_are_served_on_a_named_port_prometheus_is_told_of() -> None:
+    _check_metrics_port(_kind(BASE, "Deployment"))
+
+
 def test_probes_ask_the_health_service_on_the_grpc_port() -> None:
     container = _server(_kind(BASE, "Deployment"))
     port = _config(container).port
@@ -163,6 +178,7 @@ def test_the_cuda_overlay_runs_on_one_gpu_with_valid_flags() -> None:
     pod = _kind(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > config.grace_s
     assert _kind(docs, "Service")["spec"]["clusterIP"] == "None"
+    _check_metrics_port(_kind(docs, "Deployment"))
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:

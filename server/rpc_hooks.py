@@ -1,0 +1,82 @@
+"""Running code before and after each call of a grpc.aio handler: the wrapping that interceptors share."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+S = TypeVar("S")
+Begin = Callable[[grpc.aio.ServicerContext], Any]
+End = Callable[[grpc.aio.ServicerContext, Any, bool], None]
+
+
+def final_code(context: grpc.aio.ServicerContext, ok: bool) -> str:
+    """The name of the status code a call ended with: the one set (abort, set_code), else what the way it
+    ended says (`ok`: the handler returned normally)."""
+    code = context.code()
+    if code is None:
+        return "OK" if ok else "CANCELLED" if context.cancelled() else "UNKNOWN"
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name  # type: ignore[arg-type]
+
+
+def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerContext], S],
+         end: Callable[[grpc.aio.ServicerContext, S, bool], None]) -> grpc.RpcMethodHandler:
+    """`handler` with begin(context) -> state before each call and end(context, state, ok) after it.
+
+    Unary and bidirectional-streaming handlers are wrapped (the server's kinds); others pass unchanged.
+    `ok` is whether the handler returned normally; end runs however it ended.
+    """
+    if handler.unary_unary:
+        inner = handler.unary_unary
+
+        async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+            state = begin(context)
+            ok = False
+            try:
+                response = await inner(request, context)
+                ok = True
+                return response
+            finally:
+                end(context, state, ok)
+
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+    if handler.stream_stream:
+        inner_stream = handler.stream_stream
+
+        async def stream(requests: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            state = begin(context)
+            ok = False
+            try:
+                responses = inner_stream(requests, context)
+                if hasattr(responses, "__aiter__"):
+                    async for response in responses:
+                        yield response
+                else:  # a coroutine handler that writes with context.write (or aborts)
+                    await responses
+                ok = True
+            finally:
+                end(context, state, ok)
+
+        return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+    return handler
+
+
+class HookInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that runs hooks before and after every call; `hooks` chooses them for each call."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        return wrap(handler, *self.hooks(details, handler))
+
+    def hooks(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler) -> tuple[Begin, End]:
+        raise NotImplementedError
