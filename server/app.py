@@ -174,6 +174,7 @@ class App:
     async def stop(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + self.config.grace_s  # one grace period for the whole drain
+        self.service.drain()
         if self.loaded:
             # Admitted work finishes while the transport still takes calls, and the transport stays up a
             # moment longer for calls sent before their callers heard of the shutdown: the app refuses them

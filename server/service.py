@@ -60,6 +60,12 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
 
     def __init__(self) -> None:
         self._ready: tuple[Embedder, ServedModel, Limits] | None = None
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Shutting down: streams stop reading, answer what they hold, then end UNAVAILABLE, so their
+        clients reopen elsewhere rather than hold the shutdown for its whole grace period."""
+        self._draining.set()
 
     def attach(self, embedder: Embedder, model: ServedModel, limits: Limits) -> None:
         self._ready = (embedder, model, limits)
@@ -105,14 +111,24 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
                 await window.put(None)
 
         reader = asyncio.ensure_future(read())
+        draining = asyncio.ensure_future(self._draining.wait())
+        draining.add_done_callback(lambda _: reader.cancel())  # stop reading; answer what was read
         try:
             while (task := await window.get()) is not None:
                 reply = await task
                 tokens += reply.response.metadata.total_tokens  # 0 for an error
                 yield reply
-            await reader  # re-raises a broken request stream
+            try:
+                await reader  # re-raises a broken request stream
+            except asyncio.CancelledError:
+                if not self._draining.is_set():
+                    raise
+            if self._draining.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "the server is shutting down; messages not answered were not read")
         finally:
             add_trailers(context, timings.elapsed_trailers(time.monotonic() - started, tokens))
+            draining.cancel()
             reader.cancel()
             while not window.empty():
                 if (task := window.get_nowait()) is not None:

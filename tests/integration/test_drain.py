@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import random
 import signal
 import time
@@ -23,7 +24,7 @@ import numpy as np
 from client.retry import RetryPolicy
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import ServerProcess, server_processes
+from tests.helpers.servers import ServerProcess, running_server, server_processes
 
 GRACE_S = 15.0
 CLIENTS = 4  # connections
@@ -154,3 +155,26 @@ def test_sigterm_under_load_answers_every_admitted_call(tiny_original: Path, tmp
     assert admitted == completed
     assert all(handled[rid] == "OK" for rid in admitted)
     assert all(handled.get(rid) == "UNAVAILABLE" for rid in refused)
+
+
+def test_an_open_stream_is_ended_unavailable_and_does_not_hold_the_shutdown(tiny_original: Path) -> None:
+    grace_s = 20.0
+    with running_server(str(tiny_original), grace_s=grace_s) as srv:
+        outgoing: queue.Queue[pb.EmbedStreamRequest | None] = queue.Queue()
+        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
+        replies = stub.EmbedStream(iter(outgoing.get, None), timeout=60)
+        outgoing.put(pb.EmbedStreamRequest(id="a", request=pb.EmbedRequest(texts=["one"], task=pb.TASK_SEARCH_QUERY)))
+        assert next(replies).id == "a"
+        started = time.monotonic()  # the stream is open and idle: the client may send more at any time
+        stopping = asyncio.run_coroutine_threadsafe(srv.app.stop(), srv.loop)
+        try:
+            next(replies)
+            raise AssertionError("the stream went on after the shutdown began")
+        except grpc.RpcError as ended:
+            assert ended.code() == grpc.StatusCode.UNAVAILABLE, ended
+            assert "shutting down" in ended.details()
+        finally:
+            outgoing.put(None)
+        stopping.result(timeout=2 * grace_s)
+        # Without the drain the open stream kept the server waiting for the whole grace period.
+        assert time.monotonic() - started < grace_s / 2
