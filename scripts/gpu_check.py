@@ -150,7 +150,7 @@ def oom_check(model: Path) -> None:
                 _release()
             diff = f"{np.abs(vectors - expected).max():.2e}" if vectors is not None and len(batch) > 1 else ""
             print(f"| {headroom_mib} MiB free | {label} | {outcome} | {diff} | {batcher.totals.oom_splits - splits} "
-                  f"| {batcher._budget_tokens} | {seconds:.2f} |", flush=True)
+                  f"| {batcher.budget_tokens} | {seconds:.2f} |", flush=True)
         health = health_pb2_grpc.HealthStub(srv.channel()).Check(health_pb2.HealthCheckRequest(), timeout=10)
         outcome, vectors, _ = embed(texts)
         print(f"after: health {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}, "

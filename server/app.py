@@ -161,7 +161,7 @@ class App:
             loaded.embedder.on_result = observe
         loaded.batcher.on_batch = m.observe_batch
         loaded.batcher.on_out_of_memory = m.observe_out_of_memory
-        m.batch_budget.set(loaded.batcher.policy.max_batch_tokens)
+        m.batch_budget.set(loaded.batcher.budget_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
         if self.config.metrics_port is not None:
             self.metrics_port = m.serve(self.config.host, self.config.metrics_port)

@@ -344,6 +344,11 @@ class Batcher:
         return self._run(rows)
 
     @property
+    def budget_tokens(self) -> int:
+        """Padded tokens a batch may hold now: the policy's, or less after an out-of-memory."""
+        return self._budget_tokens
+
+    @property
     def queued_tokens(self) -> int:
         return self._queue.tokens
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -130,23 +130,31 @@ def spawn_server(model: str, log_dir: Path, *args: str) -> ServerProcess:
     return ServerProcess(process, port, metrics_port, log)
 
 
+def wait_until_serving(target: str, alive: Callable[[], bool], timeout: float = 180.0) -> None:
+    """Block until the health check at `target` says SERVING; raise once `alive()` is false or time is up."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet, or still loading (NOT_SERVING)
+            if not alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server at {target} " + (
+                    "exited" if not alive() else f"not SERVING after {timeout:.0f}s"))
+            time.sleep(0.2)
+
+
 def wait_serving(servers: Sequence[ServerProcess], timeout: float = 180.0) -> None:
     """Block until every server's health check says SERVING; a server that exits or stays down fails."""
-    deadline = time.monotonic() + timeout
     for server in servers:
-        with grpc.insecure_channel(server.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass  # not listening yet, or still loading (NOT_SERVING)
-                if not server.alive() or time.monotonic() > deadline:
-                    state = "exited" if not server.alive() else f"not SERVING after {timeout:.0f}s"
-                    raise RuntimeError(f"server on port {server.port} {state}:\n{server.log_tail()}")
-                time.sleep(0.2)
+        try:
+            wait_until_serving(server.target, server.alive, timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{server.log_tail()}") from None
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import RunningServer, free_port, running_server
+from tests.helpers.servers import RunningServer, free_port, running_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING_KEYS = ("x-embed-queue-ms", "x-embed-inference-ms", "x-embed-total-ms")
@@ -114,16 +114,7 @@ def test_stream_messages_carry_timings_and_the_trailers_the_totals(tiny_server: 
 
 
 def _wait_serving(port: int, proc: subprocess.Popen[str]) -> None:
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                return
-        except grpc.RpcError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "server never became SERVING"
-        time.sleep(0.2)
+    wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=120)
 
 
 # Runs `python -m server`'s main() and reports, at exit, whether any OpenTelemetry module was loaded.

@@ -17,10 +17,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
 from server.errors import StartupError
 from tests.conftest import TINY
 from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import RunningServer, running_server
+from tests.helpers.servers import RunningServer, running_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,17 +109,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_original: Path) -> None:
     port = _free_port()
     proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", str(port), "--threads", "1")
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server never became SERVING"
-            time.sleep(0.2)
+        wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=120)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -128,23 +120,13 @@ def test_sigterm_drains_and_exits_cleanly(tiny_original: Path) -> None:
 
 def test_a_grace_period_ending_mid_batch_exits_cleanly(tmp_path: Path) -> None:
     """The model thread is still inside torch when the grace period ends: the process must not abort."""
-    from nomic_embed.v1 import embed_pb2 as pb
-    from nomic_embed.v1 import embed_pb2_grpc
-
     model = write_tiny_nomic(tmp_path / "m", hidden=384, layers=6, heads=6, inner=1536, max_trained_positions=2048)
     port = _free_port()
     proc = _run_server("--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
                        "--grace", "0.3")
     try:
+        wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=120)
         stub = embed_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                stub.Embed(pb.EmbedRequest(texts=["ready?"], task=pb.TASK_SEARCH_QUERY), timeout=2)
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline and proc.poll() is None, "server never answered"
-                time.sleep(0.2)
         # Seconds of work on one core: far more than the grace period.
         call = stub.Embed.future(pb.EmbedRequest(texts=["word " * 2000] * 16, task=pb.TASK_SEARCH_QUERY),
                                  timeout=60)
