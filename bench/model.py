@@ -12,7 +12,7 @@ FULL_SIZE = {"hidden": 768, "layers": 12, "heads": 12, "inner": 3072, "max_train
 
 
 def full_size_checkpoint(cache_dir: Path) -> Path:
-    path = cache_dir / "nomic-bert-768x12-random"
+    path = cache_dir / "nomic-bert-768x12-random-hub2026"  # the 2026 config.json, both key sets
     if (path / "config.json").exists():
         return path
     partial = cache_dir / (path.name + ".partial")

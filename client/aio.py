@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import grpc
 import numpy as np
@@ -12,7 +12,7 @@ import numpy as np
 from client.connection import DEFAULT_TARGET, Tls
 from client.embed_client import DEFAULT_RETRY, ClientSettings
 from client.errors import from_rpc_error
-from client.options import EmbedOptions, Encoding, LongTextMode, Task
+from client.options import EmbedOptions, Encoding, LongTextMode, Task, text_list
 from client.results import ServerInfo, decode_embeddings
 from client.retry import Deadline, RetryPolicy
 from client.stream import AsyncEmbedStream
@@ -35,6 +35,7 @@ class AsyncEmbedClient(ClientSettings):
         self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncEmbedClient:
@@ -57,37 +58,50 @@ class AsyncEmbedClient(ClientSettings):
                     raise error from None
                 await asyncio.sleep(delay)
 
-    async def embed(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0,
-                    *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE, max_tokens: int = 0,
-                    encoding: Encoding | str | int = Encoding.FLOAT32) -> np.ndarray:
-        """Embeddings of `texts`, shape (len(texts), dimensions or full width), dtype of the encoding."""
+    async def embed(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
+                    dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
+                    max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32) -> np.ndarray:
+        """Embeddings of `texts`, shape (len(texts), dimensions or full width), dtype of the encoding;
+        one str is one text, and its vector comes back alone: shape (width,)."""
+        self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        return decode_embeddings(await self._call(self._stub.Embed, options.request(texts)))
+        vectors = decode_embeddings(await self._call(self._stub.Embed, options.request(text_list(texts))))
+        return vectors[0] if isinstance(texts, str) else vectors
 
-    async def embed_response(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
+    async def embed_response(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
                              dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
                              max_tokens: int = 0, encoding: Encoding | str | int = Encoding.VALUES
                              ) -> pb.EmbedResponse:
+        self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        return await self._call(self._stub.Embed, options.request(texts))
+        return await self._call(self._stub.Embed, options.request(text_list(texts)))
 
     def embed_stream(self, texts: Iterable[str] | AsyncIterable[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
                      dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
                      max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32, batch_size: int = 64,
                      batch_tokens: int = 8192, window: int = 4, streams: int = 1,
-                     timeout: float | None = None) -> AsyncEmbedStream:
+                     timeout: float | None = None, reconnect_timeout: float = 60.0) -> AsyncEmbedStream:
         """`async for batch in client.embed_stream(texts)`: as EmbedClient.embed_stream."""
+        self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout)
+        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
         return AsyncEmbedStream(self._channel, texts, options, settings, self.retry, self.connection.metadata)
 
-    async def tokenize(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT
-                       ) -> list[list[int]]:
-        request = pb.TokenizeRequest(texts=list(texts), task=int(EmbedOptions.of(task).task))
-        return [list(t.ids) for t in (await self._call(self._stub.Tokenize, request)).texts]
+    @overload
+    async def tokenize(self, texts: str, task: Task | str | int = ...) -> list[int]: ...
+    @overload
+    async def tokenize(self, texts: Sequence[str], task: Task | str | int = ...) -> list[list[int]]: ...
+
+    async def tokenize(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT
+                       ) -> list[int] | list[list[int]]:
+        self._check_open()
+        request = pb.TokenizeRequest(texts=text_list(texts), task=int(EmbedOptions.of(task).task))
+        ids = [list(t.ids) for t in (await self._call(self._stub.Tokenize, request)).texts]
+        return ids[0] if isinstance(texts, str) else ids
 
     async def info(self) -> ServerInfo:
+        self._check_open()
         return ServerInfo.from_pb(await self._call(self._stub.Info, pb.InfoRequest()))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +18,7 @@ from tqdm import tqdm
 from client.connection import DEFAULT_TARGET, Tls
 from client.embed_client import EmbedClient
 from client.errors import EmbedError
-from client.files import InputError, Record, count_texts, open_input, open_output, read_records
+from client.files import EmbeddingWriter, InputError, Record, count_texts, open_input, open_output, read_records
 from client.options import Encoding, LongTextMode, Task
 from client.results import row_width
 
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=64, help="texts per request (default 64)")
     embed.add_argument("--window", type=int, default=4, help="requests in flight (default 4)")
     embed.add_argument("--streams", type=int, default=1, help="concurrent streams, e.g. one per server")
+    embed.add_argument("--reconnect-timeout", type=float, default=60.0,
+                       help="seconds to wait for a server when the stream breaks, e.g. during a restart (default 60)")
+    embed.add_argument("--resume", action="store_true",
+                       help="continue the OUTPUT.part a failed or interrupted run left: skip the texts it holds")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=run_embed)
 
@@ -99,14 +105,20 @@ def run_embed(args: argparse.Namespace) -> None:
         info = client.info()  # fails fast, with a clear message, when no server answers
         width = row_width(int(encoding), args.dimensions or info.dimensions)
         total = count_texts(args.input)
+        items = read_records(lines, jsonl=jsonl, text_field=args.text_field)
         records: collections.deque[Record] = collections.deque()
-        texts = _texts_keeping_records(read_records(lines, jsonl=jsonl, text_field=args.text_field), records.append)
+        # Made first, so that bad options are refused before any output file is touched; reads nothing yet.
         stream = client.embed_stream(
-            texts, args.task, args.dimensions, encoding=encoding, long_text_mode=args.long_text_mode,
-            max_tokens=args.max_tokens, batch_size=args.batch_size, window=args.window, streams=args.streams)
-        writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width)
+            _texts_keeping_records(items, records.append), args.task, args.dimensions, encoding=encoding,
+            long_text_mode=args.long_text_mode, max_tokens=args.max_tokens, batch_size=args.batch_size,
+            window=args.window, streams=args.streams, reconnect_timeout=args.reconnect_timeout)
+        writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width, resume=args.resume)
         try:
-            with stream, tqdm(total=total, unit="text", unit_scale=True, disable=args.quiet, file=sys.stderr) as bar:
+            done = _skip_done(items, writer)
+            if done:  # said even with --quiet: the output holds rows this run did not compute
+                print(f"resuming after {done:,} texts already in {writer.part}", file=sys.stderr)
+            with stream, tqdm(total=total, initial=done, unit="text", unit_scale=True, disable=args.quiet,
+                              file=sys.stderr) as bar:
                 started, tokens = time.monotonic(), 0
                 for batch in stream:
                     writer.write([records.popleft() for _ in batch.texts], batch.embeddings)
@@ -114,10 +126,27 @@ def run_embed(args: argparse.Namespace) -> None:
                     bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tokens/s",
                                         refresh=False)
                     bar.update(len(batch.texts))
-        except BaseException:
-            writer.abort()
+        except BaseException as error:
+            if writer.stop():
+                error.add_note(f"{writer.rows:,} texts are done and kept in {writer.part}; "
+                               "run the same command with --resume to continue from there")
             raise
         writer.finish()
+
+
+def _skip_done(items: Iterator[tuple[str, Record]], writer: EmbeddingWriter) -> int:
+    """Read past the input a resumed output already holds; refuse an output that is not this input's."""
+    last: Record | None = None
+    done = 0
+    for _, record in itertools.islice(items, writer.rows):
+        done, last = done + 1, record
+    if done < writer.rows:
+        raise InputError(f"{writer.part} holds {writer.rows:,} texts but the input has only {done:,}: it does not "
+                         "continue this input; remove it to start over")
+    if last is not None and not writer.continues(last):
+        raise InputError(f"{writer.part} does not continue this input (its text {done:,} is another); "
+                         "remove it to start over")
+    return done
 
 
 def _texts_keeping_records(items: Iterator[tuple[str, Record]], keep: Callable[[Record], None]) -> Iterator[str]:
@@ -131,17 +160,31 @@ def _describe(error: EmbedError, target: str) -> str:
     return f"{error.code.name}: {error.details}{where}"
 
 
+def _notes(error: BaseException) -> None:
+    for note in getattr(error, "__notes__", ()):
+        print(note, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # here, so that a reader that went away is met below, not at exit
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): end as quietly as a process that SIGPIPE ended. Further
+        # output (the interpreter flushes stdout at exit) goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except EmbedError as error:
         print(f"error: {_describe(error, args.target)}", file=sys.stderr)
+        _notes(error)
         return 1
-    except (InputError, OSError, ValueError) as error:
+    except (InputError, OSError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
+        _notes(error)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("interrupted", file=sys.stderr)
+        _notes(interrupt)
         return 130
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import grpc
 import numpy as np
@@ -13,7 +13,7 @@ from client.batching import BatchLimits
 from client.blocking import EmbedStream, LoopThread
 from client.connection import DEFAULT_TARGET, Connection, Tls, connect
 from client.errors import EmbedError, from_rpc_error
-from client.options import EmbedOptions, Encoding, LongTextMode, Task
+from client.options import EmbedOptions, Encoding, LongTextMode, Task, seconds, text_list, whole_number
 from client.results import ServerInfo, decode_embeddings
 from client.retry import Deadline, RetryPolicy
 from client.stream import AsyncEmbedStream, StreamSettings
@@ -33,13 +33,24 @@ class ClientSettings:
     def __init__(self, servers: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = 60.0,
                  tls: Tls | bool | None = None, token: str | None = None, load_balancing: str | None = None,
                  retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.timeout = seconds("timeout", timeout)  # per call, retries included
         self.connection: Connection = connect(servers, tls=tls, token=token, load_balancing=load_balancing)
-        self.timeout = timeout  # seconds per call, retries included
         self.retry = retry
+        self._closed = False
+
+    def _check_open(self) -> None:
+        """Every call on a closed client, streams included, fails alike, before anything is sent."""
+        if self._closed:
+            raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
 
     def stream_settings(self, batch_size: int, batch_tokens: int, window: int, streams: int,
-                        timeout: float | None) -> StreamSettings:
-        return StreamSettings(BatchLimits(batch_size, batch_tokens), window, streams, timeout)
+                        timeout: float | None, reconnect_timeout: float) -> StreamSettings:
+        limits = BatchLimits(whole_number("batch_size", batch_size, 1), whole_number("batch_tokens", batch_tokens, 1))
+        reconnect = seconds("reconnect_timeout", reconnect_timeout)
+        if reconnect is None:
+            raise TypeError("reconnect_timeout must be a positive number of seconds, not None")
+        return StreamSettings(limits, whole_number("window", window, 1), whole_number("streams", streams, 1),
+                              seconds("timeout", timeout), reconnect)
 
 
 class EmbedClient(ClientSettings):
@@ -55,7 +66,6 @@ class EmbedClient(ClientSettings):
         self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
         self._loop: LoopThread | None = None  # started by the first embed_stream
         self._aio_channel: grpc.aio.Channel | None = None
-        self._closed = False
 
     def close(self) -> None:
         self._closed = True
@@ -86,36 +96,42 @@ class EmbedClient(ClientSettings):
                     raise error from None
                 time.sleep(delay)
 
-    def embed(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0, *,
-              long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE, max_tokens: int = 0,
+    def embed(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0,
+              *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE, max_tokens: int = 0,
               encoding: Encoding | str | int = Encoding.FLOAT32) -> np.ndarray:
-        """Embeddings of `texts`, shape (len(texts), dimensions or full width), dtype of the encoding."""
+        """Embeddings of `texts`, shape (len(texts), dimensions or full width), dtype of the encoding;
+        one str is one text, and its vector comes back alone: shape (width,)."""
+        self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        return decode_embeddings(self._call(self._stub.Embed, options.request(texts)))
+        vectors = decode_embeddings(self._call(self._stub.Embed, options.request(text_list(texts))))
+        return vectors[0] if isinstance(texts, str) else vectors
 
-    def embed_response(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
+    def embed_response(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
                        dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
                        max_tokens: int = 0, encoding: Encoding | str | int = Encoding.VALUES) -> pb.EmbedResponse:
-        """The raw response, with per-text token counts and timings."""
+        """The raw response, with per-text token counts and timings (one str is one text)."""
+        self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        return self._call(self._stub.Embed, options.request(texts))
+        return self._call(self._stub.Embed, options.request(text_list(texts)))
 
     def embed_stream(self, texts: Iterable[str] | AsyncIterable[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
                      dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
                      max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32, batch_size: int = 64,
                      batch_tokens: int = 8192, window: int = 4, streams: int = 1,
-                     timeout: float | None = None) -> EmbedStream:
+                     timeout: float | None = None, reconnect_timeout: float = 60.0) -> EmbedStream:
         """Embed any number of texts over EmbedStream; iterate for EmbeddedBatch in input order.
 
         Batches hold up to `batch_size` texts and about `batch_tokens` tokens; `window` batches are in
-        flight; `streams` streams run at once; `timeout` bounds the whole input (None: no limit).
-        See client.stream for retries and reconnection.
+        flight; `streams` streams run at once; `timeout` bounds the whole input (None: no limit). After a
+        stream breaks, a server is waited for until no batch has been answered for `reconnect_timeout`
+        seconds. A text file gives its lines (see client.stream for files, retries and reconnection).
         """
+        self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout)
+        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
         if self._loop is None:
             self._loop = LoopThread()
             self._aio_channel = self._loop.run(_make_aio_channel(self.connection))
@@ -123,12 +139,21 @@ class EmbedClient(ClientSettings):
         return EmbedStream(self._loop, AsyncEmbedStream(self._aio_channel, texts, options, settings, self.retry,
                                                         self.connection.metadata))
 
-    def tokenize(self, texts: Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT) -> list[list[int]]:
-        """Token ids per text, task prefix and special tokens included."""
-        request = pb.TokenizeRequest(texts=list(texts), task=int(EmbedOptions.of(task).task))
-        return [list(t.ids) for t in self._call(self._stub.Tokenize, request).texts]
+    @overload
+    def tokenize(self, texts: str, task: Task | str | int = ...) -> list[int]: ...
+    @overload
+    def tokenize(self, texts: Sequence[str], task: Task | str | int = ...) -> list[list[int]]: ...
+
+    def tokenize(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT
+                 ) -> list[int] | list[list[int]]:
+        """Token ids per text, task prefix and special tokens included; one str gives its ids alone."""
+        self._check_open()
+        request = pb.TokenizeRequest(texts=text_list(texts), task=int(EmbedOptions.of(task).task))
+        ids = [list(t.ids) for t in self._call(self._stub.Tokenize, request).texts]
+        return ids[0] if isinstance(texts, str) else ids
 
     def info(self) -> ServerInfo:
+        self._check_open()
         return ServerInfo.from_pb(self._call(self._stub.Info, pb.InfoRequest()))
 
 

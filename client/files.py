@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -32,15 +33,23 @@ def count_texts(path: str) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+def text_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) per non-blank line, without its line end ("\n", "\r\n") and without the
+    UTF-8 byte order mark some editors put at the start of a file."""
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if number == 1:
+            line = line.removeprefix("\ufeff")
+        if line.strip():  # blank: nothing to embed (the server refuses an empty text)
+            yield number, line
+
+
 def read_records(lines: IO[str], *, jsonl: bool | None, text_field: str = "text") -> Iterator[tuple[str, Record]]:
     """(text, record) per non-blank line: a record is the JSON object of a JSONL line, else {"text": line}.
 
     `jsonl=None` decides from the first non-blank line: JSONL when it is an object with `text_field`.
     """
-    for number, line in enumerate(lines, 1):
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
+    for number, line in text_lines(lines):
         if jsonl is None:
             jsonl = _looks_like_jsonl(line, text_field)
         if not jsonl:
@@ -65,41 +74,106 @@ def _looks_like_jsonl(line: str, text_field: str) -> bool:
 
 
 class EmbeddingWriter(Protocol):
+    part: Path  # where rows go until the run is finished
+    rows: int  # rows in the file, those of a resumed run included
+
     def write(self, records: list[Record], embeddings: np.ndarray) -> None: ...
+    def continues(self, record: Record) -> bool: ...
     def finish(self) -> None: ...
-    def abort(self) -> None: ...
+    def stop(self) -> bool: ...
 
 
 class _PartFile:
-    """Writes PATH.part and renames it to PATH when finished, so a failed run leaves no half file."""
+    """Writes PATH.part, flushed after every batch, and renames it to PATH when the run is finished.
 
-    def __init__(self, path: Path, mode: str) -> None:
+    A failed or interrupted run keeps PATH.part when it holds rows: `resume=True` opens it again, drops an
+    incomplete last row (a run killed mid-write) and appends, so work done is never done twice.
+    """
+
+    def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
         self.part = path.with_name(path.name + ".part")
-        self.file = open(self.part, mode)  # noqa: SIM115  # closed by finish or abort
+        if self.part.exists() and not resume:  # never overwrite finished work unasked
+            raise InputError(f"{self.part} exists, left by an earlier run: add --resume to continue it, or remove it "
+                             "to start over")
+        self.resumed = resume and self.part.exists()
+        self.file = open(self.part, "r+b" if self.resumed else "wb")  # noqa: SIM115  # closed by finish or stop
+        self.rows = 0
+
+    def continues(self, record: Record) -> bool:
+        """Whether the last row kept from an earlier run belongs to `record` (True when it cannot tell)."""
+        return True
+
+    def _resume(self) -> None:
+        """Count the complete rows of an earlier run's PATH.part and drop what follows them."""
+        raise NotImplementedError
+
+    def _resume_or_close(self) -> None:
+        try:
+            self._resume()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _truncate(self, size: int) -> None:
+        self.file.seek(size)
+        self.file.truncate()
 
     def finish(self) -> None:
         self.file.close()
         os.replace(self.part, self.path)
 
-    def abort(self) -> None:
+    def stop(self) -> bool:
+        """End a run that failed: keep PATH.part (True) when it holds rows, else remove it."""
         self.file.close()
+        if self.rows:
+            return True
         self.part.unlink(missing_ok=True)
+        return False
 
 
 class NpyWriter(_PartFile):
-    """Rows appended to a .npy file whose header gets the final row count at the end."""
+    """Rows appended to a .npy file whose header is brought up to date after every batch, so PATH.part is
+    a valid .npy of the rows written so far."""
 
-    def __init__(self, path: Path, dtype: np.dtype, width: int) -> None:
-        super().__init__(path, "wb")
-        self.dtype, self.width, self.rows = np.dtype(dtype), width, 0
+    def __init__(self, path: Path, dtype: np.dtype, width: int, resume: bool = False) -> None:
+        super().__init__(path, resume)
+        self.dtype, self.width = np.dtype(dtype), width
+        if self.resumed:
+            self._resume_or_close()
         self._header_bytes = self._write_header()
+        self.file.seek(0, os.SEEK_END)
+
+    def _resume(self) -> None:
+        try:
+            version = npy_format.read_magic(self.file)
+            read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, fortran_order, dtype = read(self.file)
+        except ValueError as exc:
+            raise InputError(f"{self.part} cannot be resumed: not a .npy file ({exc})") from None
+        header = self.file.tell()
+        if fortran_order or dtype != self.dtype or len(shape) != 2 or shape[1] != self.width:
+            raise InputError(f"{self.part} holds {dtype} rows of shape {shape[1:]} where this run writes {self.dtype} "
+                             f"rows of {self.width}: not this run's output; remove it to start over")
+        if header != self._header_size():
+            raise InputError(f"{self.part} cannot be resumed: its .npy header is not the one this client writes")
+        row_bytes = self.width * self.dtype.itemsize
+        self.rows = (os.fstat(self.file.fileno()).st_size - header) // row_bytes
+        self._truncate(header + self.rows * row_bytes)
+
+    def _header_size(self) -> int:
+        buffer = io.BytesIO()
+        self._write_header_to(buffer)
+        return buffer.tell()
+
+    def _write_header_to(self, file: IO[bytes]) -> None:
+        header = {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, self.width)}
+        npy_format.write_array_header_1_0(file, header)
 
     def _write_header(self) -> int:
         self.file.seek(0)
-        header = {"descr": npy_format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (self.rows, self.width)}
-        npy_format.write_array_header_1_0(self.file, header)
+        self._write_header_to(self.file)
         return self.file.tell()
 
     def write(self, records: list[Record], embeddings: np.ndarray) -> None:
@@ -107,29 +181,55 @@ class NpyWriter(_PartFile):
             raise ValueError(f"rows of width {embeddings.shape[1:]} do not fit a file of width {self.width}")
         self.file.write(np.ascontiguousarray(embeddings, self.dtype).tobytes())
         self.rows += len(embeddings)
-
-    def finish(self) -> None:
+        # Rows first, then the count that covers them: a run killed in between leaves rows a resume still finds.
         # The header is padded to 64 bytes, so any row count of up to 12 digits fits in the same space.
         if self._write_header() != self._header_bytes:
             raise RuntimeError("the .npy header changed size")
-        super().finish()
+        self.file.seek(0, os.SEEK_END)
+        self.file.flush()
 
 
 class JsonlWriter(_PartFile):
     """One JSON object per text: its input record plus "embedding"."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "w")
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        super().__init__(path, resume)
+        self._last: Record | None = None  # the last record kept from an earlier run
+        if self.resumed:
+            self._resume_or_close()
+
+    def _resume(self) -> None:
+        size, last = 0, b""
+        for line in self.file:
+            if not line.endswith(b"\n"):  # cut short by a run that was killed
+                break
+            size, last = size + len(line), line
+            self.rows += 1
+        self._truncate(size)
+        if last:
+            try:
+                record = json.loads(last)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{self.part} line {self.rows}: not JSON ({exc.msg}); remove it to start "
+                                 "over") from None
+            self._last = {k: v for k, v in record.items() if k != "embedding"} if isinstance(record, dict) else {}
+
+    def continues(self, record: Record) -> bool:
+        return self._last is None or self._last == {k: v for k, v in record.items() if k != "embedding"}
 
     def write(self, records: list[Record], embeddings: np.ndarray) -> None:
-        for record, vector in zip(records, embeddings.tolist(), strict=True):
-            self.file.write(json.dumps({**record, "embedding": vector}, ensure_ascii=False) + "\n")
+        lines = (json.dumps({**record, "embedding": vector}, ensure_ascii=False) + "\n"
+                 for record, vector in zip(records, embeddings.tolist(), strict=True))
+        self.file.write("".join(lines).encode())
+        self.rows += len(records)
+        self.file.flush()
 
 
-def open_output(path: str, dtype: np.dtype, width: int) -> EmbeddingWriter:
+def open_output(path: str, dtype: np.dtype, width: int, *, resume: bool = False) -> EmbeddingWriter:
+    """A writer of PATH.part; `resume` continues the PATH.part an earlier run left, when there is one."""
     target = Path(path)
     if target.suffix == ".npy":
-        return NpyWriter(target, dtype, width)
+        return NpyWriter(target, dtype, width, resume)
     if target.suffix in JSONL_SUFFIXES:
-        return JsonlWriter(target)
+        return JsonlWriter(target, resume)
     raise ValueError(f"--output {path}: use a .npy or .jsonl file")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -41,19 +43,64 @@ class Encoding(enum.IntEnum):
 
 E = TypeVar("E", bound=enum.IntEnum)
 
+# What the wire can carry: protobuf would otherwise raise its own ValueError ("Value out of range: -1") or
+# TypeError, naming neither the argument nor the limit.
+UINT32_MAX = 2**32 - 1
+_ENUM_MIN, _ENUM_MAX = -(2**31), 2**31 - 1  # proto3 enums are int32
 
-def member(kind: type[E], value: E | str | int) -> E | int:
+
+def whole_number(name: str, value: object, low: int, high: int | None = None, meaning: str = "") -> int:
+    """`value` as an int in [low, high]; TypeError or ValueError naming `name` and the limits otherwise.
+
+    bool is refused although it is an int: `dimensions=True` is a mistake, not a width of 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    number = int(value)
+    if high is None and number < low:
+        raise ValueError(f"{name} must be at least {low}{meaning}, not {number}")
+    if high is not None and not low <= number <= high:
+        raise ValueError(f"{name} must be from {low}{meaning} to {high}, not {number}")
+    return number
+
+
+def seconds(name: str, value: object) -> float | None:
+    """A positive, finite number of seconds, or None for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number of seconds or None, not {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {value}")
+    return float(value)
+
+
+def member(kind: type[E], value: E | str | int, name: str | None = None) -> E | int:
     """An enum member from itself, its value or its name in any case ("search-query" works too).
 
     Numbers this client does not know pass through, for the server to accept (a newer server) or reject.
     """
+    name = name or kind.__name__.lower()
     if isinstance(value, str):
         try:
             return kind[value.strip().upper().replace("-", "_")]
         except KeyError:
             names = ", ".join(m.name.lower() for m in kind)
-            raise ValueError(f"{value!r} is not a {kind.__name__}; choose one of {names}") from None
-    return kind(value) if value in kind._value2member_map_ else int(value)
+            raise ValueError(f"{name} {value!r} is not a {kind.__name__}; choose one of {names}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a member of {kind.__name__}, its name or its number, "
+                        f"not {type(value).__name__}")
+    number = whole_number(name, value, _ENUM_MIN, _ENUM_MAX)
+    return kind(number) if number in kind._value2member_map_ else number
+
+
+def text_list(texts: str | Sequence[str]) -> list[str]:
+    """The texts of one request. A bare str is one text (iterating it would send its characters)."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    for index, text in enumerate(items):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
+    return items
 
 
 @dataclass(frozen=True)
@@ -70,10 +117,12 @@ class EmbedOptions:
     def of(cls, task: Task | str | int = Task.SEARCH_DOCUMENT, dimensions: int = 0, *,
            long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE, max_tokens: int = 0,
            encoding: Encoding | str | int = Encoding.FLOAT32) -> EmbedOptions:
-        return cls(member(Task, task), dimensions, member(LongTextMode, long_text_mode), max_tokens,
+        return cls(member(Task, task), whole_number("dimensions", dimensions, 0, UINT32_MAX, " (the full width)"),
+                   member(LongTextMode, long_text_mode, "long_text_mode"),
+                   whole_number("max_tokens", max_tokens, 0, UINT32_MAX, " (the server's limit)"),
                    member(Encoding, encoding))
 
-    def request(self, texts: Sequence[str]) -> pb.EmbedRequest:
-        return pb.EmbedRequest(texts=list(texts), task=int(self.task), dimensions=self.dimensions,
+    def request(self, texts: list[str]) -> pb.EmbedRequest:
+        return pb.EmbedRequest(texts=texts, task=int(self.task), dimensions=self.dimensions,
                                long_text_mode=int(self.long_text_mode), max_tokens=self.max_tokens,
                                encoding=int(self.encoding))

@@ -73,12 +73,17 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class EmbeddedBatch:
-    """One batch of a stream: texts[start : start + len(texts)] of the input and their embeddings."""
+    """One batch of a stream: texts[start : start + len(texts)] of the input and their embeddings.
+
+    From a text file, blank lines are skipped, so `start` counts texts, not lines: `line_numbers` gives the
+    1-based line of the file each text came from (None for other inputs).
+    """
 
     start: int
     texts: list[str]
     embeddings: np.ndarray  # (len(texts), width), dtype of the encoding
     tokens: list[int]  # tokens read per text
+    line_numbers: list[int] | None = None
 
     @property
     def total_tokens(self) -> int:

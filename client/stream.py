@@ -3,27 +3,37 @@
 Texts are cut into batches (client.batching) and written to one or more streams. At most `window`
 batches are between being sent and being handed to the caller, so a slow server stops the reading of
 input and a slow consumer stops the sending (backpressure both ways); results come back in input
-order. A batch the server answers with UNAVAILABLE or RESOURCE_EXHAUSTED is sent again after a backoff
-(the server's retry hint when it gives one). UNAVAILABLE also means that this server cannot serve now (it is
-shutting down): the stream sends it nothing more, closes once the batches it holds are answered, and a new
-stream is opened (on another server, behind a balanced target). When a whole stream breaks, for instance
-because its server was killed or restarted, a new one is opened and every batch the old one left unanswered
-is sent again: each batch is yielded exactly once, so nothing is lost or duplicated.
+order. A batch the server answers with RESOURCE_EXHAUSTED is sent again after a backoff (the server's retry
+hint when it gives one). UNAVAILABLE means that this server cannot serve now (it is shutting down, or still
+loading): the stream sends it nothing more, closes once the batches it holds are answered, and the batch
+goes out again on a new stream (on another server, behind a balanced target). When a whole stream
+breaks, for instance because its server was killed or restarted, a new one is opened and every batch the old
+one left unanswered is sent again: each batch is yielded exactly once, so nothing is lost or duplicated.
+Once any batch has been answered, a server that is away (stopped, restarting, refusing connections) is
+waited for until no batch has been answered for `reconnect_timeout` (a minute).
+
+A text file (any io.TextIOBase: open(path), sys.stdin, io.StringIO) gives its lines without their line ends
+and without a UTF-8 byte order mark; blank lines are skipped, and each EmbeddedBatch says which line of the
+file each of its texts came from (`line_numbers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import io
 import itertools
 import re
-from collections.abc import AsyncIterable, Iterable, Sequence
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from client.batching import BatchLimits, batches
 from client.errors import EmbedError, from_rpc_error, status_code
+from client.files import text_lines
 from client.options import EmbedOptions
 from client.results import EmbeddedBatch, decode_embeddings
 from client.retry import Deadline, RetryPolicy
@@ -32,10 +42,15 @@ from nomic_embed.v1 import embed_pb2_grpc
 
 # How a stream may end that a new stream can recover from. A server shutting down cancels its streams
 # (CANCELLED, not ours: we never see our own cancellation as a status) and a write that meets the torn-down
-# transport ends the call with INTERNAL "Internal error from Core" on the client's side. A stream that
-# keeps failing without progress still gives up after RetryPolicy.max_attempts.
+# transport ends the call with INTERNAL "Internal error from Core" on the client's side. How long a stream
+# that keeps failing is tried again depends on the code (_AWAY below).
 _REOPEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
                      grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# The server is away or going away (stopped, draining, restarting, loading, refusing connections): after a
+# stream that worked, these are retried for up to `reconnect_timeout`, however many tries that takes, so that
+# a restart of the only server is ridden out. The other codes above may be a fault that repeats: they get
+# RetryPolicy.max_attempts tries, as does everything before the first answer (a wrong address fails fast).
+_AWAY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _CLOSE_GRACE_S = 5.0  # for the server to close a finished stream before it is cancelled
 _TEXT_FIELD = re.compile(r"texts\[(\d+)\]")
 
@@ -46,7 +61,7 @@ class StreamSettings:
     window: int = 4  # batches in flight: sent and not yet handed to the caller
     streams: int = 1  # concurrent streams (one per server behind a round_robin target spreads the load)
     timeout: float | None = None  # seconds for the whole input
-    reconnect_timeout: float = 60.0  # how long to wait for a server after a stream broke
+    reconnect_timeout: float = 60.0  # how long to wait for a server, counted from the last answer before a break
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.streams < 1:
@@ -65,7 +80,28 @@ class _Batch:
     seq: int
     start: int
     texts: list[str]
+    line_numbers: list[int] | None  # of a text file's texts
     failures: int = 0
+    away_since: float | None = None  # first UNAVAILABLE answer: those are bounded by time, not by tries
+
+
+@dataclass(eq=False)
+class _Run:
+    """One stream: the batches it sent and has not answered, and whether it got anywhere."""
+
+    inflight: dict[str, _Batch] = field(default_factory=dict)
+    leaving: asyncio.Event = field(default_factory=asyncio.Event)  # the server answered UNAVAILABLE: send no more
+    taken: int = 0  # batches taken to send (counted before the write, which may fail)
+    answered: int = 0  # batches settled: a result or a final error
+
+
+@dataclass
+class _Outage:
+    """Consecutive stream breaks with no answer in between."""
+
+    since: float  # the break that started it
+    breaks: int = 0
+    strikes: int = 0  # breaks that count against RetryPolicy.max_attempts
 
 
 class AsyncEmbedStream:
@@ -79,6 +115,12 @@ class AsyncEmbedStream:
                  metadata: Sequence[tuple[str, str]] = ()) -> None:
         if isinstance(texts, str):
             raise TypeError("texts must be an iterable of str, not one str")
+        self._line_numbers: collections.deque[int] | None = None
+        if isinstance(texts, io.IOBase):
+            if not isinstance(texts, io.TextIOBase):
+                raise TypeError("texts is a binary file: open it in text mode, e.g. open(path, encoding='utf-8')")
+            self._line_numbers = collections.deque()
+            texts = _numbered(text_lines(texts), self._line_numbers.append)
         self._channel = channel
         self._stub = embed_pb2_grpc.EmbedServiceStub(channel)
         self._texts = texts
@@ -174,8 +216,10 @@ class AsyncEmbedStream:
     async def _feed(self) -> None:
         seq = 0
         async for start, texts in batches(self._texts, self._limits):
+            # Batching reads one text past a batch's end, so the oldest numbers are this batch's.
+            numbers = None if self._line_numbers is None else [self._line_numbers.popleft() for _ in texts]
             await self._window.acquire()
-            self._work.put_nowait((seq, _Batch(seq, start, texts)))
+            self._work.put_nowait((seq, _Batch(seq, start, texts, numbers)))
             seq += 1
         self._total = seq
         self._check_all_answered()
@@ -183,42 +227,58 @@ class AsyncEmbedStream:
 
     async def _lane(self) -> None:
         """One stream at a time: open, send and receive until done; after a break, open a new one."""
-        failures = 0
+        outage: _Outage | None = None
         while True:
-            answered_before = self._answered
-            error = await self._run_stream()
+            run = _Run()
+            error = await self._run_stream(run)
             if error is None or self._all_answered():
                 return
-            progressed = self._answered > answered_before
-            failures = 1 if progressed else failures + 1
-            await self._wait_to_reopen(error, failures, wait_for_server=progressed)
+            if outage is None or run.answered or not run.taken:
+                # The stream that broke was answered, or had nothing to send: this break starts an outage.
+                outage = _Outage(since=time.monotonic())
+            await self._wait_to_reopen(error, outage)
             self.stats.reopened += 1
 
-    async def _wait_to_reopen(self, error: EmbedError, failures: int, *, wait_for_server: bool) -> None:
-        """Back off; after a stream that was working, also wait for a server to be back (a restart)."""
-        if error.code not in _REOPEN or failures >= self._retry.max_attempts:
+    async def _wait_to_reopen(self, error: EmbedError, outage: _Outage) -> None:
+        """Back off; once a server has answered, also wait for the channel to connect again: a server that is
+        down refuses connections, and retrying at once would spend the tries in a moment."""
+        if error.code not in _REOPEN:
             raise EmbedError(error.code, f"the stream failed: {error.details}", field=error.field)
-        delay = self._retry.delay(failures, error.retry_after_s)
+        outage.breaks += 1
+        served = self._answered > 0  # else the address may be wrong: fail as fast as a unary call
+        if error.code not in _AWAY or not served:
+            outage.strikes += 1
+            if outage.strikes >= self._retry.max_attempts:
+                raise EmbedError(error.code, f"the stream failed: {error.details}", field=error.field)
+        left = self._reconnect_timeout - (time.monotonic() - outage.since)
+        if left <= 0:
+            raise self._no_server(error)
+        delay = min(self._retry.delay(outage.breaks, error.retry_after_s), left)
         if not self._deadline.allows(delay):
             raise self._deadline.expired_error(f"while reopening the stream after {error}")
         await asyncio.sleep(delay)
-        if not wait_for_server:
+        if not served:
             return
+        left = self._reconnect_timeout - (time.monotonic() - outage.since)
         remaining = self._deadline.remaining()
-        timeout = self._reconnect_timeout if remaining is None else min(remaining, self._reconnect_timeout)
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+            await asyncio.wait_for(self._channel.channel_ready(), max(0.0, left if remaining is None
+                                                                       else min(remaining, left)))
         except TimeoutError:
-            raise EmbedError(grpc.StatusCode.UNAVAILABLE, f"no server was ready {timeout:.0f}s after the stream "
-                                                          f"broke ({error})") from None
+            if remaining is not None and remaining < left:
+                raise self._deadline.expired_error(f"while waiting for a server after {error}") from None
+            raise self._no_server(error) from None
 
-    async def _run_stream(self) -> EmbedError | None:
+    def _no_server(self, error: EmbedError) -> EmbedError:
+        return EmbedError(grpc.StatusCode.UNAVAILABLE, f"no server answered the stream for "
+                                                       f"{self._reconnect_timeout:.0f}s ({error})")
+
+    async def _run_stream(self, run: _Run) -> EmbedError | None:
         """One stream until it ends: None when all work is done, else how it broke (its batches requeued)."""
         call = self._stub.EmbedStream(timeout=self._deadline.remaining(), metadata=self._metadata)
-        inflight: dict[str, _Batch] = {}
-        leaving = asyncio.Event()  # set when the server answers UNAVAILABLE: send it nothing more
-        receiver = asyncio.ensure_future(self._receive(call, inflight, leaving))
-        sender = asyncio.ensure_future(self._send(call, inflight, leaving))
+        inflight, leaving = run.inflight, run.leaving
+        receiver = asyncio.ensure_future(self._receive(call, run))
+        sender = asyncio.ensure_future(self._send(call, run))
         try:
             done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
             failed = sender.exception() if sender in done else None
@@ -248,11 +308,11 @@ class AsyncEmbedStream:
         inflight.clear()
         return error
 
-    async def _send(self, call: grpc.aio.StreamStreamCall, inflight: dict[str, _Batch], leaving: asyncio.Event
-                    ) -> None:
+    async def _send(self, call: grpc.aio.StreamStreamCall, run: _Run) -> None:
         """Write batches until every batch is answered or the server cannot serve; then close our side."""
-        while (batch := await self._next_batch(leaving)) is not None:
-            inflight[str(batch.seq)] = batch
+        while (batch := await self._next_batch(run.leaving)) is not None:
+            run.inflight[str(batch.seq)] = batch
+            run.taken += 1
             await call.write(pb.EmbedStreamRequest(id=str(batch.seq), request=self._options.request(batch.texts)))
             self.stats.sent += 1
         await call.done_writing()
@@ -273,33 +333,51 @@ class AsyncEmbedStream:
             if not get.cancel() and not keep:  # taken from the queue but not sent here (or we were cancelled)
                 self._work.put_nowait(get.result())
 
-    async def _receive(self, call: grpc.aio.StreamStreamCall, inflight: dict[str, _Batch],
-                       leaving: asyncio.Event) -> None:
+    async def _receive(self, call: grpc.aio.StreamStreamCall, run: _Run) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
-            batch = inflight.pop(message.id, None)
+            batch = run.inflight.pop(message.id, None)
             if batch is None:
                 raise EmbedError(grpc.StatusCode.INTERNAL, f"the server answered unknown stream id {message.id!r}")
             if message.HasField("error") and status_code(message.error.code) is grpc.StatusCode.UNAVAILABLE:
-                leaving.set()  # e.g. shutting down: the batch goes out again, on a new stream
-            self._settle(batch, message)
+                run.leaving.set()  # e.g. shutting down: the batch goes out again, on a new stream
+            if self._settle(batch, message):
+                run.answered += 1
 
-    def _settle(self, batch: _Batch, message: pb.EmbedStreamResponse) -> None:
+    def _settle(self, batch: _Batch, message: pb.EmbedStreamResponse) -> bool:
+        """Record a batch's answer; False when the batch is to be sent again."""
         if message.HasField("response"):
             response = message.response
             result: EmbeddedBatch | EmbedError = EmbeddedBatch(
-                batch.start, batch.texts, decode_embeddings(response), [e.tokens for e in response.embeddings])
+                batch.start, batch.texts, decode_embeddings(response), [e.tokens for e in response.embeddings],
+                batch.line_numbers)
         else:
             result = _batch_error(batch, message.error)
+            if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):
+                return False
             batch.failures += 1
             delay = self._retry.next_delay(result, batch.failures, self._deadline)
             if delay is not None:
                 self.stats.retried += 1
                 self._spawn(self._requeue_later(batch, delay))
-                return
+                return False
         self._results[batch.seq] = result
         self._answered += 1
         self._check_all_answered()
         self._changed.set()
+        return True
+
+    def _away_retry(self, batch: _Batch) -> bool:
+        """Queue a batch the server answered UNAVAILABLE (stopping, restarting, loading) for the next stream,
+        whose opening waits for a server, unless such answers have gone on for `reconnect_timeout`: a restart
+        takes no count of tries from the batch."""
+        now = time.monotonic()
+        if batch.away_since is None:
+            batch.away_since = now
+        if now - batch.away_since >= self._reconnect_timeout:
+            return False
+        self.stats.retried += 1
+        self._work.put_nowait((batch.seq, batch))
+        return True
 
     async def _requeue_later(self, batch: _Batch, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -331,9 +409,21 @@ def _batch_error(batch: _Batch, error: pb.StreamError) -> EmbedError:
     def whole_input(match: re.Match[str]) -> str:
         return f"texts[{batch.start + int(match.group(1))}]"
 
-    message = _TEXT_FIELD.sub(whole_input, error.message)
+    def with_line(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if batch.line_numbers is None or index >= len(batch.line_numbers):
+            return whole_input(match)
+        return f"{whole_input(match)} (line {batch.line_numbers[index]})"
+
+    message = _TEXT_FIELD.sub(with_line, error.message)
     if not error.field.startswith("texts"):  # not about one text: say which batch it was
         message = f"batch of texts[{batch.start}..{batch.start + len(batch.texts) - 1}]: {message}"
     retry_after = error.retry_delay.ToNanoseconds() / 1e9 if error.HasField("retry_delay") else None
     return EmbedError(status_code(error.code), message, field=_TEXT_FIELD.sub(whole_input, error.field),
                       retry_after_s=retry_after)
+
+
+def _numbered(lines: Iterable[tuple[int, str]], keep: Callable[[int], None]) -> Iterator[str]:
+    for number, text in lines:
+        keep(number)
+        yield text

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,6 @@ def _args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_serving(target: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> None:
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
     deadline = time.monotonic() + timeout_s
@@ -70,14 +63,16 @@ def _wait_serving(target: str, process: subprocess.Popen[bytes], log: Path, time
 
 
 def _start_server(args: argparse.Namespace, workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    sys.path.insert(0, str(ROOT))  # the repository's test helpers
+    from tests.helpers.ports import free_port
+
     model = args.model
     if not model:
-        sys.path.insert(0, str(ROOT))
         from tests.helpers.checkpoint import write_tiny_nomic
 
         model = str(write_tiny_nomic(workdir / "model", hidden=args.hidden, layers=args.layers, heads=4,
                                      inner=4 * args.hidden, max_trained_positions=2048))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                *args.server_args.split()]
     log = workdir / "server.log"

@@ -201,20 +201,27 @@ def checkpoint_info(path: Path, config: PretrainedConfig) -> ModelInfo:
     """
     parameters = linear = first_layer = 0
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                shape = [int(d) for d in f.get_slice(key).get_shape()]
-                n = math.prod(shape)
-                parameters += n
-                if len(shape) == 2 and "embeddings" not in key:
-                    linear += n
-                    if _FIRST_LAYER.search(key):
-                        first_layer += n
+        for key, shape in _tensor_shapes(file):
+            n = math.prod(shape)
+            parameters += n
+            if len(shape) == 2 and "embeddings" not in key:
+                linear += n
+                if _FIRST_LAYER.search(key):
+                    first_layer += n
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
     projections = max(1, round((first_layer - 4 * hidden * hidden) / (hidden * intermediate)) - 1)
     return ModelInfo(parameters=parameters, linear_parameters=linear, hidden_size=hidden,
                      mlp_width=projections * intermediate, num_layers=int(config.num_hidden_layers))
+
+
+def _tensor_shapes(file: Path) -> list[tuple[str, list[int]]]:
+    """Each tensor's name and shape from the header; a file shorter than its header says is refused."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return [(key, [int(d) for d in f.get_slice(key).get_shape()]) for key in f.keys()]  # noqa: SIM118
+    except Exception as exc:  # safetensors' own error type differs between its versions
+        raise CheckpointMismatch(f"{file} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
 _FIRST_LAYER = re.compile(r"(^|\.)layers?\.0\.")

@@ -72,7 +72,7 @@ def build(model_dir: Path, decision: Decision, device: str, tokenizer: TextToken
     loaded = load_model(model_dir, spec.config, decision, device)
     if spec.rotary is not None:
         install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
-    runner = Runner(loaded.model, pooling=spec.pooling, pad_id=tokenizer.pad_id, device=device,
+    runner = Runner(loaded.model, pooling=spec.facts.pooling, pad_id=tokenizer.pad_id, device=device,
                     per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context)
     return Built(runner, loaded, tokenizer, spec)
 
@@ -92,7 +92,7 @@ def measure(model_dir: Path, variant: str, device: str, texts: list[str], *, bat
     tokens = batch_rows * row_tokens
     expected = estimate(decision.variant, model_info, info.kind, tokens, row_tokens).total
 
-    prefix = "search_document: " if built.spec.task_prefixes else ""
+    prefix = "search_document: " if built.spec.facts.task_prefixes else ""
     rows = [tokenizer.wrap(ids[: max_text_tokens - tokenizer.special_tokens])
             for ids in tokenizer.content_ids(texts, prefix)]
     vectors, seconds = _embed(built.runner, rows, text_batch_tokens)

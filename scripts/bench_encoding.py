@@ -16,13 +16,14 @@ import numpy as np
 
 from client.results import decode_embeddings
 from nomic_embed.v1 import embed_pb2 as pb
-from server.domain import Embedding, EmbedResult, Timings
+from server.domain import Embedding, EmbedResult, ModelFacts, Timings
 from server.encoding import INT8_SCALE, Encoding
 from server.service import ServedModel, _response
 
-MODEL = ServedModel(model_id="nomic-ai/nomic-embed-text-v1.5", variant="fp32", variant_reason="", device="cpu",
-                    hidden_size=768, min_dimensions=64, max_input_tokens=8192, weight_bytes=0, task_prefixes=True,
-                    pooling="mean", server_version="bench")
+MODEL = ServedModel(ModelFacts(model_id="nomic-ai/nomic-embed-text-v1.5", revision="", hidden_size=768,
+                               num_layers=12, max_input_tokens=8192, trained_positions=2048, pooling="mean",
+                               nomic=True),
+                    variant="fp32", variant_reason="", device="cpu", weight_bytes=0, server_version="bench")
 
 
 def unit_vectors(n: int, dims: int) -> np.ndarray:

@@ -8,7 +8,10 @@
 3. Real CUDA out-of-memory: a server (fp16) on the GPU, all but a little of the free memory held by
    another allocation, then long texts: batches split and retried (vectors as without the squeeze), a
    text that cannot fit even alone answered RESOURCE_EXHAUSTED, the server still SERVING after.
-Prints one table per part. Exits with "no CUDA device" where there is none.
+4. The published revisions on the GPU: full-size random weights with the hub's 2024 and 2026 config.json
+   and the real trained length, served as `auto` (fp16 on CUDA) and as fp32, against the float64
+   reference of the model card's recipe: every task at 64 and 768 dimensions and a ~3,000-token document.
+Prints one table per part (`--parts` picks some). Exits with "no CUDA device" where there is none.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=300)
     p.add_argument("--max-input", type=int, default=8192, help="longest input for the --max-memory part")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu for a (slow) dry run of the script")
+    p.add_argument("--parts", default="variants,caps,oom,published", help="comma-separated parts to run")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants for the variants part")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: this check runs on a CUDA host (torch sees none here)")
     device = probe_device(args.device)
@@ -51,10 +57,15 @@ def main() -> None:
           f"free; bf16 {'native' if device.native_bf16 else 'emulated'}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         model = args.model or _random_nomic(Path(tmp))
-        variants_table(model, device.kind, device.torch_device, stdlib_texts(args.texts))
-        caps_table(model, args.device, args.max_input)
-        if device.kind == "cuda":
+        if "variants" in parts:
+            variants_table(model, device.kind, device.torch_device, stdlib_texts(args.texts),
+                           args.variants.split(","))
+        if "caps" in parts:
+            caps_table(model, args.device, args.max_input)
+        if device.kind == "cuda" and "oom" in parts:
             oom_check(model)
+        if "published" in parts:
+            published_check(Path(tmp), args.device)
 
 
 def _random_nomic(where: Path) -> Path:
@@ -62,11 +73,11 @@ def _random_nomic(where: Path) -> Path:
                             max_trained_positions=2048, config_style="v5")
 
 
-def variants_table(model: Path, kind: str, device: str, texts: list[str]) -> None:
+def variants_table(model: Path, kind: str, device: str, texts: list[str], names: list[str]) -> None:
     print("\n| variant | mean cos | min cos | top-10 overlap | weights MiB | peak MiB @ 32x512 | estimate MiB (error) "
           "| tok/s | x fp32 |\n|---|---|---|---|---|---|---|---|---|")
     reference: tuple[np.ndarray, float] | None = None
-    for variant in (name for name, v in VARIANTS.items() if kind in v.devices):
+    for variant in (name for name, v in VARIANTS.items() if kind in v.devices and name in names):
         try:
             m, vectors = measure(model, variant, device, texts, batch_rows=32, row_tokens=512,
                                  text_batch_tokens=16384, max_text_tokens=512)
@@ -99,9 +110,13 @@ def caps_table(model: Path, requested_device: str, max_input: int) -> None:
             print(f"| {label} | refused: {exc} | | | | |", flush=True)
             continue
         before = reset_peak_memory(device.torch_device)
-        built = build(model, decision, device.torch_device, tokenizer)
         rows = max(1, decision.batch_tokens // max_input)
-        built.runner.run(probe_rows(tokenizer, rows, max_input))
+        try:
+            built = build(model, decision, device.torch_device, tokenizer)
+            built.runner.run(probe_rows(tokenizer, rows, max_input))
+        except Exception as exc:  # e.g. bitsandbytes missing: report and go on
+            print(f"| {label} | {decision.variant.name} failed: {type(exc).__name__}: {str(exc)[:160]} | | | | |")
+            continue
         peak = peak_memory(device.torch_device) - before
         del built
         _release()
@@ -159,9 +174,51 @@ def oom_check(model: Path) -> None:
               f"totals {batcher.totals}", flush=True)
 
 
+def published_check(where: Path, device: str, sizes: dict[str, int] | None = None) -> None:
+    """Both published config.json revisions, full size, served on `device` against the float64 reference."""
+    from client import Task
+    from nomic_embed.v1 import embed_pb2 as pb
+    from nomic_embed.v1 import embed_pb2_grpc
+    from tests.helpers.reference import ReferenceNomic
+    from tests.helpers.servers import running_server
+
+    short = "The cat sat on the mat."
+    words = ("retrieval", "over", "whole", "pages", "of", "text", "needs", "long", "context", "windows")
+    long = " ".join(words[i % len(words)] + str(i // len(words)) for i in range(1400))
+    tasks = {Task.SEARCH_DOCUMENT: "search_document", Task.SEARCH_QUERY: "search_query",
+             Task.CLUSTERING: "clustering", Task.CLASSIFICATION: "classification"}
+    print("\n| revision | variant (asked) | Info: variant, max_input_tokens, trained_positions | short max abs diff "
+          "| short min cos | long tokens | long max abs diff | long cos |\n|---|---|---|---|---|---|---|---|",
+          flush=True)
+    for style in ("original", "v5"):
+        size = sizes or {"hidden": 768, "layers": 12, "heads": 12, "inner": 3072}
+        path = write_tiny_nomic(where / f"published-{style}", **size, max_trained_positions=2048,
+                                config_style=style, seed=5)
+        ref = ReferenceNomic(path, rotary_scaling_factor=2.0)
+        want_short = {(t, d): ref.embed(short, prefix=p, dimensions=d)
+                      for t, p in tasks.items() for d in (64, ref.hidden)}
+        want_long = ref.embed(long, prefix="search_document")
+        for asked in ("auto", "fp32"):
+            with running_server(str(path), device=device, variant=asked, threads=0) as srv:
+                info = embed_pb2_grpc.EmbedServiceStub(srv.channel()).Info(pb.InfoRequest(), timeout=60)
+                diffs, coss = [], []
+                with srv.client() as client:
+                    for (task, dims), want in want_short.items():
+                        got = client.embed([short], task, dims)[0].astype(np.float64)
+                        diffs.append(np.abs(got - want).max())
+                        coss.append(float(got @ want))
+                    e = client.embed_response([long], Task.SEARCH_DOCUMENT).embeddings[0]
+            got_long = np.array(e.values, dtype=np.float64)
+            print(f"| {style} | {asked} | {info.variant}, {info.max_input_tokens}, {info.trained_positions} "
+                  f"| {max(diffs):.2e} | {min(coss):.6f} | {e.tokens} | {np.abs(got_long - want_long).max():.2e} "
+                  f"| {float(got_long @ want_long):.6f} |", flush=True)
+            _release()
+
+
 def _release() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

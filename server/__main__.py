@@ -9,20 +9,24 @@ import sys
 import threading
 
 from server import logs
-from server.app import run
 from server.batcher import MODEL_THREAD
 from server.config import parse_args
 from server.errors import StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    config = parse_args(sys.argv[1:] if argv is None else argv)  # a bad value exits 2 here, at once
+    # torch and grpc take seconds to import: only once the flags are known good.
+    from server.app import StoppedWhileStarting, exit_now, run
+
     logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(run(config))
     except StartupError as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 2
+    except StoppedWhileStarting:
+        exit_now(0)  # the loader thread may be inside a download or torch: do not wait for it
     except KeyboardInterrupt:
         return 130
     if any(t.name == MODEL_THREAD and t.is_alive() for t in threading.enumerate()):

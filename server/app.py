@@ -8,28 +8,35 @@ admitted work -> stop the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import server
-from nomic_embed.v1 import embed_pb2, embed_pb2_grpc
+from nomic_embed.v1 import embed_pb2
 from quant.loader import CheckpointMismatch, checkpoint_info, load_model
 from quant.policy import NoVariantFits, Request, choose_variant
 from quant.probe import available_cpus, probe_device
-from server.batcher import Batcher, BatchPolicy
+from server.batcher import Batcher, BatchPolicy, NonFiniteEvent
 from server.config import ServerConfig
-from server.domain import EmbedResult, Limits
-from server.embedder import Embedder, ModelTraits
+from server.domain import EmbedResult, Limits, ModelFacts
+from server.embedder import Embedder
 from server.errors import StartupError
 from server.metrics import Metrics, MetricsInterceptor
-from server.model_source import resolve_model_dir
+from server.model_source import resolve_model
 from server.model_spec import read_model_spec
 from server.request_ids import RequestIdInterceptor
 from server.rotary import PerRowNTKRotary
@@ -99,23 +106,33 @@ class App:
         self.loaded: Loaded | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.phase = "starting"  # what start-up is doing now, for the log of a stop that comes meanwhile
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        log.info("start-up: %s", phase)
 
     async def start(self) -> int:
         """Bind, load and warm up; returns the bound port once SERVING."""
         await self._bind()
         started = time.monotonic()
-        self.loaded = await asyncio.to_thread(load, self.config)
+        self.loaded = await in_daemon_thread(load, self.config, self._enter)
         self._observe(self.loaded)
         self.loaded.batcher.start()
         self.service.attach(self.loaded.embedder, self.loaded.served, self.loaded.limits)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         s = self.loaded.served
-        log.info("SERVING %s as %s on %s, port %d (ready in %.1fs; variant: %s)", s.model_id, s.variant,
+        log.info("SERVING %s as %s on %s, port %d (ready in %.1fs; variant: %s)", s.facts.model_id, s.variant,
                  s.device, self.port, time.monotonic() - started, s.variant_reason)
         return self.port
 
     async def _bind(self) -> None:
         c = self.config
+        # Facts of this host and files the config names, checked before anything binds or loads.
+        cpus = available_cpus()
+        if c.threads > cpus:
+            raise StartupError(f"--threads {c.threads} is more than the {cpus} CPU(s) this process may use (its "
+                               f"CPU affinity and cgroup quota); use at most {cpus}, or 0 for all of them")
         credentials = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
         tokens = load_tokens(c.auth_token_file, c.auth_tokens_env)
         # Tracing first, so that its span covers the rest; then metrics, so that refused calls are counted
@@ -128,7 +145,7 @@ class App:
         if tokens:
             interceptors.append(BearerTokenAuth(tokens))
         self.grpc_server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
-        embed_pb2_grpc.add_EmbedServiceServicer_to_server(self.service, self.grpc_server)
+        self.service.add_to_server(self.grpc_server)  # lenient deserializers: see EmbedService.add_to_server
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server
@@ -141,17 +158,28 @@ class App:
             else:
                 self.port = self.grpc_server.add_secure_port(address, credentials)
         except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {address}: {exc} (is the port already in use?)") from None
+            raise StartupError(f"cannot listen on {address}: {exc} (is the port already in use, or the host not "
+                               "an address of this machine?)") from None
         if not self.port:
-            raise StartupError(f"cannot listen on {address} (is the port already in use?)")
+            raise StartupError(f"cannot listen on {address} (is the port already in use, or the host not an "
+                               "address of this machine?)")
+        if c.metrics_port is not None:
+            # Bound now, not after loading: a port that is taken fails the start in seconds, not minutes.
+            try:
+                self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {c.host}:{c.metrics_port} (--metrics-port): "
+                                   f"{exc.strerror or exc}") from None
         await self.grpc_server.start()
         log.info("listening on %s:%d (%s%s); NOT_SERVING until the model is loaded", c.host, self.port,
                  "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
                  f", {len(tokens)} bearer token(s)" if tokens else "")
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
 
     def _observe(self, loaded: Loaded) -> None:
         s, m = loaded.served, self.metrics
-        m.describe_model(model_id=s.model_id, variant=s.variant, device=s.device, reason=s.variant_reason)
+        m.describe_model(model_id=s.facts.model_id, variant=s.variant, device=s.device, reason=s.variant_reason)
         loaded.embedder.on_result = m.observe_result
         if (tracing := self.tracing) is not None:
             def observe(result: EmbedResult) -> None:
@@ -161,11 +189,18 @@ class App:
             loaded.embedder.on_result = observe
         loaded.batcher.on_batch = m.observe_batch
         loaded.batcher.on_out_of_memory = m.observe_out_of_memory
+        unhealthy: set[asyncio.Task[None]] = set()  # held until done
+
+        def non_finite(event: NonFiniteEvent) -> None:
+            m.observe_non_finite(event)
+            if event.model_broken:  # the warm-up texts give NaN too: out of service until restarted
+                task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+                unhealthy.add(task)
+                task.add_done_callback(unhealthy.discard)
+
+        loaded.batcher.on_non_finite = non_finite
         m.batch_budget.set(loaded.batcher.budget_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
-        if self.config.metrics_port is not None:
-            self.metrics_port = m.serve(self.config.host, self.config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
 
     async def _set_health(self, state: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -191,32 +226,41 @@ class App:
         log.info("stopped")
 
 
-def load(config: ServerConfig) -> Loaded:
-    """Probe, choose, load and warm up (blocking: runs off the event loop)."""
+def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None) -> Loaded:
+    """Probe, choose, load and warm up (blocking: runs off the event loop). `enter` hears each phase."""
     threads = config.threads or available_cpus()
     torch.set_num_threads(threads)
+    enter("probing the device")
     try:
         device = probe_device(config.device)
     except RuntimeError as exc:
         raise StartupError(str(exc)) from None
-    path = resolve_model_dir(config.model)
-    spec = read_model_spec(path, config.rotary_scaling_factor)
-    max_input = min(config.max_input_tokens or spec.max_input_tokens, spec.max_input_tokens)
+    enter(f"finding {config.model}" + (f" at revision {config.revision}" if config.revision else ""))
+    source = resolve_model(config.model, config.revision)
+    path = source.path
+    spec = read_model_spec(path, config.rotary_scaling_factor, source.revision, config.model)
+    facts = spec.facts
+    log.info("checkpoint %s%s: %d wide, %d layers, input limit %d tokens%s", path,
+             f" (revision {facts.revision})" if facts.revision else "", facts.hidden_size, facts.num_layers,
+             facts.max_input_tokens, f", trained on {facts.trained_positions} positions" if spec.rotary else "")
+    max_input = _input_limit(config, facts)
+    tokenizer = TextTokenizer(path)
+    tokenizer.check(path, int(spec.config.vocab_size), spec.tokenizer_probe)
     # The batch token budget is the configured one, lowered by the policy to what fits in memory.
     request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input)
     try:
         decision = choose_variant(device, checkpoint_info(path, spec.config), request)
-    except (NoVariantFits, ValueError) as exc:
+    except (NoVariantFits, ValueError, CheckpointMismatch) as exc:
         raise StartupError(str(exc)) from None
     log.info("variant %s: %s", decision.variant.name, decision.reason)
+    enter(f"loading the weights as {decision.variant.name}")
     try:
         loaded = load_model(path, spec.config, decision, device.torch_device)
     except CheckpointMismatch as exc:
         raise StartupError(str(exc)) from None
     if spec.rotary is not None:
         install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
-    tokenizer = TextTokenizer(path)
-    runner = Runner(loaded.model, pooling=spec.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
+    runner = Runner(loaded.model, pooling=facts.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
                     per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context)
     limits = Limits(
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
@@ -228,41 +272,115 @@ def load(config: ServerConfig) -> Loaded:
         max_batch_tokens=limits.max_batch_tokens, max_batch_rows=limits.max_batch_rows,
         max_queue_tokens=limits.max_queue_tokens, wait_s=config.batch_wait_ms / 1000,
     ))
+    enter("warming up")
     _warm_up(batcher, tokenizer)
-    traits = ModelTraits(spec.hidden_size, spec.task_prefixes, spec.layer_norm_before_truncation)
-    served = ServedModel(
-        model_id=config.model, variant=decision.variant.name, variant_reason=decision.reason,
-        device=device.describe(), hidden_size=spec.hidden_size, min_dimensions=spec.min_dimensions,
-        max_input_tokens=max_input, weight_bytes=loaded.weight_bytes, task_prefixes=spec.task_prefixes,
-        pooling=spec.pooling, server_version=server.__version__,
-    )
-    embedder = Embedder(tokenizer, batcher, traits, max_request_tokens=limits.max_request_tokens)
+    served = ServedModel(facts=facts, variant=decision.variant.name, variant_reason=decision.reason,
+                         device=device.describe(), weight_bytes=loaded.weight_bytes, server_version=server.__version__)
+    embedder = Embedder(tokenizer, batcher, facts, max_request_tokens=limits.max_request_tokens)
     return Loaded(embedder, batcher, served, limits, runner)
+
+
+def _input_limit(config: ServerConfig, facts: ModelFacts) -> int:
+    """--max-input-tokens, or the model's limit; refused where the model or the batch budget cannot take it."""
+    if config.max_input_tokens > facts.max_input_tokens:
+        raise StartupError(f"--max-input-tokens {config.max_input_tokens} is above {facts.model_id}'s input limit "
+                           f"of {facts.max_input_tokens} tokens; lower it, or leave it 0 for the model's limit")
+    limit = config.max_input_tokens or facts.max_input_tokens
+    if config.max_batch_tokens < limit:
+        raise StartupError(f"--max-batch-tokens {config.max_batch_tokens} is below the input limit of {limit} tokens "
+                           f"(--max-input-tokens {config.max_input_tokens or '0: the model limit'}), so a text of that "
+                           "length would not fit a batch; raise it or lower --max-input-tokens")
+    return limit
 
 
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
     started = time.monotonic()
     row = tokenizer.wrap(tokenizer.content_ids(["warm up the model"], "search_query: ")[0])
-    batcher.run_now([row, row[:-2] + row[-1:]])
+    vectors = batcher.run_now([row, row[:-2] + row[-1:]])
+    if not np.isfinite(vectors).all():
+        raise StartupError("the model gives NaN or infinity for the warm-up text \"warm up the model\": its weights "
+                           "(or the variant's arithmetic) are broken, so no vector it makes can be trusted")
     log.info("warm-up took %.2fs", time.monotonic() - started)
 
 
+_T = TypeVar("_T")
+LOADER_THREAD = "model-loader"
+
+
+class StoppedWhileStarting(Exception):
+    """A stop signal came before the model was served; the loader thread may still be inside torch."""
+
+
+async def in_daemon_thread(fn: Callable[..., _T], *args: object) -> _T:
+    """Run `fn` on a daemon thread: unlike asyncio.to_thread, nothing waits for it when the process exits.
+
+    Loading cannot be interrupted inside a download or torch, and a stop must not wait for it to finish.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for this result any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=LOADER_THREAD, daemon=True).start()
+    return await future
+
+
 async def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
+    """Serve until SIGTERM or SIGINT, then drain. A second signal exits at once.
+
+    Raises StoppedWhileStarting when the signal comes before SERVING: the caller leaves without waiting
+    for the loader thread.
+    """
     app = App(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            stop.set()
+        elif app.loaded is not None:
+            requests, rows = app.loaded.batcher.pending()
+            log.warning("%s again: exiting now, dropping %d admitted requests (%d rows uncomputed)",
+                        sig.name, requests, rows)
+            exit_now(128 + sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         start = asyncio.ensure_future(app.start())
         waiter = asyncio.ensure_future(stop.wait())
         await asyncio.wait([start, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if start.done():
-            start.result()  # raises StartupError
-            await waiter
-        else:
+        if not start.done():
             start.cancel()
+            log.info("stop requested while %s: exiting without serving", app.phase)
+            raise StoppedWhileStarting(app.phase)
+        start.result()  # raises StartupError
+        await waiter
         log.info("shutting down: draining admitted work (grace %gs)", config.grace_s)
     finally:
         await app.stop()
+
+
+def exit_now(code: int) -> None:
+    """Leave without finalizing the interpreter: a thread inside torch would abort it (std::terminate)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -7,7 +7,9 @@ padded-token budget (rows x longest row) and a row cap; the oldest row always go
 batch, so nothing starves. Rows whose caller cancelled or whose deadline passed are dropped before
 compute, and every job gets its vectors or the error of a batch it was in. A batch the device has no
 memory for is split in halves and retried down to single rows (only a row that does not fit alone
-fails), and later batches are held below the size that failed until enough have run.
+fails), and later batches are held below the size that failed until enough have run. A vector with NaN
+or infinity is never delivered: its request fails, and the rows of the warm-up run again to tell a model
+that has gone bad (health follows) from an input it cannot embed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from itertools import count
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, EmbedError, ModelFailure, OutOfMemory, Overloaded, Unavailable
+from server.errors import (
+    DeadlineExceeded,
+    EmbedError,
+    ModelFailure,
+    NonFiniteVector,
+    OutOfMemory,
+    Overloaded,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +79,7 @@ class BatcherTotals:
     dropped_rows: int = 0  # skipped before compute: the caller cancelled, ran out of time or already failed
     oom_splits: int = 0  # batches split in two after the device ran out of memory
     oom_rows: int = 0  # rows that did not fit even alone (their requests failed)
+    non_finite_rows: int = 0  # rows whose vector had NaN or infinity (their requests failed)
 
     def add(self, stats: BatchStats) -> None:
         self.batches += 1
@@ -89,6 +100,20 @@ class OutOfMemoryEvent:
     rows: int
     padded_tokens: int
     budget_tokens: int
+
+
+@dataclass(frozen=True)
+class NonFiniteEvent:
+    """A batch of `batch_rows` rows gave `rows` vectors with NaN or infinity; their requests failed.
+
+    `model_broken`: the warm-up rows give non-finite vectors too, so the model itself is bad and every answer
+    is suspect. Otherwise the fault is in those inputs (e.g. an overflow in half precision): such a text fails
+    its request without taking the server out of service.
+    """
+
+    rows: int
+    batch_rows: int
+    model_broken: bool
 
 
 # After an out-of-memory, this many batches run within the lowered budget before it grows again by a
@@ -302,6 +327,8 @@ class Batcher:
         self.policy = policy
         self.on_batch = on_batch  # called on the event loop after each delivered batch
         self.on_out_of_memory: Callable[[OutOfMemoryEvent], None] | None = None  # likewise, per split
+        self.on_non_finite: Callable[[NonFiniteEvent], None] | None = None  # likewise, per batch
+        self._probe: list[list[int]] | None = None  # the warm-up's rows
         self._budget_tokens = policy.max_batch_tokens  # lowered after an out-of-memory (worker thread only)
         self._batches_within_budget = 0
         self._queue = _Queue()
@@ -340,7 +367,13 @@ class Batcher:
             log.warning("stopped with %d rows uncomputed", len(left) + len(running))
 
     def run_now(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Run rows outside the queue on the calling thread (warm-up, before `start`)."""
+        """Run rows outside the queue on the calling thread (warm-up, before `start`).
+
+        The first rows run here become the probe run after a batch with non-finite vectors: a working model
+        gives them finite vectors.
+        """
+        if self._probe is None:
+            self._probe = [list(r) for r in rows]
         return self._run(rows)
 
     @property
@@ -351,6 +384,12 @@ class Batcher:
     @property
     def queued_tokens(self) -> int:
         return self._queue.tokens
+
+    def pending(self) -> tuple[int, int]:
+        """(requests, rows) admitted and not yet computed: what leaving at once would drop."""
+        with self._lock:
+            rows = [*self._queue._rows, *self._running]
+        return len({row.job for row in rows}), len(rows)
 
     # -- admission (event loop) ------------------------------------------------------------------
     def submit(self, rows: Sequence[Sequence[int]], deadline: float | None = None) -> Job:
@@ -475,12 +514,34 @@ class Batcher:
         if len(vectors) != len(batch):
             raise RuntimeError(f"the model returned {len(vectors)} vectors for {len(batch)} rows")
         seconds = time.monotonic() - started
+        finite = np.isfinite(vectors).all(axis=1)  # one pass over the batch
+        if not finite.all():
+            self._non_finite([row for row, ok in zip(batch, finite, strict=True) if not ok], len(batch))
         tokens = sum(r.length for r in batch)
         rate = tokens / max(seconds, 1e-6)
         # The first batch sets the estimate: averaging it with zero would make it 5x too slow at first.
         self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * rate if self._tokens_per_s else rate
         stats = BatchStats(len(batch), tokens, len(batch) * max(r.length for r in batch), seconds)
         self._post(self._deliver, batch, vectors, stats)
+
+    def _non_finite(self, bad: list[_Row], batch_rows: int) -> None:
+        """Fail the requests of rows whose vectors are not finite (before the batch's vectors are posted), and
+        run the probe to tell a broken model from inputs it cannot embed."""
+        for row in bad:
+            row.job.failed = True
+        broken = self._probe_fails()
+        log.error("the model gave %d of %d rows non-finite vectors (NaN or infinity); their requests fail%s",
+                  len(bad), batch_rows, "; the warm-up rows do too: the model is broken" if broken else "")
+        self._post(self._fail_non_finite, bad, NonFiniteEvent(len(bad), batch_rows, broken))
+
+    def _probe_fails(self) -> bool:
+        if self._probe is None:
+            return False
+        try:
+            return not np.isfinite(self._run(self._probe)).all()
+        except Exception:
+            log.exception("the probe after non-finite vectors failed to run")
+            return False
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
@@ -507,6 +568,13 @@ class Batcher:
         for row in rows:
             row.job._fail(error)
 
+    def _fail_non_finite(self, rows: list[_Row], event: NonFiniteEvent) -> None:
+        self.totals.non_finite_rows += len(rows)
+        for row in sorted(rows, key=lambda r: r.index):  # a request hears of its first such row
+            row.job._fail(NonFiniteVector(row.index, "the model gave a vector with NaN or infinity"))
+        if self.on_non_finite:
+            self.on_non_finite(event)
+
     def _out_of_memory(self, event: OutOfMemoryEvent) -> None:
         self.totals.oom_splits += 1
         if self.on_out_of_memory:
@@ -519,5 +587,6 @@ class Batcher:
 
 
 __all__ = [
-    "MODEL_THREAD", "BatchPolicy", "BatchStats", "Batcher", "BatcherTotals", "Job", "OutOfMemoryEvent", "choose_window",
+    "MODEL_THREAD", "BatchPolicy", "BatchStats", "Batcher", "BatcherTotals", "Job", "NonFiniteEvent",
+    "OutOfMemoryEvent", "choose_window",
 ]

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
+from urllib.parse import urlsplit
 
+from quant.variants import VARIANTS
 from server.logs import FORMATS, LEVELS
+from server.requests import MIN_MAX_TOKENS
+from server.security import AUTH_TOKENS_ENV, split_tokens
 
 DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
 DEFAULT_PORT = 50051
 
+ENV_PREFIX = "NOMIC_EMBED_"
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     model: str = DEFAULT_MODEL
+    # A branch, tag or commit of a hub id; None = main (or what the cache's refs/main names).
+    revision: str | None = None
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     variant: str = "auto"
@@ -56,105 +66,306 @@ class ServerConfig:
     otlp_endpoint: str | None = None
 
 
+# Upper bounds, where a larger value would break something rather than be merely unusual.
+_UINT32 = 2**32 - 1  # Info reports these limits as uint32
+_UINT64 = 2**64 - 1
+# grpc core takes message sizes as a C int, and its limit is set to twice this one (app.grpc_options).
+_MAX_REQUEST_BYTES = (2**31 - 1) // 2
+# grpc core takes connection ages in milliseconds as a C int (about 24.8 days).
+_MAX_CONNECTION_AGE_S = float((2**31 - 1) // 1000)
+_MAX_GRACE_S = 86_400.0  # a day; the drain's waits also have to fit threading.TIMEOUT_MAX
+# Rows wait this long for company only while a batch is not full; a minute outlasts any sensible deadline.
+_MAX_BATCH_WAIT_MS = 60_000.0
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_UNSET = object()  # not a string: argparse would run a string default through the flag's type
+
+
+class ConfigError(Exception):
+    """A flag or environment value refused; the message is one line naming the flag (and variable)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
 def parse_size(text: str) -> int:
     """'1.5GiB' -> 1610612736; plain numbers are bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 800MiB, 1.5GiB, 2GB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        raise argparse.ArgumentTypeError(f"not a size: {_shown(text)} (examples: 800MiB, 1.5GiB, 2GB)")
+    number = float(match.group(1))
+    if not math.isfinite(number):  # hundreds of digits
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is too large a size")
+    return int(number * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _shown(text: str) -> str:
+    """The value as quoted in a message: one line, at most ~40 characters."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is not an integer in {low}..{high}")
+        return value
+
+    return convert
+
+
+def _number(low: float, high: float, unit: str) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is not a finite number of {unit} in {low:g}..{high:.15g}")
+        return value
+
+    return convert
+
+
+def _rotary_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value == 0 or value >= 1)):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not 0 (off) or a finite number >= 1")
+    return value
+
+
+def _input_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value != 0 and not MIN_MAX_TOKENS <= value <= _UINT32:
+        raise argparse.ArgumentTypeError(
+            f"{_shown(text)} is not 0 (the model's limit) or an integer in {MIN_MAX_TOKENS}..{_UINT32} "
+            f"(every request asks for at least {MIN_MAX_TOKENS} tokens per text)")
+    return value
+
+
+def _memory(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a positive size (examples: 800MiB, 1.5GiB, 2GB)")
+    return size
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("empty value")
+    return text
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _otlp_endpoint(text: str) -> str:
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0..65535
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in text)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{_shown(text)} is not an http:// or https:// URL with a host "
+                                         "(e.g. http://collector:4317)")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description="Serve text embeddings over gRPC.")
+    p = _Parser(prog="python -m server", description="Serve text embeddings over gRPC.",
+                epilog=f"Each flag can also be set as {ENV_PREFIX}<FLAG> in the environment (e.g. "
+                       f"{ENV_PREFIX}MAX_BATCH_TOKENS); a flag given on the command line wins.")
     d = ServerConfig()
-    p.add_argument("--model", default=d.model, help="hub id or local directory in the hub layout")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
-    p.add_argument("--variant", default=d.variant, help="auto, or a variant name (see quant.variants)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-memory", type=parse_size, default=None, dest="max_memory_bytes",
+    tokens, count, port = _integer(1, _UINT32), _integer(1, _UINT32), _integer(0, 65535)
+    p.add_argument("--model", type=_text, default=d.model,
+                   help="hub id, local directory in the hub layout, or all-minilm-l6-v2 (bundled, works offline)")
+    p.add_argument("--revision", type=_text, default=None,
+                   help="branch, tag or commit of the hub id to serve (default main); reported by Info")
+    p.add_argument("--host", type=_text, default=d.host)
+    p.add_argument("--port", type=port, default=d.port, help="0 picks a free port")
+    p.add_argument("--variant", choices=("auto", *VARIANTS), default=d.variant,
+                   help="auto, or a variant name (see quant.variants)")
+    p.add_argument("--device", type=_device, default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-memory", type=_memory, default=None, dest="max_memory_bytes",
                    help="cap on weights + workspace, e.g. 1.5GiB")
-    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens)
-    p.add_argument("--max-texts-per-request", type=int, default=d.max_texts_per_request)
-    p.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
-    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="padded tokens (rows x longest row) per model batch")
-    p.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows)
-    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
-                   help="tokens per request, all texts together (beyond it: INVALID_ARGUMENT)")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+    p.add_argument("--max-input-tokens", type=_input_tokens, default=d.max_input_tokens,
+                   help=f"tokens per text; 0 = the model's limit, else at least {MIN_MAX_TOKENS}")
+    p.add_argument("--max-texts-per-request", type=count, default=d.max_texts_per_request)
+    p.add_argument("--max-text-chars", type=count, default=d.max_text_chars)
+    p.add_argument("--max-batch-tokens", type=tokens, default=d.max_batch_tokens,
+                   help="padded tokens (rows x longest row) per model batch; at least --max-input-tokens")
+    p.add_argument("--max-batch-rows", type=count, default=d.max_batch_rows)
+    p.add_argument("--max-request-tokens", type=tokens, default=d.max_request_tokens,
+                   help="tokens per request, all texts together (beyond it: INVALID_ARGUMENT); "
+                        "at least --max-input-tokens")
+    p.add_argument("--max-request-bytes", type=_integer(1, _MAX_REQUEST_BYTES), default=d.max_request_bytes,
                    help="serialized bytes per request (beyond it: INVALID_ARGUMENT)")
-    p.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens,
-                   help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+    p.add_argument("--max-queue-tokens", type=_integer(1, _UINT64), default=d.max_queue_tokens,
+                   help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED; "
+                        "at least --max-request-tokens")
+    p.add_argument("--batch-wait-ms", type=_number(0, _MAX_BATCH_WAIT_MS, "milliseconds"), default=d.batch_wait_ms,
                    help="how long an idle worker waits to fill a batch")
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--rotary-scaling-factor", type=float, default=d.rotary_scaling_factor,
-                   help="dynamic NTK factor for inputs beyond the trained positions; 0 disables")
-    p.add_argument("--grace", type=float, default=d.grace_s, dest="grace_s",
+    p.add_argument("--threads", type=_integer(0, _UINT32), default=d.threads,
+                   help="intra-op threads of the model; 0 = the CPUs this process may use, and no more")
+    p.add_argument("--rotary-scaling-factor", type=_rotary_factor, default=d.rotary_scaling_factor,
+                   help="dynamic NTK factor for inputs beyond the trained positions: 1 or more; 0 disables")
+    p.add_argument("--grace", type=_number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",
                    help="seconds admitted work may take to finish on shutdown")
-    p.add_argument("--max-connection-age", type=float, default=d.max_connection_age_s, dest="max_connection_age_s",
+    age = _number(0, _MAX_CONNECTION_AGE_S, "seconds")
+    p.add_argument("--max-connection-age", type=age, default=d.max_connection_age_s, dest="max_connection_age_s",
                    help="seconds before the server asks a client to reconnect (rebalancing over replicas); 0 = never")
-    p.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace_s,
+    p.add_argument("--max-connection-age-grace", type=age, default=d.max_connection_age_grace_s,
                    dest="max_connection_age_grace_s", help="seconds calls in flight on an aged connection may take")
     p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=d.log_level)
     p.add_argument("--log-format", choices=FORMATS, default=d.log_format,
                    help="json: one JSON object per line, with the request id of the call that wrote it")
     p.add_argument("--access-log", action="store_true", default=d.access_log,
-                   help="log one line per RPC: method, status code, duration, request id (never texts)")
-    p.add_argument("--otlp-endpoint", default=None,
+                   help="log one line per RPC: method, status code, duration, request id (never texts); "
+                        f"in the environment: true or false ({ENV_PREFIX}ACCESS_LOG=true)")
+    p.add_argument("--otlp-endpoint", type=_otlp_endpoint, default=None,
                    help="send OpenTelemetry traces over OTLP/gRPC, e.g. http://collector:4317 (needs the "
                         "[tracing] extra); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=port, default=None,
                    help="serve Prometheus metrics over HTTP on this port (on --host); off by default")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key enables TLS")
-    p.add_argument("--tls-key", default=None, help="PEM private key")
-    p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle; requires client certificates (mTLS)")
-    p.add_argument("--auth-token-file", default=None,
+    p.add_argument("--tls-cert", type=_text, default=None, help="PEM certificate chain; with --tls-key enables TLS")
+    p.add_argument("--tls-key", type=_text, default=None, help="PEM private key")
+    p.add_argument("--tls-client-ca", type=_text, default=None,
+                   help="PEM CA bundle; requires client certificates (mTLS)")
+    p.add_argument("--auth-token-file", type=_text, default=None,
                    help="file of bearer tokens, one per line; calls need 'authorization: Bearer <token>' "
-                        "(health checks stay open). NOMIC_EMBED_AUTH_TOKENS adds comma-separated tokens")
+                        f"(health checks stay open). {AUTH_TOKENS_ENV} adds comma-separated tokens")
     return p
 
 
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def flag_environment() -> dict[str, str]:
+    """Each flag and the environment variable that sets it: {"--port": "NOMIC_EMBED_PORT", ...}."""
+    return {a.option_strings[0]: _env_name(a) for a in _options(_parser())}
+
+
+def _env_name(action: argparse.Action) -> str:
+    return ENV_PREFIX + action.option_strings[0].lstrip("-").replace("-", "_").upper()
+
+
 def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServerConfig:
-    """Build the config from argv; NOMIC_EMBED_<FLAG> environment variables supply defaults."""
+    """Build the config from argv and NOMIC_EMBED_<FLAG> variables (argv wins); on a bad value print one line
+    naming the flag (and the variable it came from) and exit with status 2."""
+    try:
+        return build_config(argv, env)
+    except ConfigError as exc:
+        message = " ".join(str(exc).splitlines())
+        print(f"python -m server: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def build_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ServerConfig:
+    """parse_args without the exit: raises ConfigError. Flags and variables go through the same parser,
+    so a value is refused the same way, with the same message, wherever it comes from."""
     env = os.environ if env is None else env
     parser = _parser()
-    defaults = {}
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        key = "NOMIC_EMBED_" + action.option_strings[0].lstrip("-").replace("-", "_").upper()
-        if key in env:
-            value = env[key]
-            if isinstance(action, argparse._StoreTrueAction):
-                defaults[action.dest] = value.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                defaults[action.dest] = action.type(value) if action.type else value
-    defaults.setdefault("otlp_endpoint", _otel_endpoint(env))
-    parser.set_defaults(**defaults)
-    args = parser.parse_args(list(argv))
-    config = ServerConfig(**vars(args), auth_tokens_env=env.get("NOMIC_EMBED_AUTH_TOKENS") or None)
-    _check(config, parser)
+    options = _options(parser)
+    # With a marker for defaults the parser tells what argv gave; ServerConfig supplies the rest.
+    parser.set_defaults(**{a.dest: _UNSET for a in options})
+    values = {k: v for k, v in vars(parser.parse_args(list(argv))).items() if v is not _UNSET}
+    sources: dict[str, str] = {}
+    for action in options:
+        name = _env_name(action)
+        if action.dest not in values and name in env:
+            values[action.dest] = _from_env(parser, action, name, env[name])
+            sources[action.dest] = name
+    if "otlp_endpoint" not in values:
+        name, endpoint = _otel_endpoint(env)
+        if endpoint is not None:
+            (action,) = [a for a in options if a.dest == "otlp_endpoint"]
+            values["otlp_endpoint"] = _from_env(parser, action, name, endpoint)
+            sources["otlp_endpoint"] = name
+    tokens = env.get(AUTH_TOKENS_ENV)
+    if tokens is not None:
+        try:
+            split_tokens(tokens, AUTH_TOKENS_ENV)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    config = ServerConfig(**values, auth_tokens_env=tokens)
+    _check(config, {a.dest: a.option_strings[0] for a in options}, sources)
     return config
 
 
-def _otel_endpoint(env: Mapping[str, str]) -> str | None:
-    """The standard OpenTelemetry variables, unless OTEL_SDK_DISABLED=true."""
+def _from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: str, value: str) -> object:
+    """A variable's value, through the flag's own conversion and checks; errors name both."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse._StoreTrueAction):
+        word = value.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise ConfigError(f"argument {flag} (from {name}): {_shown(value)} is not a boolean; "
+                              "use true or false (or 1/0, yes/no, on/off)")
+        return word in _TRUE
+    try:
+        return getattr(parser.parse_args([f"{flag}={value}"]), action.dest)  # the others stay _UNSET
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"argument {flag}:", f"argument {flag} (from {name}):", 1)) from None
+
+
+def _otel_endpoint(env: Mapping[str, str]) -> tuple[str, str | None]:
+    """The standard OpenTelemetry variables (empty counts as unset, as OpenTelemetry has it), unless
+    OTEL_SDK_DISABLED=true: (the variable's name, its value or None)."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        return "", None
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if env.get(name):
+            return name, env[name]
+    return "", None
 
 
-def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
-    positive = ("max_texts_per_request", "max_text_chars", "max_batch_tokens", "max_batch_rows",
-                "max_queue_tokens", "max_request_tokens", "max_request_bytes")
-    for name in positive:
-        if getattr(config, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if config.max_input_tokens < 0 or config.threads < 0 or config.batch_wait_ms < 0:
-        parser.error("--max-input-tokens, --threads and --batch-wait-ms must not be negative")
-    if config.max_connection_age_s < 0 or config.max_connection_age_grace_s < 0:
-        parser.error("--max-connection-age and --max-connection-age-grace must not be negative")
-    if not 0 <= config.port <= 65535:
-        parser.error("--port must be 0..65535")
+def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str, str]) -> None:
+    """What no single value breaks but two together do."""
+
+    def flag(dest: str) -> str:
+        return f"{flags[dest]} (from {sources[dest]})" if dest in sources else flags[dest]
+
+    def setting(dest: str) -> str:
+        shown = f"{flags[dest]} {getattr(config, dest)}"
+        return f"{shown} (from {sources[dest]})" if dest in sources else shown
+
+    def refuse(dest: str, message: str) -> NoReturn:
+        raise ConfigError(f"argument {flag(dest)}: {message}")
+
+    c = config
+    if c.max_input_tokens:
+        if c.max_batch_tokens < c.max_input_tokens:
+            refuse("max_batch_tokens", f"{c.max_batch_tokens} is below {setting('max_input_tokens')}, so a text "
+                   f"of that length would not fit a batch; raise it to {c.max_input_tokens} or lower "
+                   "--max-input-tokens")
+        if c.max_request_tokens < c.max_input_tokens:
+            refuse("max_request_tokens", f"{c.max_request_tokens} is below {setting('max_input_tokens')}, so a "
+                   f"request of one text of that length would be refused; raise it to {c.max_input_tokens} or "
+                   "lower --max-input-tokens")
+    if c.max_queue_tokens < c.max_request_tokens:
+        refuse("max_queue_tokens", f"{c.max_queue_tokens} is below {setting('max_request_tokens')}, so a request "
+               f"within that limit would be admitted only into an empty queue; raise it to {c.max_request_tokens} "
+               "or lower --max-request-tokens")
+    if c.metrics_port and c.metrics_port == c.port:
+        refuse("metrics_port", f"{c.metrics_port} is the gRPC port too ({setting('port')}); choose another")
+    if (c.tls_cert is None) != (c.tls_key is None):
+        given, missing = ("tls_cert", "--tls-key") if c.tls_key is None else ("tls_key", "--tls-cert")
+        refuse(given, f"TLS needs {missing} too")
+    if c.tls_client_ca is not None and c.tls_cert is None:
+        refuse("tls_client_ca", "client certificates need TLS: give --tls-cert and --tls-key too")

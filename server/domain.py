@@ -61,6 +61,35 @@ class EmbedResult:
         return sum(e.tokens for e in self.embeddings)
 
 
+NOMIC_MIN_DIMENSIONS = 64  # the smallest Matryoshka width nomic-embed-text-v1.5 was trained for
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the served checkpoint is: read once at start-up (server.model_spec), asked by every layer."""
+
+    model_id: str  # as the operator named it: hub id, directory or short name
+    revision: str  # the commit the files are at where known, else the revision asked for; "" = unknown
+    hidden_size: int
+    num_layers: int
+    max_input_tokens: int  # the checkpoint's input limit (n_positions, capped by sentence-transformers)
+    trained_positions: int  # beyond them dynamic NTK rotary scaling applies; 0 = no rotary positions
+    pooling: str  # "mean" or "cls"
+    nomic: bool  # the nomic recipe: task prefixes, Matryoshka widths, layer_norm before truncation
+
+    @property
+    def task_prefixes(self) -> bool:
+        return self.nomic
+
+    @property
+    def layer_norm_before_truncation(self) -> bool:
+        return self.nomic
+
+    @property
+    def min_dimensions(self) -> int:
+        return min(NOMIC_MIN_DIMENSIONS, self.hidden_size) if self.nomic else self.hidden_size
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds enforced per request and per model batch."""

@@ -3,46 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from server import matryoshka
 from server.batcher import Batcher
-from server.domain import Embedding, EmbedOptions, EmbedResult, LongTextMode, Task, Timings
-from server.errors import InvalidInput
+from server.domain import Embedding, EmbedOptions, EmbedResult, LongTextMode, ModelFacts, Task, Timings
+from server.errors import InvalidInput, ModelFailure, NonFiniteVector
 from server.tokenization import Rows, TextTokenizer
 
 # Tokenizing a few short texts is faster inline than a hop to a thread.
 _INLINE_TOKENIZE_CHARS = 20_000
 
 
-@dataclass(frozen=True)
-class ModelTraits:
-    """What the embedder needs to know of the model."""
-
-    hidden_size: int
-    task_prefixes: bool
-    layer_norm: bool  # nomic: layer_norm over the full width before truncation
-
-
 class Embedder:
-    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, traits: ModelTraits,
+    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, facts: ModelFacts,
                  on_result: Callable[[EmbedResult], None] | None = None,
                  max_request_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_request_tokens = max_request_tokens
         self.batcher = batcher
-        self.traits = traits
+        self.facts = facts
         self.on_result = on_result  # e.g. metrics: sees every computed result
 
     def prefix(self, task: Task) -> str:
-        return task.prefix if self.traits.task_prefixes else ""
+        return task.prefix if self.facts.task_prefixes else ""
 
     async def token_ids(self, texts: Sequence[str], task: Task) -> list[list[int]]:
-        """Full token ids (special tokens included, nothing truncated) per text."""
+        """Full token ids (special tokens included, nothing truncated) per text, within the request token limit."""
         content = await self._content_ids(texts, self.prefix(task))
-        return [self.tokenizer.wrap(c) for c in content]
+        ids = [self.tokenizer.wrap(c) for c in content]
+        self._check_request_tokens(sum(map(len, ids)), "split the batch")
+        return ids
 
     async def embed(self, texts: Sequence[str], options: EmbedOptions,
                     deadline: float | None = None) -> EmbedResult:
@@ -61,10 +55,7 @@ class Embedder:
                     "(long_text_mode ERROR; use TRUNCATE or MEAN, or shorten the text)",
                 )
             per_text.append(rows)
-        total = sum(rows.tokens for rows in per_text)
-        if self.max_request_tokens is not None and total > self.max_request_tokens:
-            raise InvalidInput("texts", f"{total} tokens exceed the limit of {self.max_request_tokens} tokens "
-                                        "per request; split the batch or use EmbedStream")
+        self._check_request_tokens(sum(rows.tokens for rows in per_text), "split the batch or use EmbedStream")
         flat = [row for rows in per_text for row in rows.rows]
         job = self.batcher.submit(flat, deadline)
         try:
@@ -72,6 +63,10 @@ class Embedder:
         except asyncio.CancelledError:
             job.cancel()
             raise
+        except NonFiniteVector as error:  # name the text, not the model row (a text may have several windows)
+            text = bisect.bisect_right(list(itertools.accumulate(len(r.rows) for r in per_text)), error.row)
+            raise ModelFailure(f"texts[{text}]: the model gave this text a vector with NaN or infinity; "
+                               "no vector is returned for it") from None
         embeddings = []
         start = 0
         for rows in per_text:
@@ -82,7 +77,8 @@ class Embedder:
                 vector = matryoshka.weighted_mean(pooled[start : start + n], [len(r) for r in rows.rows])
             start += n
             embeddings.append(Embedding(
-                vector=matryoshka.finish(vector, options.dimensions, layer_norm=self.traits.layer_norm),
+                vector=matryoshka.finish(vector, options.dimensions,
+                                         layer_norm=self.facts.layer_norm_before_truncation),
                 tokens=rows.tokens, truncated=rows.truncated, windows=n,
             ))
         timings = Timings(job.queue_s, job.inference_s, time.monotonic() - arrived)
@@ -90,6 +86,11 @@ class Embedder:
         if self.on_result:
             self.on_result(result)
         return result
+
+    def _check_request_tokens(self, total: int, advice: str) -> None:
+        if self.max_request_tokens is not None and total > self.max_request_tokens:
+            raise InvalidInput("texts", f"{total} tokens exceed the limit of {self.max_request_tokens} tokens "
+                                        f"per request; {advice}")
 
     async def _content_ids(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
         if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:

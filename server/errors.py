@@ -40,5 +40,13 @@ class ModelFailure(EmbedError):
     """The model failed while computing a batch this request was in."""
 
 
+class NonFiniteVector(ModelFailure):
+    """The model gave a vector with NaN or infinity for row `row` of a request; it is never returned."""
+
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(message)
+        self.row = row
+
+
 class StartupError(Exception):
     """The server cannot start; the message says why and how to fix it."""

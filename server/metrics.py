@@ -7,7 +7,7 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from server.batcher import BatchStats, OutOfMemoryEvent
+from server.batcher import BatchStats, NonFiniteEvent, OutOfMemoryEvent
 from server.domain import EmbedResult
 from server.rpc_hooks import Begin, End, HookInterceptor, final_code
 
@@ -44,6 +44,12 @@ class Metrics:
         self.batch_budget = Gauge("nomic_embed_batch_token_budget",
                                   "Padded tokens a model batch may hold now (lowered after out-of-memory)",
                                   registry=r)
+        self.non_finite = Counter("nomic_embed_non_finite_vectors",
+                                  "Vectors with NaN or infinity the model gave (never returned; their requests "
+                                  "failed INTERNAL)", registry=r)
+        self.model_broken = Gauge("nomic_embed_model_broken",
+                                  "1 once the warm-up texts gave non-finite vectors too (health NOT_SERVING)",
+                                  registry=r)
         self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
         self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)
 
@@ -59,6 +65,11 @@ class Metrics:
     def observe_out_of_memory(self, event: OutOfMemoryEvent) -> None:
         self.oom_splits.inc()
         self.batch_budget.set(event.budget_tokens)
+
+    def observe_non_finite(self, event: NonFiniteEvent) -> None:
+        self.non_finite.inc(event.rows)
+        if event.model_broken:
+            self.model_broken.set(1)
 
     def observe_result(self, result: EmbedResult) -> None:
         self.queue_seconds.observe(result.timings.queue_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -15,38 +16,101 @@ log = logging.getLogger(__name__)
 
 # Load balancers and orchestrators probe health without credentials.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+# Comma-separated bearer tokens: kept off argv, where `ps` would show them.
+AUTH_TOKENS_ENV = "NOMIC_EMBED_AUTH_TOKENS"
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: str, what: str, flag: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise StartupError(f"cannot read the {what} {path}: {exc.strerror}") from None
+        raise StartupError(f"cannot read the {what} {path} ({flag}): {exc.strerror}") from None
 
 
 def server_credentials(cert: str | None, key: str | None, client_ca: str | None) -> grpc.ServerCredentials | None:
-    """TLS when a certificate and key are given; mTLS (client certificates required) with a client CA."""
+    """TLS when a certificate and key are given; mTLS (client certificates required) with a client CA.
+    The files are checked here, before anything binds: grpc itself would only fail to bind the port."""
     if not cert and not key:
         if client_ca:
             raise StartupError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if not (cert and key):
         raise StartupError("TLS needs both --tls-cert and --tls-key")
-    pair = (_read(key, "TLS key"), _read(cert, "TLS certificate"))
-    root = _read(client_ca, "client CA") if client_ca else None
+    pair = (_read(key, "TLS key", "--tls-key"), _read(cert, "TLS certificate", "--tls-cert"))
+    root = _read(client_ca, "client CA", "--tls-client-ca") if client_ca else None
+    _check_certificates(pair[1], f"the TLS certificate {cert} (--tls-cert)")
+    _check_pair(cert, key)
+    if root is not None:
+        _check_certificates(root, f"the client CA {client_ca} (--tls-client-ca)")
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
+def _check_certificates(pem: bytes, what: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise StartupError(f"{what} holds no PEM certificate") from None
+
+
+def _check_pair(cert: str, key: str) -> None:
+    """The key must be an unencrypted PEM key that belongs to the certificate's public key."""
+    asked: list[bool] = []
+
+    def password() -> bytes:  # called only for an encrypted key; grpc has no way to decrypt one
+        asked.append(True)
+        return b""
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=password)
+    except ssl.SSLError as exc:
+        if asked:
+            problem = "is encrypted; give an unencrypted PEM key"
+        elif exc.reason == "KEY_VALUES_MISMATCH":
+            problem = f"does not belong to the TLS certificate {cert} (--tls-cert)"
+        else:
+            problem = "holds no PEM private key"
+        raise StartupError(f"the TLS key {key} (--tls-key) {problem}") from None
+    except OSError as exc:
+        raise StartupError(f"cannot read the TLS key {key} or certificate {cert}: {exc.strerror}") from None
+
+
+def split_tokens(text: str, source: str) -> list[str]:
+    """Comma-separated tokens; ValueError when there is none, or one no client could send."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise ValueError(f"{source} holds no token (comma-separated tokens expected); unset it for no "
+                         "authentication")
+    _check_tokens(tokens, source)
+    return tokens
+
+
+def _check_tokens(tokens: Sequence[str], source: str) -> None:
+    for i, token in enumerate(tokens, 1):
+        # Metadata values are printable ASCII; the message never shows the token itself.
+        if not all(" " <= c <= "~" for c in token):
+            raise ValueError(f"{source}: token {i} holds a character other than printable ASCII, which no "
+                             "client can send in an authorization header")
+
+
 def load_tokens(token_file: str | None, env_tokens: str | None) -> list[bytes]:
-    """Tokens from a file (one per line, # comments) and/or a comma-separated environment value."""
+    """Tokens from a file (one per line, # comments) and/or a comma-separated environment value. Either,
+    when set, must hold a token: a setting that yields none would turn authentication off unnoticed."""
     tokens: list[str] = []
-    if token_file:
-        lines = _read(token_file, "token file").decode().splitlines()
-        tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not tokens:
-            raise StartupError(f"the token file {token_file} holds no token")
-    if env_tokens:
-        tokens += [t.strip() for t in env_tokens.split(",") if t.strip()]
+    try:
+        if token_file is not None:
+            try:
+                lines = _read(token_file, "token file", "--auth-token-file").decode().splitlines()
+            except UnicodeDecodeError:
+                raise StartupError(f"the token file {token_file} is not UTF-8 text") from None
+            found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not found:
+                raise StartupError(f"the token file {token_file} holds no token")
+            _check_tokens(found, f"the token file {token_file}")
+            tokens += found
+        if env_tokens is not None:
+            tokens += split_tokens(env_tokens, AUTH_TOKENS_ENV)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     return [t.encode() for t in tokens]
 
 

@@ -10,17 +10,24 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, message_factory
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from server import status, timings
-from server.domain import EmbedResult, Limits
+from server import batch_dependence, status, timings
+from server.domain import EmbedResult, Limits, ModelFacts
 from server.embedder import Embedder
 from server.encoding import Encoding, pack_rows
 from server.errors import EmbedError, InvalidInput, Overloaded, Unavailable
 from server.request_ids import add_trailers
-from server.requests import ENCODINGS, ModelBounds, parse_embed_request, parse_encoding, parse_task, parse_texts
+from server.requests import (
+    ENCODINGS,
+    Unparsed,
+    lenient_parser,
+    parse_embed_request,
+    parse_encoding,
+    parse_tokenize_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +36,13 @@ STREAM_WINDOW = 8  # requests of one stream computed at once; more wait unread (
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What Info reports; fixed once the model is loaded."""
+    """How the model is served, beside what it is (`facts`); fixed once the model is loaded."""
 
-    model_id: str
+    facts: ModelFacts
     variant: str
     variant_reason: str
     device: str
-    hidden_size: int
-    min_dimensions: int
-    max_input_tokens: int
     weight_bytes: int
-    task_prefixes: bool
-    pooling: str
     server_version: str
 
 
@@ -67,6 +69,25 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         clients reopen elsewhere rather than hold the shutdown for its whole grace period."""
         self._draining.set()
 
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register as the generated add_EmbedServiceServicer_to_server does, but with lenient request
+        deserializers: a message protobuf refuses (text that is not UTF-8) reaches the handler as an Unparsed
+        and gets INVALID_ARGUMENT naming the field, counted and logged like any call. A raising deserializer
+        would end the call UNKNOWN before any interceptor ran, and end a whole stream."""
+        service = pb.DESCRIPTOR.services_by_name["EmbedService"]
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in service.methods:
+            assert method.client_streaming == method.server_streaming, f"{method.name}: unsupported kind"
+            make = grpc.stream_stream_rpc_method_handler if method.client_streaming \
+                else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = make(
+                getattr(self, method.name),
+                request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
+                response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+            )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
     def attach(self, embedder: Embedder, model: ServedModel, limits: Limits) -> None:
         self._ready = (embedder, model, limits)
 
@@ -75,7 +96,8 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             raise Unavailable("the model is still loading; watch the health service for SERVING")
         return self._ready
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest | Unparsed,
+                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         started = time.monotonic()  # for failures only: an answer reports the embedder's own timings
         try:
             response, result = await self._embed(request, _deadline(context))
@@ -88,16 +110,17 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         add_trailers(context, timings.result_trailers(result))
         return response
 
-    async def _embed(self, request: pb.EmbedRequest,
+    async def _embed(self, request: pb.EmbedRequest | Unparsed,
                      deadline: float | None) -> tuple[pb.EmbedResponse, EmbedResult]:
+        if isinstance(request, Unparsed):
+            raise request.error
         embedder, model, limits = self._state()
-        bounds = ModelBounds(model.hidden_size, model.min_dimensions)
-        texts, options = parse_embed_request(request, limits, bounds)
+        texts, options = parse_embed_request(request, limits, model.facts)
         encoding = parse_encoding(request.encoding)
         result = await embedder.embed(texts, options, deadline)
         return _response(model, result, options.dimensions, encoding), result
 
-    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest],
+    async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest | Unparsed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedStreamResponse]:
         started, tokens = time.monotonic(), 0
         deadline = _deadline(context)
@@ -134,8 +157,11 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
                 if (task := window.get_nowait()) is not None:
                     task.cancel()
 
-    async def _stream_one(self, message: pb.EmbedStreamRequest, deadline: float | None) -> pb.EmbedStreamResponse:
+    async def _stream_one(self, message: pb.EmbedStreamRequest | Unparsed,
+                          deadline: float | None) -> pb.EmbedStreamResponse:
         try:
+            if isinstance(message, Unparsed):
+                raise message.error
             if not message.HasField("request"):
                 raise InvalidInput("request", "each stream message needs a request")
             response, _ = await self._embed(message.request, deadline)
@@ -149,17 +175,21 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
                 retry_delay=_duration(error.retry_after_s) if isinstance(error, Overloaded) else None,
             ))
 
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+    async def Info(self, request: pb.InfoRequest | Unparsed, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
+            if isinstance(request, Unparsed):
+                raise request.error
             _, m, lim = self._state()
         except EmbedError as error:
             await status.abort(context, error)
             raise AssertionError("unreachable") from None
+        f = m.facts
         return pb.InfoResponse(
-            model_id=m.model_id, variant=m.variant, variant_reason=m.variant_reason, device=m.device,
-            dimensions=m.hidden_size, min_dimensions=m.min_dimensions, max_input_tokens=m.max_input_tokens,
-            weight_bytes=m.weight_bytes, task_prefixes=m.task_prefixes, pooling=m.pooling,
-            server_version=m.server_version,
+            model_id=f.model_id, variant=m.variant, variant_reason=m.variant_reason, device=m.device,
+            dimensions=f.hidden_size, min_dimensions=f.min_dimensions, max_input_tokens=lim.max_input_tokens,
+            weight_bytes=m.weight_bytes, task_prefixes=f.task_prefixes, pooling=f.pooling,
+            server_version=m.server_version, revision=f.revision, trained_positions=f.trained_positions,
+            batch_dependence=batch_dependence.describe(m.variant, m.device),
             limits=pb.Limits(
                 max_texts_per_request=lim.max_texts_per_request, max_input_tokens=lim.max_input_tokens,
                 max_batch_tokens=lim.max_batch_tokens, max_batch_rows=lim.max_batch_rows,
@@ -168,12 +198,14 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             ),
         )
 
-    async def Tokenize(self, request: pb.TokenizeRequest,
+    async def Tokenize(self, request: pb.TokenizeRequest | Unparsed,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
+            if isinstance(request, Unparsed):
+                raise request.error
             embedder, _, limits = self._state()
-            texts = parse_texts(request.texts, limits)
-            ids = await embedder.token_ids(texts, parse_task(request.task))
+            texts, task = parse_tokenize_request(request, limits)
+            ids = await embedder.token_ids(texts, task)
         except EmbedError as error:
             await status.abort(context, error)
             raise AssertionError("unreachable") from None
@@ -200,7 +232,7 @@ def _response(model: ServedModel, result: EmbedResult, dimensions: int,
     return pb.EmbedResponse(
         embeddings=embeddings,
         metadata=pb.ResponseMetadata(
-            model_id=model.model_id, variant=model.variant, dimensions=dimensions,
+            model_id=model.facts.model_id, variant=model.variant, dimensions=dimensions,
             total_tokens=result.total_tokens, queue_time=_duration(t.queue_s),
             inference_time=_duration(t.inference_s), total_time=_duration(t.total_s),
             encoding=_PB_ENCODINGS[encoding],

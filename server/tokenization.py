@@ -22,6 +22,23 @@ class Rows:
     full_tokens: int  # tokens of the whole text before any truncation
 
 
+PLAIN_ENGLISH = "Embeddings: the quick brown fox jumps over the lazy dog."
+
+
+@dataclass(frozen=True)
+class TokenizerProbe:
+    """A text and the ids the model's own vocabulary gives it (no special tokens)."""
+
+    vocabulary: str
+    text: str
+    ids: tuple[int, ...]
+
+
+# bert-base-uncased WordPiece, the vocabulary of nomic-embed-text-v1.5 (and of all-MiniLM-L6-v2).
+BERT_UNCASED_PROBE = TokenizerProbe("bert-base-uncased", PLAIN_ENGLISH, (
+    7861, 8270, 4667, 2015, 1024, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012))
+
+
 class TextTokenizer:
     """The checkpoint's own tokenizer, without the truncation or padding a tokenizer.json may carry."""
 
@@ -40,6 +57,25 @@ class TextTokenizer:
         self.pad_id = int(hf.pad_token_id if hf.pad_token_id is not None else 0)
         self._head, self._tail = self._special_template()
         self._prefix_lengths: dict[str, int] = {}
+        self.unk_id = hf.unk_token_id
+
+    def check(self, path: Path, vocab_size: int, probe: TokenizerProbe | None) -> None:
+        """Refuse a tokenizer that would embed the wrong tokens: one missing its vocabulary (transformers then
+        builds a near-empty one that maps every word to [UNK]), another model's, or ids past the embeddings."""
+        text = probe.text if probe else PLAIN_ENGLISH
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if probe is not None and ids != list(probe.ids):
+            raise StartupError(
+                f"the tokenizer in {path} is not the model's: {text!r} gives ids {ids}, the model's vocabulary "
+                f"({probe.vocabulary}) gives {list(probe.ids)}. Are its tokenizer files missing or from another model?")
+        if self.unk_id is not None and ids.count(self.unk_id) > len(ids) // 2:
+            raise StartupError(f"the tokenizer in {path} maps plain English words to the unknown token: "
+                               f"{text!r} gives ids {ids}. Are its tokenizer files (tokenizer.json, vocab.txt) "
+                               "missing?")
+        too_big = max([*ids, *self._head, *self._tail, self.pad_id])
+        if too_big >= vocab_size:
+            raise StartupError(f"the tokenizer in {path} gives id {too_big}, beyond the model's {vocab_size} "
+                               "embedding rows")
 
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens a single sequence is wrapped in, e.g. [CLS] ... [SEP]."""

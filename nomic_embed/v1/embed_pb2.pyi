@@ -162,7 +162,7 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_request: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "variant", "variant_reason", "device", "dimensions", "min_dimensions", "max_input_tokens", "weight_bytes", "limits", "task_prefixes", "pooling", "server_version")
+    __slots__ = ("model_id", "variant", "variant_reason", "device", "dimensions", "min_dimensions", "max_input_tokens", "weight_bytes", "limits", "task_prefixes", "pooling", "server_version", "revision", "trained_positions", "batch_dependence")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     VARIANT_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,9 @@ class InfoResponse(_message.Message):
     TASK_PREFIXES_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_DEPENDENCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     variant: str
     variant_reason: str
@@ -187,7 +190,10 @@ class InfoResponse(_message.Message):
     task_prefixes: bool
     pooling: str
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., variant_reason: _Optional[str] = ..., device: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., task_prefixes: _Optional[bool] = ..., pooling: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    revision: str
+    trained_positions: int
+    batch_dependence: str
+    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., variant_reason: _Optional[str] = ..., device: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., task_prefixes: _Optional[bool] = ..., pooling: _Optional[str] = ..., server_version: _Optional[str] = ..., revision: _Optional[str] = ..., trained_positions: _Optional[int] = ..., batch_dependence: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("texts", "task")

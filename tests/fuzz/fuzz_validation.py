@@ -14,13 +14,14 @@ with atheris.instrument_imports():
     from google.protobuf.message import DecodeError
 
     from nomic_embed.v1 import embed_pb2 as pb
-    from server.domain import Limits
+    from server.domain import Limits, ModelFacts
     from server.errors import InvalidInput
-    from server.requests import ModelBounds, parse_embed_request, parse_encoding
+    from server.requests import parse_embed_request, parse_encoding
 
 LIMITS = Limits(max_texts_per_request=16, max_input_tokens=8192, max_text_chars=10_000, max_batch_tokens=16384,
                 max_batch_rows=128, max_queue_tokens=100_000)
-BOUNDS = ModelBounds(hidden_size=768, min_dimensions=64)
+BOUNDS = ModelFacts(model_id="m", revision="", hidden_size=768, num_layers=12, max_input_tokens=8192,
+                    trained_positions=2048, pooling="mean", nomic=True)
 FIELDS = {"texts", "task", "dimensions", "long_text_mode", "max_tokens", "encoding"}
 
 

@@ -88,15 +88,40 @@ def _random_tensors(hidden: int, layers: int, inner: int, seed: int) -> dict[str
     return t
 
 
-def _config(
+# Flash-attention and training switches of the original remote code, as the hub's config.json carries them.
+# They change nothing at inference; a loader must ignore them.
+_ORIGINAL_EXTRAS: dict[str, Any] = {
+    "bos_token_id": None, "eos_token_id": None, "dense_seq_output": True, "fused_bias_fc": True,
+    "fused_dropout_add_ln": True, "initializer_range": 0.02, "parallel_block": False,
+    "parallel_block_tied_norm": False, "reorder_and_upcast_attn": False, "scale_attn_by_inverse_layer_idx": False,
+    "scale_attn_weights": True, "summary_activation": None, "summary_first_dropout": 0.0,
+    "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True, "use_cache": True,
+    "use_flash_attn": True, "use_rms_norm": False, "use_xentropy": True, "torch_dtype": "float32",
+}
+# The 2024 revisions load through remote code.
+_AUTO_MAP = {
+    "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+    "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+    "AutoModelForMaskedLM": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertForPreTraining",
+}
+
+
+def hub_config(
     hidden: int,
     layers: int,
     heads: int,
     inner: int,
     max_trained_positions: int,
-    rotary_scaling_factor: float | None,
-    config_style: Literal["original", "v5"],
+    rotary_scaling_factor: float | None = None,
+    config_style: Literal["original", "v5"] = "v5",
 ) -> dict[str, Any]:
+    """config.json as nomic-ai/nomic-embed-text-v1.5 publishes it, with the sizes given.
+
+    ``original``: the 2024 revisions, original keys only, remote code in ``auto_map``, dropouts 0.1.
+    ``v5``: the 2026 transformers-5 revision, both key sets side by side. The two position keys mean different
+    things there: ``n_positions`` is the input limit (8192), while ``max_trained_positions`` and transformers'
+    ``max_position_embeddings`` are both the trained length (2048 in the real model).
+    """
     cfg: dict[str, Any] = {
         "model_type": "nomic_bert",
         "architectures": ["NomicBertModel"],
@@ -110,32 +135,54 @@ def _config(
         "rotary_emb_base": ROTARY_EMB_BASE,
         "rotary_emb_fraction": 1.0,
         "rotary_emb_interleaved": False,
+        "rotary_emb_scale_base": None,
         "rotary_scaling_factor": rotary_scaling_factor,
         "layer_norm_epsilon": LAYER_NORM_EPS,
         "vocab_size": VOCAB_SIZE,
         "type_vocab_size": TYPE_VOCAB_SIZE,
+        "pad_vocab_size_multiple": 64,
         "prenorm": False,
         "qkv_proj_bias": False,
         "mlp_fc1_bias": False,
         "mlp_fc2_bias": False,
         "causal": False,
-        "pad_vocab_size_multiple": 64,
-        "torch_dtype": "float32",
+        **_ORIGINAL_EXTRAS,
     }
-    if config_style == "v5":
-        # transformers 5's native NomicBertConfig ignores the original keys; these mirror them.
+    if config_style == "original":
+        cfg |= {"auto_map": _AUTO_MAP, "attn_pdrop": 0.0, "embd_pdrop": 0.1, "resid_pdrop": 0.1,
+                "transformers_version": "4.37.2"}
+    else:
         cfg |= {
+            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
             "hidden_size": hidden,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "intermediate_size": inner,
+            "max_position_embeddings": max_trained_positions,
+            "rope_parameters": {"rope_theta": float(ROTARY_EMB_BASE), "rope_type": "default"},
             "hidden_act": "silu",
             "layer_norm_eps": LAYER_NORM_EPS,
-            "max_position_embeddings": N_POSITIONS,
-            "rope_parameters": {"rope_type": "default", "rope_theta": float(ROTARY_EMB_BASE)},
+            "head_dim": hidden // heads,
             "pad_token_id": 0,
+            "transformers_version": "5.23.0",
         }
     return cfg
+
+
+# sentence-transformers' files as the hub publishes them beside the model.
+SENTENCE_TRANSFORMERS_FILES: dict[str, Any] = {
+    "modules.json": [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ],
+    "sentence_bert_config.json": {"max_seq_length": N_POSITIONS, "do_lower_case": False},
+}
+
+
+def _pooling_config(hidden: int) -> dict[str, Any]:
+    return {"word_embedding_dimension": hidden, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False}
 
 
 @functools.cache
@@ -194,11 +241,16 @@ def write_tiny_nomic(
         tensors[name] = value.detach().cpu().contiguous().clone()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
-    cfg = _config(hidden, layers, heads, inner, max_trained_positions, rotary_scaling_factor, config_style)
-    (path / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    cfg = hub_config(hidden, layers, heads, inner, max_trained_positions, rotary_scaling_factor, config_style)
     for name, data in _tokenizer_files().items():
         (path / name).write_bytes(data)
+    for name, content in SENTENCE_TRANSFORMERS_FILES.items():
+        (path / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(hidden), indent=2), encoding="utf-8")
+    # Written last: readers may take a config.json as the sign of a complete checkpoint.
+    (path / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return path
 
 
-__all__ = ["original_tensor_names", "write_tiny_nomic"]
+__all__ = ["SENTENCE_TRANSFORMERS_FILES", "hub_config", "original_tensor_names", "write_tiny_nomic"]

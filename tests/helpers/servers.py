@@ -7,7 +7,6 @@ import dataclasses
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from client import EmbedClient
 from server.__main__ import main as server_main
 from server.app import App
 from server.config import ServerConfig
+from tests.helpers.ports import free_port  # re-exported: tests import it from here
 
 
 @dataclasses.dataclass
@@ -44,11 +44,12 @@ class RunningServer:
         return grpc.insecure_channel(self.target)
 
 
-def free_port() -> int:
-    """A loopback port free right now, for a server that must come back on the same port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample at http://127.0.0.1:PORT/metrics, keyed by name and sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @contextmanager
@@ -118,9 +119,10 @@ def _serve(argv: list[str], log: str) -> None:
     sys.exit(server_main(argv))
 
 
-def spawn_server(model: str, log_dir: Path, *args: str) -> ServerProcess:
-    """Start a server process (fp32, one thread, metrics on) on free loopback ports; does not wait for it."""
-    port, metrics_port = free_port(), free_port()
+def spawn_server(model: str, log_dir: Path, *args: str, port: int | None = None) -> ServerProcess:
+    """Start a server process (fp32, one thread, metrics on) on free loopback ports, or on `port` (a restart on
+    the same port); does not wait for it."""
+    port, metrics_port = port or free_port(), free_port()
     log = log_dir / f"server-{port}.log"
     argv = ["--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
             "--variant", "fp32", "--threads", "1", *args]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,81 @@ def test_errors_are_one_line_and_leave_no_output(tiny_server: RunningServer, tmp
     assert "UNAVAILABLE" in nobody.stderr and "is a server running at 127.0.0.1:1?" in nobody.stderr
     assert "nope.txt" in missing.stderr
     assert not list(tmp_path.glob("out.npy*"))
+
+
+def test_a_failed_run_keeps_what_it_wrote_and_resume_continues_it(tiny_server: RunningServer,
+                                                                   tmp_path: Path) -> None:
+    texts = [f"line {i} of the input" for i in range(100)] + ["far too long " * 20] + [f"more {i}" for i in range(50)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out, part = tmp_path / "out.npy", tmp_path / "out.npy.part"
+    args = ("embed", "--target", tiny_server.target, "--input", str(tmp_path / "in.txt"), "--output", str(out),
+            "--max-tokens", "20", "--batch-size", "10", "--quiet")
+    failed = cli(*args, "--long-text-mode", "error")
+    assert failed.returncode == 1
+    assert "texts[100]" in failed.stderr and "--resume" in failed.stderr and "Traceback" not in failed.stderr
+    assert not out.exists()
+    kept = np.load(part)  # a valid .npy of the rows written so far
+    assert kept.shape == (100, 128)
+    again = cli(*args, "--long-text-mode", "truncate")  # without --resume: refused, the work is kept
+    assert again.returncode == 1 and "add --resume to continue it" in again.stderr
+    assert np.array_equal(np.load(part), kept)
+    # Mark the kept rows: a resumed run must keep them, not compute them again.
+    with open(part, "wb") as f:  # a file object: np.save would add ".npy" to the name
+        np.save(f, np.full_like(kept, 7.0))
+    resumed = cli(*args, "--long-text-mode", "truncate", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after 100 texts" in resumed.stderr
+    with tiny_server.client() as client:
+        want = client.embed(texts[100:], max_tokens=20)
+    got = np.load(out)
+    assert got.shape == (151, 128) and not part.exists()
+    assert (got[:100] == 7.0).all()
+    np.testing.assert_allclose(got[100:], want, rtol=0, atol=1e-5)
+
+
+def test_resume_of_jsonl_checks_it_continues_the_same_input(tiny_server: RunningServer, tmp_path: Path) -> None:
+    records = [{"id": i, "text": f"record {i}"} for i in range(30)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, part = tmp_path / "out.jsonl", tmp_path / "out.jsonl.part"
+    # What an interrupted run leaves: complete lines, then half a line.
+    with tiny_server.client() as client:
+        first = client.embed([r["text"] for r in records[:12]])
+    done = zip(records[:12], first.tolist(), strict=True)
+    part.write_text("".join(json.dumps({**r, "embedding": v}) + "\n" for r, v in done) + '{"id": 12, "te')
+    args = ("embed", "--target", tiny_server.target, "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+            "--quiet", "--resume")
+    run = cli(*args)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == list(range(30))
+    with tiny_server.client() as client:
+        want = client.embed([r["text"] for r in records])
+    np.testing.assert_allclose(np.array([line["embedding"] for line in lines]), want, rtol=0, atol=1e-5)
+
+    part.write_text(json.dumps({"id": 0, "text": "another input", "embedding": [0.0]}) + "\n")
+    other = cli(*args)
+    assert other.returncode == 1 and "does not continue this input" in other.stderr
+    assert part.exists()  # left as it was, for the user to decide
+
+
+def test_input_with_a_bom_is_read_as_text(tiny_server: RunningServer, tmp_path: Path) -> None:
+    records = [{"id": i, "text": f"record {i}"} for i in range(3)]
+    (tmp_path / "in.jsonl").write_bytes(("\ufeff" + "".join(json.dumps(r) + "\n" for r in records)).encode())
+    out = tmp_path / "out.jsonl"
+    run = cli("embed", "--target", tiny_server.target, "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+              "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert [{k: v for k, v in json.loads(line).items() if k != "embedding"}
+            for line in out.read_text().splitlines()] == records
+
+
+def test_a_closed_pipe_ends_quietly(tiny_server: RunningServer) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as after `| head -1`
+    try:
+        run = subprocess.run([sys.executable, "-m", "client", "info", "--target", tiny_server.target],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert run.stderr == ""
+    assert run.returncode == 128 + signal.SIGPIPE

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import running_server
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from tests.helpers.servers import running_server, scrape_metrics
 
 
 def test_metrics_count_requests_batches_and_tokens(tiny_original: Path) -> None:
@@ -32,7 +24,7 @@ def test_metrics_count_requests_batches_and_tokens(tiny_original: Path) -> None:
         with pytest.raises(grpc.RpcError):
             stub.Embed(pb.EmbedRequest(texts=["x"]), timeout=10)
         stub.Info(pb.InfoRequest(), timeout=10)
-        m = _scrape(port)
+        m = scrape_metrics(port)
     assert m[("nomic_embed_requests_total", (("code", "OK"), ("method", "Embed")))] == 2
     assert m[("nomic_embed_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Embed")))] == 1
     assert m[("nomic_embed_requests_total", (("code", "OK"), ("method", "Info")))] == 1

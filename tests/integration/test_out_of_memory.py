@@ -19,8 +19,7 @@ from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.runner import is_out_of_memory
 from tests.helpers.memory_cap import MemoryCap, capped
-from tests.helpers.servers import running_server
-from tests.integration.test_metrics import _scrape
+from tests.helpers.servers import running_server, scrape_metrics
 
 # On the tiny model one row of ~36 tokens peaks at ~37 kB per tensor, eight such rows at ~295 kB and a
 # row of ~200 tokens at ~211 kB: with this limit two rows fit at once, four do not, the long row never.
@@ -73,6 +72,6 @@ def test_a_batch_out_of_memory_is_split_and_only_the_text_that_never_fits_fails(
         np.testing.assert_allclose(again, expected, atol=1e-6)
         assert batcher.totals.oom_splits == splits
 
-        m = _scrape(srv.app.metrics_port)
+        m = scrape_metrics(srv.app.metrics_port)
         assert m[("nomic_embed_batch_oom_splits_total", ())] == splits
         assert m[("nomic_embed_batch_token_budget", ())] < srv.app.loaded.limits.max_batch_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grpc
@@ -154,3 +155,80 @@ def test_request_size_and_total_token_limits(tiny_original: Path) -> None:
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert info.value.details().startswith("texts:") and hint in info.value.details()
         assert len(stub.Embed(_request(texts=["within the limits"] * 3), timeout=30).embeddings) == 3
+
+
+def _not_utf8(message: pb.EmbedRequest | pb.TokenizeRequest | pb.EmbedStreamRequest, placeholder: str) -> bytes:
+    """`message` serialized with `placeholder` (two ASCII letters, found once) replaced by two bytes that are
+    not UTF-8: what a client that skips protobuf's own check sends."""
+    data = message.SerializeToString()
+    assert data.count(placeholder.encode()) == 1
+    return data.replace(placeholder.encode(), b"\xffA")
+
+
+def _raw_unary(srv: RunningServer, method: str) -> grpc.UnaryUnaryMultiCallable:
+    return srv.channel().unary_unary(f"/nomic_embed.v1.EmbedService/{method}")  # bytes in, bytes out
+
+
+def _field_violation(error: grpc.RpcError) -> str:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    violation = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(violation)
+    return violation.field_violations[0].field
+
+
+@pytest.mark.parametrize("method", ["Embed", "Tokenize"])
+def test_text_that_is_not_utf8_is_invalid_argument_naming_it(tiny_original: Path, method: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    kind = pb.EmbedRequest if method == "Embed" else pb.TokenizeRequest
+    data = _not_utf8(kind(texts=[A, "second text", "zq", A], task=pb.TASK_SEARCH_QUERY), "zq")
+    caplog.set_level(logging.INFO, logger="server.access")
+    with running_server(str(tiny_original), access_log=True) as srv:
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_unary(srv, method)(data, timeout=30)
+        assert _raw_unary(srv, method)(kind(texts=[A], task=pb.TASK_SEARCH_QUERY).SerializeToString(), timeout=30)
+        counted = srv.app.metrics.registry.get_sample_value(
+            "nomic_embed_requests_total", {"method": method, "code": "INVALID_ARGUMENT"})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("texts[2]: not valid UTF-8 (bytes ff at offset 0)")
+    assert _field_violation(info.value) == "texts[2]"
+    assert counted == 1
+    access = [r.getMessage() for r in caplog.records if r.name == "server.access"]
+    assert f"/nomic_embed.v1.EmbedService/{method} INVALID_ARGUMENT" in " ".join(access)
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a bad request"
+
+
+def test_a_stream_message_that_is_not_utf8_gets_its_error_and_the_stream_goes_on(
+        tiny_server: RunningServer) -> None:
+    good = [pb.EmbedStreamRequest(id=i, request=_request()).SerializeToString() for i in ("a", "b")]
+    bad_text = _not_utf8(pb.EmbedStreamRequest(id="bad-text", request=_request(texts=[A, "zq"])), "zq")
+    bad_id = _not_utf8(pb.EmbedStreamRequest(id="zq", request=_request()), "zq")
+    stream = tiny_server.channel().stream_stream("/nomic_embed.v1.EmbedService/EmbedStream",
+                                                 response_deserializer=pb.EmbedStreamResponse.FromString)
+    replies = list(stream(iter([good[0], bad_text, bad_id, good[1]]), timeout=30))
+    assert [r.WhichOneof("result") for r in replies] == ["response", "error", "error", "response"]
+    assert [r.id for r in replies] == ["a", "bad-text", "\ufffdA", "b"]
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert (replies[1].error.code, replies[1].error.field) == (invalid, "texts[1]")
+    assert replies[1].error.message.startswith("texts[1]: not valid UTF-8")
+    assert (replies[2].error.code, replies[2].error.field) == (invalid, "id")
+    assert len(replies[3].response.embeddings[0].values) == TINY["hidden"]
+
+
+def test_tokenize_keeps_the_request_size_and_token_limits(tiny_original: Path) -> None:
+    with running_server(str(tiny_original), max_request_tokens=100, max_request_bytes=2000) as srv:
+        stub = _stub(srv)
+        cases = {
+            "bytes": (pb.TokenizeRequest(texts=["word " * 100] * 5, task=pb.TASK_RAW), "2000 bytes"),
+            "tokens": (pb.TokenizeRequest(texts=["one two three four five six seven eight"] * 12,
+                                          task=pb.TASK_RAW), "limit of 100 tokens"),
+        }
+        for request, hint in cases.values():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Tokenize(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("texts:") and hint in info.value.details()
+            assert _field_violation(info.value) == "texts"
+        # 10 texts of 10 tokens: within both limits
+        assert len(stub.Tokenize(pb.TokenizeRequest(texts=["one two three four five six seven eight"] * 10,
+                                                    task=pb.TASK_RAW), timeout=30).texts) == 10

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
+from server.errors import StartupError
 from tests.helpers.certs import Authority
 from tests.helpers.servers import RunningServer, running_server
 
@@ -87,3 +89,58 @@ def test_texts_never_reach_the_logs(tiny_server: RunningServer, caplog: pytest.L
         with pytest.raises(grpc.RpcError):
             stub.Embed(pb.EmbedRequest(texts=[secret], task=pb.TASK_SEARCH_DOCUMENT, dimensions=3), timeout=10)
     assert secret not in caplog.text
+
+
+def _start_fails(tmp_path: Path, **overrides: object) -> str:
+    """The start's error; the model folder does not exist, so any other error comes before loading."""
+    with pytest.raises(StartupError) as info, running_server(str(tmp_path / "no-model"), **overrides):
+        pass
+    return str(info.value)
+
+
+def test_a_key_of_another_certificate_is_refused_naming_both_files(pki: dict, tmp_path: Path) -> None:
+    _, other_key = pki["ca"].issue("localhost", server=True).write(tmp_path, "other")
+    message = _start_fails(tmp_path, tls_cert=pki["server_cert"], tls_key=other_key)
+    assert message == (f"the TLS key {other_key} (--tls-key) does not belong to the TLS certificate "
+                       f"{pki['server_cert']} (--tls-cert)")
+
+
+def test_an_encrypted_key_is_refused(pki: dict, tmp_path: Path) -> None:
+    key = tmp_path / "encrypted.key"
+    key.write_bytes(pki["ca"].key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.BestAvailableEncryption(b"secret")))
+    message = _start_fails(tmp_path, tls_cert=pki["server_cert"], tls_key=str(key))
+    assert message == f"the TLS key {key} (--tls-key) is encrypted; give an unencrypted PEM key"
+
+
+@pytest.mark.parametrize(("setting", "flag", "what"), [
+    ("tls_cert", "--tls-cert", "TLS certificate"), ("tls_key", "--tls-key", "TLS key"),
+    ("tls_client_ca", "--tls-client-ca", "client CA")])
+def test_missing_tls_files_are_named_with_their_flag(pki: dict, tmp_path: Path, setting: str, flag: str,
+                                                     what: str) -> None:
+    missing = str(tmp_path / "missing.pem")
+    settings = {"tls_cert": pki["server_cert"], "tls_key": pki["server_key"], setting: missing}
+    message = _start_fails(tmp_path, **settings)
+    assert message == f"cannot read the {what} {missing} ({flag}): No such file or directory"
+
+
+def test_files_that_are_not_pem_are_refused_naming_them(pki: dict, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    assert _start_fails(tmp_path, tls_cert=str(junk), tls_key=pki["server_key"]) == (
+        f"the TLS certificate {junk} (--tls-cert) holds no PEM certificate")
+    assert _start_fails(tmp_path, tls_cert=pki["server_cert"], tls_key=str(junk)) == (
+        f"the TLS key {junk} (--tls-key) holds no PEM private key")
+    assert _start_fails(tmp_path, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                        tls_client_ca=str(junk)) == f"the client CA {junk} (--tls-client-ca) holds no PEM certificate"
+
+
+@pytest.mark.parametrize("tokens", [" , ", ""])
+def test_auth_tokens_that_yield_no_token_refuse_to_start(tmp_path: Path, tokens: str) -> None:
+    assert _start_fails(tmp_path, auth_tokens_env=tokens).startswith("NOMIC_EMBED_AUTH_TOKENS holds no token")
+
+
+def test_a_token_file_that_is_not_text_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_bytes(b"\xff\xfe token\n")
+    assert _start_fails(tmp_path, auth_token_file=str(token_file)) == f"the token file {token_file} is not UTF-8 text"

@@ -19,16 +19,17 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
+from quant.probe import available_cpus
 from server.errors import StartupError
 from tests.conftest import TINY
 from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import RunningServer, running_server, wait_until_serving
+from tests.helpers.servers import RunningServer, free_port, running_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _start_fails(path: Path) -> str:
-    with pytest.raises(StartupError) as info, running_server(str(path)):
+def _start_fails(path: Path, **overrides: object) -> str:
+    with pytest.raises(StartupError) as info, running_server(str(path), **overrides):
         pass
     return str(info.value)
 
@@ -74,6 +75,18 @@ def test_unknown_model_says_how_to_fix_without_traceback(tmp_path: Path) -> None
     assert proc.returncode == 2
     assert "Traceback" not in out
     assert "no-such-model" in out and "--model /path/to/dir" in out
+    assert "make serve MODEL=all-minilm-l6-v2" in out  # something real that serves without the hub
+
+
+def test_make_serve_offline_ends_with_the_fix_and_status_2(tmp_path: Path) -> None:
+    """The README's first command on a machine without the hub (no cache, downloads off)."""
+    proc = subprocess.run(["make", "--no-print-directory", "serve", "PORT=0"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out  # make passes the server's status on (as "Error 2")
+    assert "cannot start: model 'nomic-ai/nomic-embed-text-v1.5'" in out and "Traceback" not in out
+    assert "downloads are off (HF_HUB_OFFLINE)" in out and "make serve MODEL=all-minilm-l6-v2" in out
 
 
 def test_missing_directory_is_reported(tmp_path: Path) -> None:
@@ -85,6 +98,35 @@ def test_missing_directory_is_reported(tmp_path: Path) -> None:
 def test_port_in_use_fails_at_start(tiny_server: RunningServer, tiny_original: Path) -> None:
     with pytest.raises(StartupError, match="in use"), running_server(str(tiny_original), port=tiny_server.port):
         pass
+
+
+def test_a_taken_metrics_port_fails_the_start_before_the_model_loads(tmp_path: Path) -> None:
+    """The model folder does not exist: the metrics port is what the start trips over first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = _start_fails(tmp_path / "no-model", metrics_port=port)
+    assert message.startswith(f"cannot serve metrics on 127.0.0.1:{port} (--metrics-port): "), message
+
+
+def test_a_taken_metrics_port_exits_2_with_one_error_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _run_server("--model", str(tmp_path / "no-model"), "--host", "127.0.0.1", "--port", "0",
+                           "--metrics-port", str(port))
+        out, _ = proc.communicate(timeout=120)
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert len(errors) == 1 and "--metrics-port" in errors[0] and "no-model" not in out, out
+
+
+def test_more_threads_than_cpus_fails_the_start_naming_the_count(tmp_path: Path) -> None:
+    cpus = available_cpus()
+    message = _start_fails(tmp_path / "no-model", threads=cpus + 1)
+    assert message.startswith(f"--threads {cpus + 1} is more than the {cpus} CPU(s) this process may use"), message
 
 
 def test_health_and_reflection(tiny_server: RunningServer) -> None:
@@ -99,14 +141,8 @@ def test_health_and_reflection(tiny_server: RunningServer) -> None:
     assert {"nomic_embed.v1.EmbedService", "grpc.health.v1.Health"} <= names
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_and_exits_cleanly(tiny_original: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", str(port), "--threads", "1")
     try:
         wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=120)
@@ -121,7 +157,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_original: Path) -> None:
 def test_a_grace_period_ending_mid_batch_exits_cleanly(tmp_path: Path) -> None:
     """The model thread is still inside torch when the grace period ends: the process must not abort."""
     model = write_tiny_nomic(tmp_path / "m", hidden=384, layers=6, heads=6, inner=1536, max_trained_positions=2048)
-    port = _free_port()
+    port = free_port()
     proc = _run_server("--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
                        "--grace", "0.3")
     try:

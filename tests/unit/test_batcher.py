@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from server.batcher import Batcher, BatchPolicy, choose_window
-from server.errors import DeadlineExceeded, ModelFailure, OutOfMemory, Overloaded, Unavailable
+from server.errors import DeadlineExceeded, ModelFailure, NonFiniteVector, OutOfMemory, Overloaded, Unavailable
 
 POISON = 666  # a token id the fake model fails on
 
@@ -473,3 +473,73 @@ def test_after_out_of_memory_batches_stay_within_the_lowered_budget() -> None:
 
     run(main())
     assert len(model.refused) <= 2  # once lowered, the budget keeps later batches from failing again
+
+
+NAN_TOKEN = 777  # a token id the fake model gives a NaN vector for
+
+
+class NanModel(FakeModel):
+    """NaN or infinity for rows with NAN_TOKEN, or for every row of batches that start once `broken`."""
+
+    broken = False
+
+    def __call__(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        broken = self.broken  # before a held batch waits
+        vectors = super().__call__(rows)
+        for i, row in enumerate(rows):
+            if broken or NAN_TOKEN in row:
+                vectors[i, 1] = np.nan if i % 2 else np.inf
+        return vectors
+
+
+WARM_UP = [[101, 7, 8, 102], [101, 7, 102]]
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_non_finite_vector_fails_its_request_and_the_probe_tells_a_broken_model(broken: bool) -> None:
+    model = NanModel()
+
+    async def main() -> None:
+        batcher = Batcher(model, BatchPolicy(wait_s=0))
+        batcher.run_now(WARM_UP)  # becomes the probe
+        events = []
+        batcher.on_non_finite = events.append
+        batcher.start()
+        blocker = await occupy(batcher, model)
+        model.broken = broken
+        poisoned = batcher.submit([[1, 2, 3], [4, NAN_TOKEN, 5], [6, 7, 8]])
+        clean = batcher.submit([[9, 10, 11]])
+        model.release()
+        await blocker
+        with pytest.raises(NonFiniteVector) as failure:
+            await poisoned.result()
+        if broken:  # every row is NaN now: the clean request fails too
+            with pytest.raises(NonFiniteVector):
+                await clean.result()
+        else:
+            assert_encodes(await clean.result(), [[9, 10, 11]])
+        await batcher.stop()
+        assert failure.value.row == (0 if broken else 1)
+        assert len(events) == 1
+        assert (events[0].rows, events[0].batch_rows, events[0].model_broken) == (4 if broken else 1, 4, broken)
+        assert batcher.totals.non_finite_rows == events[0].rows and batcher.totals.failed_batches == 0
+
+    run(main())
+    assert model.batches[-1] == WARM_UP  # the probe ran after the batch
+
+
+def test_without_warm_up_rows_non_finite_vectors_fail_requests_but_judge_no_model() -> None:
+    model = NanModel()
+    model.broken = True
+
+    async def main() -> None:
+        batcher = await started(model)
+        events = []
+        batcher.on_non_finite = events.append
+        with pytest.raises(NonFiniteVector):
+            await batcher.submit([[1, 2, 3]]).result()
+        await batcher.stop()
+        assert [e.model_broken for e in events] == [False]
+
+    run(main())
+    assert model.batches == [[[1, 2, 3]]]  # no probe to run

@@ -14,7 +14,7 @@ import pytest
 from client.batching import BatchLimits, batches, estimate_tokens
 from client.connection import connect
 from client.errors import EmbedError
-from client.files import InputError, NpyWriter, read_records
+from client.files import InputError, JsonlWriter, NpyWriter, read_records, text_lines
 from client.retry import Deadline, RetryPolicy
 
 
@@ -85,3 +85,46 @@ def test_npy_writer_writes_the_final_row_count(tmp_path: Path) -> None:
     assert not path.exists()  # only PATH.part until finished
     writer.finish()
     assert np.array_equal(np.load(path), rows)
+
+
+def test_text_lines_drop_line_ends_a_bom_and_blank_lines() -> None:
+    lines = io.StringIO("\ufeffone\r\ntwo\n\n  \t\nthree\n\n", newline="")
+    assert list(text_lines(lines)) == [(1, "one"), (2, "two"), (5, "three")]
+    assert list(text_lines(["\ufeff\n", "x\ufeff\n"])) == [(2, "x\ufeff")]  # a BOM only at the very start
+    records = list(read_records(io.StringIO('\ufeff{"text": "a"}\n'), jsonl=None))
+    assert records == [("a", {"text": "a"})]
+
+
+def test_npy_resume_keeps_complete_rows_and_drops_a_cut_one(tmp_path: Path) -> None:
+    path = tmp_path / "out.npy"
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    writer = NpyWriter(path, np.dtype(np.float32), 4)
+    writer.write([{}] * 6, rows[:6])
+    assert np.array_equal(np.load(writer.part), rows[:6])  # readable after every batch
+    with open(writer.part, "ab") as f:  # a run killed in the middle of a row
+        f.write(rows[6].tobytes()[:6])
+    writer.file.close()
+    with pytest.raises(InputError, match="add --resume to continue it"):
+        NpyWriter(path, np.dtype(np.float32), 4)
+    with pytest.raises(InputError, match="this run writes float32 rows of 8"):
+        NpyWriter(path, np.dtype(np.float32), 8, resume=True)
+    resumed = NpyWriter(path, np.dtype(np.float32), 4, resume=True)
+    assert resumed.rows == 6
+    resumed.write([{}] * 4, rows[6:])
+    resumed.finish()
+    assert np.array_equal(np.load(path), rows)
+
+
+def test_jsonl_resume_drops_a_cut_line_and_knows_its_last_record(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(path)
+    writer.write([{"id": 1}, {"id": 2}], np.zeros((2, 2), np.float32))
+    with open(writer.part, "ab") as f:
+        f.write(b'{"id": 3, "emb')
+    writer.file.close()
+    resumed = JsonlWriter(path, resume=True)
+    assert resumed.rows == 2
+    assert resumed.continues({"id": 2}) and not resumed.continues({"id": 3})
+    resumed.write([{"id": 3}], np.ones((1, 2), np.float32))
+    resumed.finish()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, 2, 3]

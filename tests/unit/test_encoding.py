@@ -7,15 +7,15 @@ import pytest
 
 from client.results import decode_embeddings
 from nomic_embed.v1 import embed_pb2 as pb
-from server.domain import Embedding, EmbedResult, Timings
+from server.domain import Embedding, EmbedResult, ModelFacts, Timings
 from server.encoding import INT8_SCALE, Encoding, encode, pack_rows
 from server.errors import InvalidInput
 from server.requests import parse_encoding
 from server.service import ServedModel, _response
 
-MODEL = ServedModel(model_id="m", variant="fp32", variant_reason="", device="cpu", hidden_size=20,
-                    min_dimensions=8, max_input_tokens=64, weight_bytes=0, task_prefixes=True, pooling="mean",
-                    server_version="0")
+MODEL = ServedModel(ModelFacts(model_id="m", revision="", hidden_size=20, num_layers=1, max_input_tokens=64,
+                               trained_positions=16, pooling="mean", nomic=True),
+                    variant="fp32", variant_reason="", device="cpu", weight_bytes=0, server_version="0")
 
 
 def unit_rows(n: int, dims: int, seed: int = 0) -> np.ndarray:

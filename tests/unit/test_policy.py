@@ -51,9 +51,10 @@ def squeeze(kind: str, fits: str, misses: str, row: int = ROW) -> int:
 
 CASES = [
     # (id, device, request, variant chosen)
-    ("cuda-ample", cuda(80 * GIB), req(), "fp32"),
+    ("cuda-ample", cuda(80 * GIB), req(), "fp16"),
     ("cuda-fp32-short", cuda(free_for(squeeze("cuda", "fp16", "fp32"))), req(), "fp16"),
     ("cuda-no-native-bf16", cuda(free_for(squeeze("cuda", "fp16", "fp32")), native_bf16=False), req(), "fp16"),
+    ("cuda-explicit-fp32", cuda(80 * GIB), req(variant="fp32"), "fp32"),
     ("cuda-half-short", cuda(free_for(squeeze("cuda", "int8", "fp16"))), req(), "int8"),
     ("cuda-int8-short", cuda(free_for(squeeze("cuda", "nf4", "int8"))), req(), "nf4"),
     ("cuda-cap-below-free", cuda(80 * GIB), req(max_memory_bytes=squeeze("cuda", "int8", "fp16")), "int8"),
@@ -90,7 +91,7 @@ def test_ample_memory_keeps_the_requested_budget() -> None:
 
 def test_budget_is_lowered_to_what_fits_after_the_weights() -> None:
     fits_8k_more = need("fp32", "cuda", ROW + 8192)
-    decision = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=fits_8k_more))
+    decision = choose_variant(cuda(80 * GIB), NOMIC, req(variant="fp32", max_memory_bytes=fits_8k_more))
     assert decision.variant.name == "fp32"
     assert decision.batch_tokens == ROW + 8192
     one_more = estimate(decision.variant, NOMIC, "cuda", decision.batch_tokens + 1, ROW).total
@@ -128,13 +129,18 @@ def test_unknown_variant_lists_the_known_ones() -> None:
 
 
 def test_reasons_say_why() -> None:
-    assert "most precise variant that fits" in choose_variant(cuda(80 * GIB), NOMIC, req()).reason
+    assert "first of fp16, int8, nf4 that fits" in choose_variant(cuda(80 * GIB), NOMIC, req()).reason
     reason = choose_variant(cpu(), NOMIC, req(max_memory_bytes=squeeze("cpu", "int8-dynamic", "bf16"))).reason
     assert "--max-memory" in reason and "fp32, bf16" in reason and "do not fit" in reason
     assert "no native bf16" in choose_variant(cpu(), NOMIC, req(variant="bf16")).reason
 
 
 def test_cuda_headroom_is_left_free() -> None:
-    exactly_fp32 = need("fp32", "cuda")
-    assert choose_variant(cuda(exactly_fp32), NOMIC, req()).variant.name != "fp32"
-    assert choose_variant(cuda(free_for(exactly_fp32)), NOMIC, req()).variant.name == "fp32"
+    exactly_fp16 = need("fp16", "cuda")
+    assert choose_variant(cuda(exactly_fp16), NOMIC, req()).variant.name != "fp16"
+    assert choose_variant(cuda(free_for(exactly_fp16)), NOMIC, req()).variant.name == "fp16"
+
+
+def test_auto_on_cuda_never_picks_fp32_or_bf16() -> None:
+    for free in (free_for(need("fp32", "cuda")) * 4, free_for(need("fp16", "cuda")), free_for(need("int8", "cuda"))):
+        assert choose_variant(cuda(free), NOMIC, req()).variant.name in ("fp16", "int8", "nf4")

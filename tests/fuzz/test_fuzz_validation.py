@@ -1,4 +1,4 @@
-"""A bounded coverage-guided fuzz run of request validation (atheris, in a subprocess)."""
+"""A bounded coverage-guided fuzz run of request validation (atheris, in a subprocess of about 20 s)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fuzz
 ROOT = Path(__file__).resolve().parents[2]
 
 

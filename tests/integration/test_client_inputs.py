@@ -1,0 +1,143 @@
+"""What callers hand the client, against a real server on loopback: one str, closed clients, bad numbers, files."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client import AsyncEmbedClient, EmbedClient, EmbedError
+from tests.helpers.servers import RunningServer
+
+
+def test_a_bare_str_is_one_text(tiny_server: RunningServer) -> None:
+    with tiny_server.client() as client:
+        one = client.embed("hello", "search_query")
+        listed = client.embed(["hello"], "search_query")
+        assert one.shape == (128,)
+        np.testing.assert_array_equal(one, listed[0])
+        assert len(client.embed_response("hello").embeddings) == 1
+        assert client.tokenize("hello") == client.tokenize(["hello"])[0]
+
+    async def run() -> tuple[np.ndarray, list[int]]:
+        async with AsyncEmbedClient(tiny_server.target) as client:
+            return await client.embed("hello", "search_query"), await client.tokenize("hello")
+
+    vector, ids = asyncio.run(run())
+    np.testing.assert_array_equal(vector, listed[0])
+    assert isinstance(ids[0], int)
+
+
+def test_a_text_that_is_not_a_str_is_named() -> None:
+    with EmbedClient("127.0.0.1:1") as client, pytest.raises(TypeError, match=r"texts\[1\] is a bytes, not a str"):
+        client.embed(["a", b"b"])  # type: ignore[list-item]
+
+
+def test_closed_clients_refuse_every_call_alike(tiny_server: RunningServer) -> None:
+    client = tiny_server.client()
+    client.embed(["warm"])
+    list(client.embed_stream(["start the stream loop"]))
+    client.close()
+    calls = {"embed": lambda: client.embed(["a"]), "embed_response": lambda: client.embed_response(["a"]),
+             "tokenize": lambda: client.tokenize(["a"]), "info": client.info,
+             "embed_stream": lambda: client.embed_stream(["a"])}
+    for name, call in calls.items():
+        with pytest.raises(EmbedError, match="the client is closed") as info:
+            call()
+        assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION, name
+
+    async def run() -> list[EmbedError]:
+        aclient = AsyncEmbedClient(tiny_server.target)
+        await aclient.close()
+        errors = []
+        for call in (aclient.embed(["a"]), aclient.tokenize(["a"]), aclient.info()):
+            try:
+                await call
+            except EmbedError as exc:
+                errors.append(exc)
+        try:
+            aclient.embed_stream(["a"])
+        except EmbedError as exc:
+            errors.append(exc)
+        return errors
+
+    errors = asyncio.run(run())
+    assert len(errors) == 4
+    assert all(e.code is grpc.StatusCode.FAILED_PRECONDITION and "closed" in e.details for e in errors)
+
+
+BAD_NUMBERS = [
+    ({"dimensions": -1}, ValueError, r"dimensions must be from 0 .* to 4294967295, not -1"),
+    ({"dimensions": 2**40}, ValueError, r"dimensions must be from 0 .* to 4294967295, not 1099511627776"),
+    ({"dimensions": 1.5}, TypeError, r"dimensions must be an int, not float"),
+    ({"dimensions": True}, TypeError, r"dimensions must be an int, not bool"),
+    ({"max_tokens": -3}, ValueError, r"max_tokens must be from 0 .* to 4294967295, not -3"),
+    ({"task": 2**40}, ValueError, r"task must be from -2147483648 to 2147483647, not 1099511627776"),
+    ({"task": 1.5}, TypeError, r"task must be a member of Task, its name or its number, not float"),
+    ({"encoding": None}, TypeError, r"encoding must be a member of Encoding, its name or its number, not NoneType"),
+]
+STREAM_NUMBERS = [
+    ({"batch_size": 0}, ValueError, r"batch_size must be at least 1, not 0"),
+    ({"batch_tokens": 2.5}, TypeError, r"batch_tokens must be an int, not float"),
+    ({"window": -1}, ValueError, r"window must be at least 1, not -1"),
+    ({"streams": 0}, ValueError, r"streams must be at least 1, not 0"),
+    ({"timeout": float("nan")}, ValueError, r"timeout must be a positive number of seconds or None, not nan"),
+    ({"timeout": -1}, ValueError, r"timeout must be a positive number of seconds or None, not -1"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "kind", "message"), BAD_NUMBERS)
+def test_bad_numbers_are_refused_naming_the_argument(tiny_server: RunningServer, kwargs: dict[str, object],
+                                                     kind: type[Exception], message: str) -> None:
+    with tiny_server.client() as client:
+        with pytest.raises(kind, match=message):
+            client.embed(["a"], **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(kind, match=message):
+            list(client.embed_stream(["a"], **kwargs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "kind", "message"), STREAM_NUMBERS)
+def test_bad_stream_settings_are_refused_naming_the_argument(tiny_server: RunningServer, kwargs: dict[str, object],
+                                                             kind: type[Exception], message: str) -> None:
+    with tiny_server.client() as client, pytest.raises(kind, match=message):
+        list(client.embed_stream(["a"], **kwargs))  # type: ignore[arg-type]
+
+
+def test_bad_client_timeouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds or None, not 0"):
+        EmbedClient("127.0.0.1:1", timeout=0)
+
+
+def test_a_text_file_streams_its_lines_without_terminators_bom_or_blank_lines(tiny_server: RunningServer,
+                                                                             tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    # A UTF-8 BOM, Windows line ends, blank and whitespace-only lines inside and at the end.
+    path.write_bytes("\ufefffirst line\r\nsecond line\r\n\r\n   \r\nthird line\r\n\r\n".encode())
+    lines = ["first line", "second line", "third line"]
+    with tiny_server.client() as client:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": "\r\n" reaches the client as it is
+            batches = list(client.embed_stream(f, "search_query", batch_size=2))
+        want = client.embed(lines, "search_query")
+        from_text_mode = [b for b in client.embed_stream(io.StringIO("a\n\nb\n"), batch_size=5)]
+    assert [t for b in batches for t in b.texts] == lines
+    assert [b.start for b in batches] == [0, 2]
+    assert [n for b in batches for n in b.line_numbers or []] == [1, 2, 5]  # 1-based lines of the file
+    np.testing.assert_allclose(np.concatenate([b.embeddings for b in batches]), want, rtol=0, atol=1e-5)
+    assert from_text_mode[0].texts == ["a", "b"] and from_text_mode[0].line_numbers == [1, 3]
+
+
+def test_a_bad_line_of_a_file_is_named_by_its_line_number(tiny_server: RunningServer) -> None:
+    corpus = io.StringIO("short\n\n" + "long " * 40 + "\n")
+    with tiny_server.client() as client, pytest.raises(EmbedError) as info:
+        list(client.embed_stream(corpus, long_text_mode="error", max_tokens=20))
+    assert info.value.field == "texts[1]"
+    assert "texts[1] (line 3)" in info.value.details
+
+
+def test_a_binary_file_is_refused() -> None:
+    with EmbedClient("127.0.0.1:1") as client, pytest.raises(TypeError, match="open it in text mode"):
+        client.embed_stream(io.BytesIO(b"a\n"))

@@ -1,0 +1,204 @@
+"""Where the model comes from, and what start-up refuses before it could serve a wrong vector.
+
+Real `python -m server` processes where the environment matters (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT) and
+for signals; in-process servers for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
+from server.errors import StartupError
+from tests.conftest import TINY
+from tests.helpers.checkpoint import write_tiny_nomic
+from tests.helpers.hub_layouts import REPO_ID, fake_commit, write_hf_cache
+from tests.helpers.servers import free_port, running_server, wait_until_serving
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _refusal(model: Path, **overrides: object) -> str:
+    with pytest.raises(StartupError) as info, running_server(str(model), **overrides):
+        pass
+    return str(info.value)
+
+
+def _copy(tiny: Path, dest: Path) -> Path:
+    shutil.copytree(tiny, dest)
+    return dest
+
+
+@pytest.mark.parametrize("files", [("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                    "special_tokens_map.json")])
+def test_a_model_without_its_tokenizer_files_is_refused(tiny_original: Path, tmp_path: Path,
+                                                        files: tuple[str, ...]) -> None:
+    """transformers would build a 5-token tokenizer that maps every word to [UNK]."""
+    model = _copy(tiny_original, tmp_path / "m")
+    for name in files:
+        (model / name).unlink()
+    message = _refusal(model)
+    assert "tokenizer" in message and "not the model's" in message and "missing" in message
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_original, tmp_path / "m")
+    (model / "vocab.txt").unlink()
+    tok = json.loads((model / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    words = sorted(vocab, key=vocab.get)
+    tok["model"]["vocab"] = {w: i for i, w in enumerate(words[:1000] + words[1000:][::-1])}  # same words, other ids
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    assert "not the model's" in _refusal(model)
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(tiny_original: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_original, tmp_path / "m")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = _refusal(model)
+    assert "model.safetensors" in message and "truncated" in message
+
+
+def test_a_revision_for_a_plain_directory_is_refused(tiny_original: Path) -> None:
+    assert "cannot be checked" in _refusal(tiny_original, revision="main")
+
+
+def _run(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def test_hub_id_and_tag_resolve_from_a_real_cache_offline(tmp_path: Path) -> None:
+    """HF_HOME and HF_HUB_OFFLINE as a user sets them; the tag names the older revision, Info reports its commit."""
+    old = write_tiny_nomic(tmp_path / "old", config_style="original", **TINY)
+    new = write_tiny_nomic(tmp_path / "new", config_style="v5", **TINY)
+    commit_old, commit_new = fake_commit("old"), fake_commit("new")
+    write_hf_cache(tmp_path / "hf", old, commit=commit_old, refs={"v1.5-2024": commit_old})
+    write_hf_cache(tmp_path / "hf", new, commit=commit_new, refs={"main": commit_new})
+    port = free_port()
+    proc = _run("--model", REPO_ID, "--revision", "v1.5-2024", "--host", "127.0.0.1", "--port", str(port),
+                "--threads", "1", "--variant", "fp32", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=180)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = embed_pb2_grpc.EmbedServiceStub(channel).Info(pb.InfoRequest(), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (info.revision, info.max_input_tokens, info.trained_positions) == (commit_old, 8192, 16)
+    assert f"revision {commit_old}" in out and proc.returncode == 0, out
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[str]:
+    """A loopback 'hub' that accepts connections and never answers: a download that takes forever."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_sigterm_while_downloading_exits_promptly_and_says_so(tmp_path: Path, silent_hub: str) -> None:
+    proc = _run("--model", REPO_ID, "--host", "127.0.0.1", "--port", "0", env={
+        "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": silent_hub, "HF_HUB_OFFLINE": "0",
+        "HF_HUB_ETAG_TIMEOUT": "600", "HF_HUB_DOWNLOAD_TIMEOUT": "600"})
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the download has begun
+            lines.append(line)
+            if "start-up: finding" in line:
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None, "".join(lines)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)  # without the fix: the download's 600 s
+        took = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    out = "".join(lines) + out
+    print(f"SIGTERM to exit while downloading: {took:.2f}s")
+    assert proc.returncode == 0, out
+    assert f"stop requested while finding {REPO_ID}" in out and "exiting without serving" in out
+    assert "Traceback" not in out and "app: SERVING" not in out and "warm-up took" not in out
+
+
+def test_a_second_signal_during_drain_exits_at_once(tmp_path: Path) -> None:
+    model = write_tiny_nomic(tmp_path / "m", hidden=384, layers=6, heads=6, inner=1536, max_trained_positions=2048)
+    port = free_port()
+    proc = _run("--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
+                "--variant", "fp32", env={})
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=180)
+        stub = embed_pb2_grpc.EmbedServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        calls = [stub.Embed.future(pb.EmbedRequest(texts=["word " * 2000] * 8, task=pb.TASK_SEARCH_QUERY),
+                                   timeout=120) for _ in range(3)]
+        time.sleep(0.5)  # seconds of work on one core: the drain (grace 30 s) would wait for all of it
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "SIGINT again: exiting now, dropping" in out and "terminate called" not in out
+    assert all(call.exception() is not None for call in calls)
+
+
+def test_limits_beyond_what_the_model_or_a_batch_takes_are_refused(tiny_original: Path) -> None:
+    """Not silently lowered (or raised) to fit: the operator asked for something the server cannot do."""
+    assert "--max-input-tokens 9000 is above" in _refusal(tiny_original, max_input_tokens=9000)
+    assert "--max-batch-tokens 4096 is below the input limit of 8192" in _refusal(tiny_original,
+                                                                                 max_batch_tokens=4096)
+
+
+def test_a_scaling_factor_that_overflows_the_rotary_base_is_refused(tiny_original: Path) -> None:
+    assert "beyond float32" in _refusal(tiny_original, rotary_scaling_factor=1e300)
+
+
+def test_weights_that_give_nan_from_the_start_are_refused(tiny_original: Path, tmp_path: Path) -> None:
+    """A checkpoint that loads (every tensor present, right shapes) but computes NaN is not served at all."""
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(tiny_original, tmp_path / "m")
+    tensors = load_file(model / "model.safetensors")
+    tensors["encoder.layers.1.norm2.weight"][0] = float("nan")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert "gives NaN or infinity for the warm-up text" in _refusal(model)
