@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.helpers.checkpoint import write_tiny_nomic
+from tools.checkpoint import write_tiny_nomic
 
 # nomic-embed-text-v1.5's shape: 137M parameters, trained on 2048 positions.
 FULL_SIZE = {"hidden": 768, "layers": 12, "heads": 12, "inner": 3072, "max_trained_positions": 2048}

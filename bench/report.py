@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bench.load import LoadResult
-from server.batcher import BatcherTotals
+from server.engine.batcher import BatcherTotals
 
 
 @dataclass(frozen=True)

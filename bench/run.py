@@ -33,11 +33,12 @@ from bench.model import full_size_checkpoint
 from bench.report import RunSummary, load_average, machine, table
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from server import matryoshka
 from server.config import parse_args
-from server.runner import Runner
-from server.tokenization import TextTokenizer
-from tests.helpers.servers import RunningServer, running_server
+from server.engine import matryoshka
+from server.engine.tokenization import TextTokenizer
+from server.model.runner import Runner
+from server.model.tokenizer import load_tokenizer
+from tools.servers import RunningServer, running_server
 
 DOCUMENT_PREFIX = "search_document: "
 QUERY_PREFIX = "search_query: "
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     load_before = load_average()
     path = full_size_checkpoint(args.cache_dir)
-    tokenizer = TextTokenizer(path)
+    tokenizer = TextTokenizer(*load_tokenizer(path))
     data = _corpus(tokenizer, args)
     log.info("corpus: %s", data.describe())
     config = parse_args(["--model", str(path), "--variant", args.variant, *shlex.split(args.server_args)], env={})

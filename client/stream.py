@@ -24,19 +24,18 @@ import collections
 import contextlib
 import io
 import itertools
-import re
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import grpc
 
-from client.batching import BatchLimits, batches
+from client.batching import batches
 from client.errors import EmbedError, from_rpc_error, status_code
 from client.files import text_lines
 from client.options import EmbedOptions
 from client.results import EmbeddedBatch, decode_embeddings
 from client.retry import Deadline, RetryPolicy
+from client.stream_state import Batch, Outage, Run, StreamSettings, StreamStats, batch_error
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 
@@ -52,56 +51,6 @@ _REOPEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAU
 # RetryPolicy.max_attempts tries, as does everything before the first answer (a wrong address fails fast).
 _AWAY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _CLOSE_GRACE_S = 5.0  # for the server to close a finished stream before it is cancelled
-_TEXT_FIELD = re.compile(r"texts\[(\d+)\]")
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    limits: BatchLimits = field(default_factory=BatchLimits)  # texts and estimated tokens per batch
-    window: int = 4  # batches in flight: sent and not yet handed to the caller
-    streams: int = 1  # concurrent streams (one per server behind a round_robin target spreads the load)
-    timeout: float | None = None  # seconds for the whole input
-    reconnect_timeout: float = 60.0  # how long to wait for a server, counted from the last answer before a break
-
-    def __post_init__(self) -> None:
-        if self.window < 1 or self.streams < 1:
-            raise ValueError("window and streams must be at least 1")
-
-
-@dataclass
-class StreamStats:
-    sent: int = 0  # stream messages written, repeats included
-    retried: int = 0  # batches sent again after a retryable error
-    reopened: int = 0  # streams opened again after a break
-
-
-@dataclass(eq=False)
-class _Batch:
-    seq: int
-    start: int
-    texts: list[str]
-    line_numbers: list[int] | None  # of a text file's texts
-    failures: int = 0
-    away_since: float | None = None  # first UNAVAILABLE answer: those are bounded by time, not by tries
-
-
-@dataclass(eq=False)
-class _Run:
-    """One stream: the batches it sent and has not answered, and whether it got anywhere."""
-
-    inflight: dict[str, _Batch] = field(default_factory=dict)
-    leaving: asyncio.Event = field(default_factory=asyncio.Event)  # the server answered UNAVAILABLE: send no more
-    taken: int = 0  # batches taken to send (counted before the write, which may fail)
-    answered: int = 0  # batches settled: a result or a final error
-
-
-@dataclass
-class _Outage:
-    """Consecutive stream breaks with no answer in between."""
-
-    since: float  # the break that started it
-    breaks: int = 0
-    strikes: int = 0  # breaks that count against RetryPolicy.max_attempts
 
 
 class AsyncEmbedStream:
@@ -133,7 +82,7 @@ class AsyncEmbedStream:
         self._metadata = tuple(metadata)
         self.stats = StreamStats()
         self._window = asyncio.Semaphore(settings.window)  # batches sent and not yet handed to the caller
-        self._work: asyncio.PriorityQueue[tuple[int, _Batch | None]] = asyncio.PriorityQueue()
+        self._work: asyncio.PriorityQueue[tuple[int, Batch | None]] = asyncio.PriorityQueue()
         self._results: dict[int, EmbeddedBatch | EmbedError] = {}
         self._answered = 0
         self._total: int | None = None  # batches in the input, once it is read to the end
@@ -219,7 +168,7 @@ class AsyncEmbedStream:
             # Batching reads one text past a batch's end, so the oldest numbers are this batch's.
             numbers = None if self._line_numbers is None else [self._line_numbers.popleft() for _ in texts]
             await self._window.acquire()
-            self._work.put_nowait((seq, _Batch(seq, start, texts, numbers)))
+            self._work.put_nowait((seq, Batch(seq, start, texts, numbers)))
             seq += 1
         self._total = seq
         self._check_all_answered()
@@ -227,19 +176,19 @@ class AsyncEmbedStream:
 
     async def _lane(self) -> None:
         """One stream at a time: open, send and receive until done; after a break, open a new one."""
-        outage: _Outage | None = None
+        outage: Outage | None = None
         while True:
-            run = _Run()
+            run = Run()
             error = await self._run_stream(run)
             if error is None or self._all_answered():
                 return
             if outage is None or run.answered or not run.taken:
                 # The stream that broke was answered, or had nothing to send: this break starts an outage.
-                outage = _Outage(since=time.monotonic())
+                outage = Outage(since=time.monotonic())
             await self._wait_to_reopen(error, outage)
             self.stats.reopened += 1
 
-    async def _wait_to_reopen(self, error: EmbedError, outage: _Outage) -> None:
+    async def _wait_to_reopen(self, error: EmbedError, outage: Outage) -> None:
         """Back off; once a server has answered, also wait for the channel to connect again: a server that is
         down refuses connections, and retrying at once would spend the tries in a moment."""
         if error.code not in _REOPEN:
@@ -273,7 +222,7 @@ class AsyncEmbedStream:
         return EmbedError(grpc.StatusCode.UNAVAILABLE, f"no server answered the stream for "
                                                        f"{self._reconnect_timeout:.0f}s ({error})")
 
-    async def _run_stream(self, run: _Run) -> EmbedError | None:
+    async def _run_stream(self, run: Run) -> EmbedError | None:
         """One stream until it ends: None when all work is done, else how it broke (its batches requeued)."""
         call = self._stub.EmbedStream(timeout=self._deadline.remaining(), metadata=self._metadata)
         inflight, leaving = run.inflight, run.leaving
@@ -302,13 +251,13 @@ class AsyncEmbedStream:
             call.cancel()
             await asyncio.gather(receiver, sender, return_exceptions=True)
 
-    def _requeue(self, inflight: dict[str, _Batch], error: EmbedError) -> EmbedError:
+    def _requeue(self, inflight: dict[str, Batch], error: EmbedError) -> EmbedError:
         for batch in inflight.values():
             self._work.put_nowait((batch.seq, batch))
         inflight.clear()
         return error
 
-    async def _send(self, call: grpc.aio.StreamStreamCall, run: _Run) -> None:
+    async def _send(self, call: grpc.aio.StreamStreamCall, run: Run) -> None:
         """Write batches until every batch is answered or the server cannot serve; then close our side."""
         while (batch := await self._next_batch(run.leaving)) is not None:
             run.inflight[str(batch.seq)] = batch
@@ -317,7 +266,7 @@ class AsyncEmbedStream:
             self.stats.sent += 1
         await call.done_writing()
 
-    async def _next_batch(self, leaving: asyncio.Event) -> _Batch | None:
+    async def _next_batch(self, leaving: asyncio.Event) -> Batch | None:
         """The next batch to send; None once every batch is answered or when `leaving` is set."""
         if leaving.is_set():
             return None
@@ -333,7 +282,7 @@ class AsyncEmbedStream:
             if not get.cancel() and not keep:  # taken from the queue but not sent here (or we were cancelled)
                 self._work.put_nowait(get.result())
 
-    async def _receive(self, call: grpc.aio.StreamStreamCall, run: _Run) -> None:
+    async def _receive(self, call: grpc.aio.StreamStreamCall, run: Run) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
             batch = run.inflight.pop(message.id, None)
             if batch is None:
@@ -343,7 +292,7 @@ class AsyncEmbedStream:
             if self._settle(batch, message):
                 run.answered += 1
 
-    def _settle(self, batch: _Batch, message: pb.EmbedStreamResponse) -> bool:
+    def _settle(self, batch: Batch, message: pb.EmbedStreamResponse) -> bool:
         """Record a batch's answer; False when the batch is to be sent again."""
         if message.HasField("response"):
             response = message.response
@@ -351,7 +300,7 @@ class AsyncEmbedStream:
                 batch.start, batch.texts, decode_embeddings(response), [e.tokens for e in response.embeddings],
                 batch.line_numbers)
         else:
-            result = _batch_error(batch, message.error)
+            result = batch_error(batch, message.error)
             if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):
                 return False
             batch.failures += 1
@@ -366,7 +315,7 @@ class AsyncEmbedStream:
         self._changed.set()
         return True
 
-    def _away_retry(self, batch: _Batch) -> bool:
+    def _away_retry(self, batch: Batch) -> bool:
         """Queue a batch the server answered UNAVAILABLE (stopping, restarting, loading) for the next stream,
         whose opening waits for a server, unless such answers have gone on for `reconnect_timeout`: a restart
         takes no count of tries from the batch."""
@@ -379,7 +328,7 @@ class AsyncEmbedStream:
         self._work.put_nowait((batch.seq, batch))
         return True
 
-    async def _requeue_later(self, batch: _Batch, delay: float) -> None:
+    async def _requeue_later(self, batch: Batch, delay: float) -> None:
         await asyncio.sleep(delay)
         self._work.put_nowait((batch.seq, batch))
 
@@ -401,26 +350,6 @@ class AsyncEmbedStream:
                                        _CLOSE_GRACE_S if remaining is None else min(remaining, _CLOSE_GRACE_S))
         finally:
             await self.aclose()
-
-
-def _batch_error(batch: _Batch, error: pb.StreamError) -> EmbedError:
-    """The server's error for one batch, with text indexes counted from the start of the whole input."""
-
-    def whole_input(match: re.Match[str]) -> str:
-        return f"texts[{batch.start + int(match.group(1))}]"
-
-    def with_line(match: re.Match[str]) -> str:
-        index = int(match.group(1))
-        if batch.line_numbers is None or index >= len(batch.line_numbers):
-            return whole_input(match)
-        return f"{whole_input(match)} (line {batch.line_numbers[index]})"
-
-    message = _TEXT_FIELD.sub(with_line, error.message)
-    if not error.field.startswith("texts"):  # not about one text: say which batch it was
-        message = f"batch of texts[{batch.start}..{batch.start + len(batch.texts) - 1}]: {message}"
-    retry_after = error.retry_delay.ToNanoseconds() / 1e9 if error.HasField("retry_delay") else None
-    return EmbedError(status_code(error.code), message, field=_TEXT_FIELD.sub(whole_input, error.field),
-                      retry_after_s=retry_after)
 
 
 def _numbered(lines: Iterable[tuple[int, str]], keep: Callable[[int], None]) -> Iterator[str]:

@@ -64,11 +64,11 @@ def _wait_serving(target: str, process: subprocess.Popen[bytes], log: Path, time
 
 def _start_server(args: argparse.Namespace, workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
     sys.path.insert(0, str(ROOT))  # the repository's test helpers
-    from tests.helpers.ports import free_port
+    from tools.ports import free_port
 
     model = args.model
     if not model:
-        from tests.helpers.checkpoint import write_tiny_nomic
+        from tools.checkpoint import write_tiny_nomic
 
         model = str(write_tiny_nomic(workdir / "model", hidden=args.hidden, layers=args.layers, heads=4,
                                      inner=4 * args.hidden, max_trained_positions=2048))

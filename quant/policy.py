@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quant.device import DeviceInfo
 from quant.memory import CUDA_HEADROOM, MemoryEstimate, ModelInfo, estimate, mib, tokens_that_fit
-from quant.probe import DeviceInfo
 from quant.variants import LOSSLESS_BAR, VARIANTS, Variant, get_variant
 
 __all__ = ["Decision", "ModelInfo", "NoVariantFits", "Request", "choose_variant"]

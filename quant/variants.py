@@ -1,7 +1,7 @@
 """The variants a model can be served as: what each stores, where it runs, what it costs and promises.
 
 Only the Linear layers change between variants. Embeddings, LayerNorm, the rotary angles, pooling and
-the Matryoshka steps stay float32 in every one (see quant.loader).
+the Matryoshka steps stay float32 in every one (see server.model.loader).
 """
 
 from __future__ import annotations

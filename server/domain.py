@@ -66,7 +66,7 @@ NOMIC_MIN_DIMENSIONS = 64  # the smallest Matryoshka width nomic-embed-text-v1.5
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the served checkpoint is: read once at start-up (server.model_spec), asked by every layer."""
+    """What the served checkpoint is: read once at start-up (server.model.spec), asked by every layer."""
 
     model_id: str  # as the operator named it: hub id, directory or short name
     revision: str  # the commit the files are at where known, else the revision asked for; "" = unknown
@@ -102,3 +102,25 @@ class Limits:
     max_queue_tokens: int
     max_request_tokens: int = 262_144  # tokens the model reads for one request, all texts together
     max_request_bytes: int = 16 * 2**20  # serialized size of one request
+
+
+# Lower case, accents stripped, word pieces: what an uncased WordPiece tokenizer must make of it.
+PLAIN_ENGLISH = "Embeddings: the quick brown fox jumps over the lazy dog in a café."
+
+
+@dataclass(frozen=True)
+class TokenizerProbe:
+    """A text and the ids the model's own vocabulary gives it, and the special tokens around a sequence."""
+
+    vocabulary: str
+    text: str
+    ids: tuple[int, ...]  # without special tokens
+    head: tuple[int, ...]  # e.g. [CLS]
+    tail: tuple[int, ...]  # e.g. [SEP]
+
+
+# bert-base-uncased WordPiece, the vocabulary of nomic-embed-text-v1.5 (and of all-MiniLM-L6-v2).
+BERT_UNCASED_PROBE = TokenizerProbe(
+    "bert-base-uncased", PLAIN_ENGLISH,
+    (7861, 8270, 4667, 2015, 1024, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1999, 1037, 7668, 1012),
+    head=(101,), tail=(102,))

@@ -1,4 +1,4 @@
-"""Domain errors. Only server/status.py knows which gRPC status each one becomes."""
+"""Domain errors. Only server/transport/status.py knows which gRPC status each one becomes."""
 
 from __future__ import annotations
 

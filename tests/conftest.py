@@ -7,20 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import RunningServer, running_server
+from tools.checkpoint import TINY, write_tiny_nomic
+from tools.servers import RunningServer, running_server
 
-# Small enough for 2 CPU cores, wide enough for Matryoshka widths from 64, and a tiny trained length
-# so that dynamic NTK scaling is exercised by texts of a few dozen tokens.
-TINY = {"hidden": 128, "layers": 2, "heads": 4, "inner": 256, "max_trained_positions": 16}
+__all__ = ["TINY"]
 _FOLDER_MARKERS = {"unit", "integration", "model"}
 
 
+_TESTS = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The folder right under tests/ is the kind of test (tests/unit/model/ holds unit tests of server.model).
     for item in items:
-        for part in Path(str(item.fspath)).parts:
-            if part in _FOLDER_MARKERS:
-                item.add_marker(getattr(pytest.mark, part))
+        kind = Path(str(item.fspath)).resolve().relative_to(_TESTS).parts[0]
+        if kind in _FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture(scope="session")

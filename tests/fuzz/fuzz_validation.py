@@ -16,7 +16,7 @@ with atheris.instrument_imports():
     from nomic_embed.v1 import embed_pb2 as pb
     from server.domain import Limits, ModelFacts
     from server.errors import InvalidInput
-    from server.requests import parse_embed_request, parse_encoding
+    from server.transport.requests import parse_embed_request, parse_encoding
 
 LIMITS = Limits(max_texts_per_request=16, max_input_tokens=8192, max_text_chars=10_000, max_batch_tokens=16384,
                 max_batch_rows=128, max_queue_tokens=100_000)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from tests.conftest import TINY
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 FIELDS = ("texts", "task", "dimensions", "long_text_mode", "max_tokens", "encoding")
 _text = st.one_of(

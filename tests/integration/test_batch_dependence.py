@@ -11,8 +11,8 @@ import pytest
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from quant.variants import VARIANTS
-from server import batch_dependence
-from tests.helpers.servers import running_server
+from server.engine import batch_dependence
+from tools.servers import running_server
 
 A = "A short query about cats."
 # Beyond the tiny model's 16 trained positions: a batch-wide rotary base would move A's vector.

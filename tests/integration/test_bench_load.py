@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from bench.load import drive, stream_layout
-from tests.helpers.servers import RunningServer
+from tools.servers import RunningServer
 
 TEXTS = [f"text number {i} " + "word " * (i % 7) for i in range(23)]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers.servers import RunningServer
+from tools.servers import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ import pytest
 from client import AsyncEmbedClient, EmbedClient, EmbedError, RetryPolicy, Tls
 from client.retry import NO_RETRIES
 from tests.helpers.certs import Authority
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 PATIENT = RetryPolicy(max_attempts=50, initial_backoff_s=0.02, max_backoff_s=0.2)
 

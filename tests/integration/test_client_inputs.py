@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from client import AsyncEmbedClient, EmbedClient, EmbedError
-from tests.helpers.servers import RunningServer
+from tools.servers import RunningServer
 
 
 def test_a_bare_str_is_one_text(tiny_server: RunningServer) -> None:

@@ -16,7 +16,7 @@ import pytest
 from numpy.lib import format as npy_format
 
 from client import EmbedClient, EmbeddedBatch, EmbedError
-from tests.helpers.servers import ServerProcess, free_port, running_server, spawn_server, wait_serving
+from tools.servers import ServerProcess, free_port, running_server, spawn_server, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DOWN_S = 3.0  # the port stays closed this long: reconnecting clients meet "connection refused"

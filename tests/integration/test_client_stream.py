@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from client import AsyncEmbedClient, EmbedClient, EmbedError
-from tests.helpers.servers import RunningServer, free_port, running_server
+from tools.servers import RunningServer, free_port, running_server
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from nomic_embed.v1 import embed_pb2, embed_pb2_grpc
 from server.config import parse_args
-from tests.helpers.servers import running_server
+from tools.servers import running_server
 
 
 class StateLog:

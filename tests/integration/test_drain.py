@@ -24,7 +24,7 @@ import numpy as np
 from client.retry import RetryPolicy
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import ServerProcess, running_server, server_processes
+from tools.servers import ServerProcess, running_server, server_processes
 
 GRACE_S = 15.0
 CLIENTS = 4  # connections

@@ -9,7 +9,7 @@ import pytest
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import running_server, scrape_metrics
+from tools.servers import running_server, scrape_metrics
 
 
 def test_metrics_count_requests_batches_and_tokens(tiny_original: Path) -> None:

@@ -25,9 +25,9 @@ from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.errors import StartupError
 from tests.conftest import TINY
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.hub_layouts import REPO_ID, fake_commit, write_hf_cache
-from tests.helpers.servers import free_port, running_server, wait_until_serving
+from tools.checkpoint import write_tiny_nomic
+from tools.hub_layouts import REPO_ID, fake_commit, write_hf_cache
+from tools.servers import free_port, running_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,3 +202,38 @@ def test_weights_that_give_nan_from_the_start_are_refused(tiny_original: Path, t
     tensors["encoder.layers.1.norm2.weight"][0] = float("nan")
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     assert "gives NaN or infinity for the warm-up text" in _refusal(model)
+
+
+@pytest.mark.parametrize("index", [{"metadata": {}, "weight_map": {}}, [1]])
+def test_a_malformed_shard_index_is_a_clean_refusal(tiny_original: Path, tmp_path: Path, index: object) -> None:
+    model = _copy(tiny_original, tmp_path / "m")
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "cannot load the checkpoint" in _refusal(model)
+
+
+def test_a_tokenizer_with_other_special_tokens_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    """[CLS] and [SEP] swapped: every id of the text is right, the sequence around it is not."""
+    model = _copy(tiny_original, tmp_path / "m")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        config = json.loads((model / name).read_text())
+        config["cls_token"], config["sep_token"] = config["sep_token"], config["cls_token"]
+        (model / name).write_text(json.dumps(config))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    swapped = {"[CLS]": "[SEP]", "[SEP]": "[CLS]"}
+    for part in tok["post_processor"]["single"]:
+        if "SpecialToken" in part:
+            part["SpecialToken"]["id"] = swapped[part["SpecialToken"]["id"]]
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    assert "special tokens are not the model's" in _refusal(model)
+
+
+def test_a_tokenizer_that_keeps_accents_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_original, tmp_path / "m")
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["normalizer"]["strip_accents"] = False
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["strip_accents"] = False
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "not the model's" in _refusal(model)

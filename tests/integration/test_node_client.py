@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from client import Task
-from tests.helpers.servers import RunningServer
+from tools.servers import RunningServer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 TEXTS = ["what is a matryoshka embedding?", "Ünïcödé and emoji 🙂 survive the trip", "short"]

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from tests.conftest import TINY
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import RunningServer, running_server
+from tools.checkpoint import write_tiny_nomic
+from tools.servers import RunningServer, running_server
 
 POISON = "zebra"  # its word-embedding row is NaN: every text with the word gets a NaN vector
 CLEAN = "A short query about cats."

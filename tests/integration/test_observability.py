@@ -23,7 +23,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import RunningServer, free_port, running_server, wait_until_serving
+from tools.servers import RunningServer, free_port, running_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING_KEYS = ("x-embed-queue-ms", "x-embed-inference-ms", "x-embed-total-ms")

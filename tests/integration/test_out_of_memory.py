@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from server.runner import is_out_of_memory
+from server.model.runner import is_out_of_memory
 from tests.helpers.memory_cap import MemoryCap, capped
-from tests.helpers.servers import running_server, scrape_metrics
+from tools.servers import running_server, scrape_metrics
 
 # On the tiny model one row of ~36 tokens peaks at ~37 kB per tensor, eight such rows at ~295 kB and a
 # row of ~200 tokens at ~211 kB: with this limit two rows fit at once, four do not, the long row never.

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadtest.driver import LoadResult, burst, run_level
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 QUEUE_TOKENS = 2048
 DEADLINE_S = 5.0

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from tests.conftest import TINY
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 A = "A short query about cats."
 LONG_B = " ".join(["a long document about many different things that goes on and on"] * 12)

@@ -21,7 +21,7 @@ import pytest
 
 from client import AsyncEmbedClient, EmbedClient, EmbeddedBatch, EmbedError, RetryPolicy, StreamStats
 from client.retry import Deadline
-from tests.helpers.servers import RunningServer, ServerProcess, server_processes
+from tools.servers import RunningServer, ServerProcess, server_processes
 
 STREAMED = 2400  # texts through embed_stream
 CHUNK = 16  # texts per stream batch and per unary call

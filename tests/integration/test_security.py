@@ -13,7 +13,7 @@ from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.errors import StartupError
 from tests.helpers.certs import Authority
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 REQUESTS = 600
 TEXTS_PER_REQUEST = 16

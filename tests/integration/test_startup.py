@@ -19,11 +19,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from quant.probe import available_cpus
 from server.errors import StartupError
+from server.model.device import available_cpus
 from tests.conftest import TINY
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import RunningServer, free_port, running_server, wait_until_serving
+from tools.checkpoint import write_tiny_nomic
+from tools.servers import RunningServer, free_port, running_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 

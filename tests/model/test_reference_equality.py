@@ -11,8 +11,8 @@ import pytest
 from client import Task
 from client.embed_client import LongTextMode
 from tests.conftest import TINY
-from tests.helpers.reference import ReferenceNomic
-from tests.helpers.servers import RunningServer, running_server
+from tools.reference import ReferenceNomic
+from tools.servers import RunningServer, running_server
 
 TOL = 1e-5
 SHORT = "The cat sat on the mat."

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from server.model_spec import read_model_spec
-from server.rotary import PerRowNTKRotary
-from server.runner import Runner, install_per_row_rotary
+from server.model.rotary import PerRowNTKRotary
+from server.model.runner import Runner, install_per_row_rotary
+from server.model.spec import read_model_spec
 from tests.conftest import TINY
 
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from quant.variants import VARIANTS
 from server.config import ServerConfig, flag_environment, parse_args
-from server.logs import FORMATS, LEVELS
+from server.observability.logs import FORMATS, LEVELS
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = flag_environment()  # every flag and its variable, from the parser itself

