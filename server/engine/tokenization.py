@@ -40,15 +40,15 @@ class TextTokenizer:
         builds a near-empty one that maps every word to [UNK]), another model's, or ids past the embeddings."""
         text = probe.text if probe else PLAIN_ENGLISH
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if probe is not None and (tuple(self._head), tuple(self._tail)) != (probe.head, probe.tail):
-            raise StartupError(
-                f"the tokenizer in {path} wraps a text in {self._head} ... {self._tail}, the model's vocabulary "
-                f"({probe.vocabulary}) in {list(probe.head)} ... {list(probe.tail)}: its special tokens are not "
-                "the model's")
         if probe is not None and ids != list(probe.ids):
             raise StartupError(
                 f"the tokenizer in {path} is not the model's: {text!r} gives ids {ids}, the model's vocabulary "
                 f"({probe.vocabulary}) gives {list(probe.ids)}. Are its tokenizer files missing or from another model?")
+        if probe is not None and (tuple(self._head), tuple(self._tail)) != (probe.head, probe.tail):
+            raise StartupError(
+                f"the tokenizer in {path} wraps a text in {self._head} ... {self._tail}, the model's vocabulary "
+                f"({probe.vocabulary}) in {list(probe.head)} ... {list(probe.tail)}: its special tokens are not "
+                "the model's (are its tokenizer files from another model?)")
         if self.unk_id is not None and ids.count(self.unk_id) > len(ids) // 2:
             raise StartupError(f"the tokenizer in {path} maps plain English words to the unknown token: "
                                f"{text!r} gives ids {ids}. Are its tokenizer files (tokenizer.json, vocab.txt) "
