@@ -27,6 +27,7 @@ from transformers import AutoModel, BitsAndBytesConfig, PretrainedConfig, PreTra
 
 from quant.memory import ModelInfo
 from quant.policy import Decision
+from server.model.int8 import quantize_int8_token
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ def load_model(path: Path, config: PretrainedConfig, decision: Decision, device:
         elif name == "int8-dynamic":
             model = _quantize_dynamic(model)
             dtype = torch.qint8
+        elif name == "int8-token":
+            quantize_int8_token(model, path)
+            dtype = torch.int8
         else:
             dtype = torch.float32
         model = model.to(device)

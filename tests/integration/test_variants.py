@@ -69,8 +69,8 @@ def _need(model: ModelInfo, variant: str, tokens: int = MAX_INPUT, row: int = MA
 
 
 @pytest.mark.parametrize(("fits", "misses", "max_input"), [
-    ("int8", "bf16", 16),  # short inputs: bitsandbytes' large CPU workspace stays small
-    ("int8-dynamic", "bf16", MAX_INPUT),  # longer ones: bitsandbytes' int8 needs more than bf16, torch's less
+    ("int8-token", "bf16", 16),  # short inputs: the 8-bit tier's larger CPU workspace stays small
+    ("int8-dynamic", "bf16", MAX_INPUT),  # longer ones: int8-token and bitsandbytes' int8 need more than bf16
     ("nf4", "int8-dynamic", MAX_INPUT),
 ])
 def test_max_memory_excluding_the_larger_variants_picks_a_quantized_one(

@@ -63,11 +63,14 @@ CASES = [
     ("cpu-ample", cpu(), req(), "fp32"),
     ("cpu-native-bf16", cpu(native_bf16=True), req(), "bf16"),
     ("cpu-cap-excludes-fp32", cpu(), req(max_memory_bytes=squeeze("cpu", "bf16", "fp32")), "bf16"),
-    ("cpu-cap-excludes-bf16", cpu(), req(max_memory_bytes=squeeze("cpu", "int8-dynamic", "bf16")), "int8-dynamic"),
+    # The 8-bit tier before the 4-bit one; within it int8-token, faster than bitsandbytes' int8 and smaller.
+    ("cpu-cap-excludes-bf16", cpu(), req(max_memory_bytes=squeeze("cpu", "int8-token", "bf16")), "int8-token"),
+    ("cpu-cap-short-inputs-8bit", cpu(),
+     Request(longest_row=64, max_memory_bytes=squeeze("cpu", "int8-token", "bf16", 64)), "int8-token"),
+    ("cpu-cap-excludes-int8-token", cpu(), req(max_memory_bytes=squeeze("cpu", "int8-dynamic", "int8-token")),
+     "int8-dynamic"),
     ("cpu-cap-excludes-int8", cpu(), req(max_memory_bytes=squeeze("cpu", "nf4", "int8-dynamic")), "nf4"),
-    # bitsandbytes' int8 needs a large workspace on the CPU: it fits where bf16 does not only for short inputs.
-    ("cpu-cap-short-inputs-int8", cpu(), Request(longest_row=64, max_memory_bytes=squeeze("cpu", "int8", "bf16", 64)),
-     "int8"),
+    ("cpu-explicit-int8-token", cpu(native_bf16=True), req(variant="int8-token"), "int8-token"),
     ("cpu-host-memory-short", cpu(free=squeeze("cpu", "bf16", "fp32")), req(), "bf16"),
     ("cpu-explicit-int8", cpu(), req(variant="int8"), "int8"),
     ("cpu-explicit-bf16-emulated", cpu(), req(variant="bf16"), "bf16"),

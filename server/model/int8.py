@@ -1,0 +1,164 @@
+"""int8 Linear layers for the CPU: per-token activation scales, per-channel weight scales, SmoothQuant smoothing.
+
+Each token's activations get their own int8 scale (its absolute max / 127) and each output channel of a weight
+its own, so a token's result never depends on its batch-mates' ranges. Outlier input channels, which would
+waste a token's int8 range, are evened out first (SmoothQuant, Xiao et al. 2023): channel j of the input is
+divided by s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) and the weight's column j multiplied by it, with max|X_j|
+calibrated at load on a small fixed text set. BERT-style models normalise after the residual add, so the
+LayerNorm output feeding a projection also feeds the residual stream and cannot absorb 1/s: the division is an
+explicit multiply on the projection's input, folded into the pass that quantizes it. Each projection has its
+own s (query, key and value read the same input but get one each: measured no slower, slightly more precise).
+
+The kernel is compiled (torch.compile, dynamic in the token count) at load, which fuses the smoothing and the
+per-token quantization into one pass and the dequantization into another around the int8 matmul; where
+compiling fails (no C++ compiler) the same function runs eagerly, slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from server.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SMOOTHING_ALPHA = 0.5  # migrates half of the outliers' range (in log scale) into the weights
+
+# Calibration input: varied prose, code, numbers and a list, as a served corpus might hold.
+CALIBRATION_TEXTS = (
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "search_query: how do I reset a forgotten password on my laptop?",
+    "search_document: Photosynthesis converts light energy into chemical energy stored in glucose, "
+    "releasing oxygen as a by-product in the chloroplasts of plant cells.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
+    "Quarterly revenue rose 12.5% to $4.3 billion, beating estimates of $4.1 billion; shares gained 3% "
+    "in after-hours trading on 14 March 2024.",
+    "Return a new list containing all items from the iterable in ascending order. A custom key function "
+    "can be supplied to customize the sort order.",
+    "Ingredients: 2 cups flour, 1 tsp baking soda, 3 eggs, 200 g butter. Preheat the oven to 180 C.",
+    "The treaty, signed in 1648, ended thirty years of war and reshaped the political map of Europe.",
+    "ERROR 2024-05-01T12:00:03Z connection refused (errno 111) while contacting upstream at 10.0.0.7:8080",
+    "Neural networks learn representations by adjusting weights to minimise a loss over training examples.",
+    "Is it possible to travel faster than light? Most physicists say no, because of special relativity.",
+    "SELECT name, COUNT(*) FROM orders WHERE status = 'shipped' GROUP BY name ORDER BY 2 DESC;",
+    "Les chats dorment souvent plus de douze heures par jour, surtout en hiver.",
+    "Raise ValueError if the argument is not a positive integer; otherwise return its square root.",
+    "Patients reported mild headaches and fatigue; no serious adverse events were observed in the trial.",
+    "classification: This movie was a complete waste of time, the plot made no sense at all!",
+)
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer as int8 weights (one scale per output channel), run on per-token int8 activations."""
+
+    def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None, alpha: float = SMOOTHING_ALPHA) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # [out, in]
+        inv_smooth = None
+        if input_max is not None:
+            smooth = (input_max.float().clamp(min=1e-5) ** alpha
+                      / weight.abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha))
+            weight = weight * smooth
+            inv_smooth = 1 / smooth
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_t", quantized.t().contiguous())  # [in, out], as the int8 matmul takes it
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("inv_smooth", inv_smooth)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel: Callable[..., torch.Tensor] = int8_linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = self.kernel(flat, self.weight_t, self.weight_scale, self.inv_smooth, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                inv_smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] float32 -> [T, out] float32 through an int8 x int8 -> int32 matmul, one scale per row of x."""
+    if inv_smooth is not None:
+        x = x * inv_smooth
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    quantized = torch.round(x / scale).to(torch.int8)
+    out = torch._int_mm(quantized, weight_t).to(torch.float32)
+    out = out * (scale * weight_scale)
+    return out + bias if bias is not None else out
+
+
+def calibration_rows(model_dir: Path) -> list[list[int]]:
+    """The calibration texts as token rows (special tokens included), each short of any length limit."""
+    tokenizer = load_tokenizer(model_dir).tokenizer
+    return [encoding.ids[:128] for encoding in tokenizer.encode_batch(list(CALIBRATION_TEXTS))]
+
+
+def input_maxima(model: nn.Module, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Each Linear layer's per-channel absolute input max over `rows`, each row run alone (no padding)."""
+    names = {module: name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        name = names[module]
+        current = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
+        maxima[name] = torch.maximum(maxima[name], current) if name in maxima else current
+
+    handles = [module.register_forward_pre_hook(record) for module in names]
+    try:
+        with torch.inference_mode():
+            for row in rows:
+                ids = torch.tensor([list(row)])
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def quantize_int8(model: nn.Module, rows: Sequence[Sequence[int]], alpha: float | None = SMOOTHING_ALPHA
+                  ) -> list[Int8Linear]:
+    """Replace every Linear layer of `model` with an `Int8Linear`, smoothed with `alpha` (None: not smoothed)."""
+    maxima = input_maxima(model, rows) if alpha is not None else {}
+    modules = dict(model.named_modules())
+    built = []
+    for name, module in list(modules.items()):
+        if not isinstance(module, nn.Linear):
+            continue
+        layer = Int8Linear(module, maxima.get(name), alpha or 0.0)
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, layer)
+        built.append(layer)
+    return built
+
+
+def compile_kernels(layers: Sequence[Int8Linear]) -> None:
+    """Run every layer through one torch.compile'd kernel, dynamic in the token count, compiled now: one graph
+    for a single token and one for any other count, per combination of smoothing and bias (at most four)."""
+    kernel = torch.compile(int8_linear, dynamic=True)
+    with torch.inference_mode():
+        for layer in layers:
+            layer.kernel = kernel
+            for tokens in (1, 3):
+                layer(torch.zeros(tokens, layer.in_features))
+
+
+def quantize_int8_token(model: nn.Module, model_dir: Path) -> None:
+    """The `int8-token` variant: calibrate on the built-in texts, quantize every Linear layer, compile."""
+    started = time.monotonic()
+    layers = quantize_int8(model, calibration_rows(model_dir))
+    calibrated = time.monotonic()
+    try:
+        compile_kernels(layers)
+    except Exception as exc:  # no C++ toolchain, an unsupported platform: the same arithmetic, eagerly
+        for layer in layers:
+            layer.kernel = int8_linear
+        log.warning("int8-token: compiling the int8 kernel failed (%s: %s); running it eagerly, slower",
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+    log.info("int8-token: calibrated and quantized %d Linear layers in %.1fs, compiled in %.1fs", len(layers),
+             calibrated - started, time.monotonic() - calibrated)
