@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadtest.driver import LoadResult, burst, run_level
 
 ROOT = Path(__file__).resolve().parents[1]
+# A small queue, so that the sweep reaches overload; a request may hold no more than the queue.
+DEFAULT_SERVER_ARGS = "--max-queue-tokens 4096 --max-request-tokens 4096"
 
 
 def _args() -> argparse.Namespace:
@@ -32,7 +34,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--model", help="model for the started server (default: a generated random checkpoint)")
     p.add_argument("--hidden", type=int, default=256, help="width of the generated checkpoint")
     p.add_argument("--layers", type=int, default=4, help="layers of the generated checkpoint")
-    p.add_argument("--server-args", default="--max-queue-tokens 4096", help="extra flags for the started server")
+    p.add_argument("--server-args", default=DEFAULT_SERVER_ARGS, help="extra flags for the started server")
     p.add_argument("--concurrency", default="1,8,64,256", help="comma-separated levels")
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each level")
     p.add_argument("--texts-per-request", type=int, default=4)

@@ -177,3 +177,11 @@ def test_every_flag_has_its_variable() -> None:
     names = flag_environment()
     assert names["--max-batch-tokens"] == "NOMIC_EMBED_MAX_BATCH_TOKENS" and names["--grace"] == "NOMIC_EMBED_GRACE"
     assert len(names) == len(ServerConfig.__dataclass_fields__) - 1  # all but auth_tokens_env
+
+
+def test_the_load_test_starts_its_server_with_flags_the_server_accepts() -> None:
+    """`make loadtest` passes these to `python -m server`: a validation rule must not break it."""
+    from loadtest.__main__ import DEFAULT_SERVER_ARGS
+
+    config = parse_args(["--model", "m", *DEFAULT_SERVER_ARGS.split()], env={})
+    assert config.max_queue_tokens == 4096 >= config.max_request_tokens
