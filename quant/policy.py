@@ -23,10 +23,10 @@ __all__ = ["Decision", "ModelInfo", "NoVariantFits", "Request", "choose_variant"
 
 @dataclass(frozen=True)
 class Request:
-    variant: str = "auto"
-    max_memory_bytes: int | None = None
-    max_batch_tokens: int = 16384  # the budget asked for; lowered when memory is short
-    longest_row: int = 8192  # tokens of the longest input a batch must be able to hold
+    variant: str
+    max_memory_bytes: int | None
+    max_batch_tokens: int  # the budget asked for (--max-batch-tokens); lowered when memory is short
+    longest_row: int  # tokens of the longest input a batch must be able to hold
 
 
 @dataclass(frozen=True)

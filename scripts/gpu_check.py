@@ -29,6 +29,7 @@ import torch
 from quant.memory import MIB
 from quant.policy import NoVariantFits, Request, choose_variant
 from quant.variants import VARIANTS
+from server.config import ServerConfig
 from server.engine.tokenization import TextTokenizer
 from server.model.device import peak_memory, probe_device, reset_peak_memory
 from server.model.loader import checkpoint_info
@@ -106,7 +107,8 @@ def caps_table(model: Path, requested_device: str, max_input: int) -> None:
         device = probe_device(requested_device)  # free memory now, as the server would see it at start
         label = f"{cap_mib} MiB" if cap_mib else "none"
         try:
-            decision = choose_variant(device, info, Request("auto", cap, 16384, longest_row=max_input))
+            request = Request("auto", cap, ServerConfig().max_batch_tokens, longest_row=max_input)
+            decision = choose_variant(device, info, request)
         except NoVariantFits as exc:
             print(f"| {label} | refused: {exc} | | | | |", flush=True)
             continue

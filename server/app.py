@@ -28,7 +28,7 @@ import server
 from nomic_embed.v1 import embed_pb2
 from quant.policy import NoVariantFits, Request, choose_variant
 from server.config import ServerConfig
-from server.domain import EmbedResult, Limits, ModelFacts
+from server.domain import EmbedResult, Limits, ModelFacts, Task
 from server.engine.batcher import Batcher, BatchPolicy, NonFiniteEvent
 from server.engine.embedder import Embedder
 from server.engine.tokenization import TextTokenizer
@@ -265,7 +265,7 @@ def _input_limit(config: ServerConfig, facts: ModelFacts) -> int:
 
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
     started = time.monotonic()
-    row = tokenizer.wrap(tokenizer.content_ids(["warm up the model"], "search_query: ")[0])
+    row = tokenizer.wrap(tokenizer.content_ids(["warm up the model"], Task.SEARCH_QUERY.prefix)[0])
     vectors = batcher.run_now([row, row[:-2] + row[-1:]])
     if not np.isfinite(vectors).all():
         raise StartupError("the model gives NaN or infinity for the warm-up text \"warm up the model\": its weights "

@@ -13,6 +13,7 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from quant.variants import VARIANTS
+from server.engine.policy import BatchPolicy
 from server.observability.logs import FORMATS, LEVELS
 from server.transport.requests import MIN_MAX_TOKENS
 from server.transport.security import AUTH_TOKENS_ENV, split_tokens
@@ -38,9 +39,9 @@ class ServerConfig:
     max_input_tokens: int = 0
     max_texts_per_request: int = 2048
     max_text_chars: int = 1_000_000
-    max_batch_tokens: int = 16384
-    max_batch_rows: int = 128
-    max_queue_tokens: int = 1_000_000
+    max_batch_tokens: int = BatchPolicy.max_batch_tokens
+    max_batch_rows: int = BatchPolicy.max_batch_rows
+    max_queue_tokens: int = BatchPolicy.max_queue_tokens
     max_request_tokens: int = 262_144
     max_request_bytes: int = 16 * 2**20
     batch_wait_ms: float = 0.0

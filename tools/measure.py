@@ -19,6 +19,7 @@ import torch
 from quant.device import DeviceInfo
 from quant.memory import ModelInfo, estimate
 from quant.policy import Decision, Request, choose_variant
+from server.domain import Task
 from server.engine.tokenization import TextTokenizer
 from server.model.device import peak_memory, probe_device, reset_peak_memory
 from server.model.loader import LoadedModel, checkpoint_info, load_model
@@ -94,7 +95,7 @@ def measure(model_dir: Path, variant: str, device: str, texts: list[str], *, bat
     tokens = batch_rows * row_tokens
     expected = estimate(decision.variant, model_info, info.kind, tokens, row_tokens).total
 
-    prefix = "search_document: " if built.spec.facts.task_prefixes else ""
+    prefix = Task.SEARCH_DOCUMENT.prefix if built.spec.facts.task_prefixes else ""
     rows = [tokenizer.wrap(ids[: max_text_tokens - tokenizer.special_tokens])
             for ids in tokenizer.content_ids(texts, prefix)]
     vectors, seconds = _embed(built.runner, rows, text_batch_tokens)
