@@ -157,8 +157,8 @@ class App:
                 tracing.observe_result(s.variant, result)
 
             loaded.embedder.on_result = observe
-        loaded.batcher.on_batch = m.observe_batch
-        loaded.batcher.on_out_of_memory = m.observe_out_of_memory
+        loaded.batcher.delivery.on_batch = m.observe_batch
+        loaded.batcher.delivery.on_out_of_memory = m.observe_out_of_memory
         unhealthy: set[asyncio.Task[None]] = set()  # held until done
 
         def non_finite(event: NonFiniteEvent) -> None:
@@ -168,7 +168,7 @@ class App:
                 unhealthy.add(task)
                 task.add_done_callback(unhealthy.discard)
 
-        loaded.batcher.on_non_finite = non_finite
+        loaded.batcher.delivery.on_non_finite = non_finite
         m.batch_budget.set(loaded.batcher.budget_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
 

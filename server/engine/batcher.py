@@ -37,46 +37,20 @@ class Batcher:
             policy = replace(policy, max_batch_rows=backend.max_batch_rows)
         self.backend = backend
         self.policy = policy
-        self._delivery = Delivery(on_batch)  # its hooks are called on the event loop
+        # Its hooks (on_batch, on_out_of_memory, on_non_finite) and totals live on the event loop.
+        self.delivery = Delivery(on_batch)
         throughput = Throughput()
         self._admission = Admission(policy.max_queue_tokens, throughput)
         self._queue = RowQueue(backend.is_padded)
         self._lock = threading.Condition()
-        self._worker = Worker(backend, policy, self._queue, self._lock, self._delivery, throughput)
+        self._worker = Worker(backend, policy, self._queue, self._lock, self.delivery, throughput)
         self._accepting = False
 
     # -- hooks and counters (event loop) ---------------------------------------------------------
     @property
     def totals(self) -> BatcherTotals:
         """Counters since start, updated on the event loop."""
-        return self._delivery.totals
-
-    @property
-    def on_batch(self) -> Callable[[BatchStats], None] | None:
-        """Called after each delivered batch."""
-        return self._delivery.on_batch
-
-    @on_batch.setter
-    def on_batch(self, hook: Callable[[BatchStats], None] | None) -> None:
-        self._delivery.on_batch = hook
-
-    @property
-    def on_out_of_memory(self) -> Callable[[OutOfMemoryEvent], None] | None:
-        """Called after each split of a batch that did not fit."""
-        return self._delivery.on_out_of_memory
-
-    @on_out_of_memory.setter
-    def on_out_of_memory(self, hook: Callable[[OutOfMemoryEvent], None] | None) -> None:
-        self._delivery.on_out_of_memory = hook
-
-    @property
-    def on_non_finite(self) -> Callable[[NonFiniteEvent], None] | None:
-        """Called after each batch that gave vectors with NaN or infinity."""
-        return self._delivery.on_non_finite
-
-    @on_non_finite.setter
-    def on_non_finite(self, hook: Callable[[NonFiniteEvent], None] | None) -> None:
-        self._delivery.on_non_finite = hook
+        return self.delivery.totals
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -82,7 +82,7 @@ def test_after_out_of_memory_batches_stay_within_the_lowered_budget() -> None:
     async def main() -> None:
         batcher = await started(backend, BatchPolicy(max_batch_tokens=2_000, max_padding_fraction=1.0, wait_s=0))
         events = []
-        batcher.on_out_of_memory = events.append
+        batcher.delivery.on_out_of_memory = events.append
         for _ in range(3):  # each round queues more rows than fit in one batch
             blocker = await occupy(batcher, backend)
             jobs = [batcher.submit(rows_of(rng, 4, (20, 20))) for _ in range(5)]
@@ -108,7 +108,7 @@ def test_a_non_finite_vector_fails_its_request_and_the_probe_tells_a_broken_mode
         batcher = Batcher(backend, BatchPolicy(wait_s=0))
         batcher.run_now(WARM_UP)  # becomes the probe
         events = []
-        batcher.on_non_finite = events.append
+        batcher.delivery.on_non_finite = events.append
         batcher.start()
         blocker = await occupy(batcher, backend)
         backend.broken = broken
@@ -140,7 +140,7 @@ def test_without_warm_up_rows_non_finite_vectors_fail_requests_but_judge_no_mode
     async def main() -> None:
         batcher = await started(backend)
         events = []
-        batcher.on_non_finite = events.append
+        batcher.delivery.on_non_finite = events.append
         with pytest.raises(NonFiniteVector):
             await batcher.submit([[1, 2, 3]]).result()
         await batcher.stop()
@@ -157,7 +157,7 @@ def test_out_of_memory_on_an_unpadded_backend_halves_its_real_tokens() -> None:
     async def main() -> None:
         batcher = await started(backend, BatchPolicy(max_batch_tokens=1_000, wait_s=0))
         events = []
-        batcher.on_out_of_memory = events.append
+        batcher.delivery.on_out_of_memory = events.append
         blocker = await occupy(batcher, backend)
         job = batcher.submit(rows)
         backend.release()
