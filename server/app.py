@@ -28,7 +28,7 @@ import server
 from nomic_embed.v1 import embed_pb2
 from quant.policy import NoVariantFits, Request, choose_variant
 from server.config import ServerConfig
-from server.domain import EmbedResult, Limits, ModelFacts, Task
+from server.domain import MIN_MAX_TOKENS, EmbedResult, Limits, ModelFacts, Task
 from server.engine.batcher import Batcher, BatchPolicy, NonFiniteEvent
 from server.engine.embedder import Embedder
 from server.engine.tokenization import TextTokenizer
@@ -256,6 +256,9 @@ def _input_limit(config: ServerConfig, facts: ModelFacts) -> int:
         raise StartupError(f"--max-input-tokens {config.max_input_tokens} is above {facts.model_id}'s input limit "
                            f"of {facts.max_input_tokens} tokens; lower it, or leave it 0 for the model's limit")
     limit = config.max_input_tokens or facts.max_input_tokens
+    if limit < MIN_MAX_TOKENS:
+        raise StartupError(f"{facts.model_id} takes inputs of {limit} tokens at most, below the {MIN_MAX_TOKENS} "
+                           "every request needs (its sentence_bert_config.json or config.json says so)")
     if config.max_batch_tokens < limit:
         raise StartupError(f"--max-batch-tokens {config.max_batch_tokens} is below the input limit of {limit} tokens "
                            f"(--max-input-tokens {config.max_input_tokens or '0: the model limit'}), so a text of that "

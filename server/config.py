@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import re
@@ -13,15 +14,19 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 from quant.variants import VARIANTS
+from server.domain import MIN_MAX_TOKENS
 from server.engine.policy import BatchPolicy
 from server.observability.logs import FORMATS, LEVELS
-from server.transport.requests import MIN_MAX_TOKENS
 from server.transport.security import AUTH_TOKENS_ENV, split_tokens
 
 DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
 DEFAULT_PORT = 50051
 
 ENV_PREFIX = "NOMIC_EMBED_"
+# Variables of the same prefix that are not server flags: the client's, and the token list.
+_OTHER_VARIABLES = frozenset({"NOMIC_EMBED_TARGET", "NOMIC_EMBED_TOKEN"})
+# A one-text request with its options takes a few dozen bytes: a smaller limit would refuse every request.
+MIN_REQUEST_BYTES = 1024
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -97,10 +102,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {_shown(text)} (examples: 800MiB, 1.5GiB, 2GB)")
-    number = float(match.group(1))
-    if not math.isfinite(number):  # hundreds of digits
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(size):  # hundreds of digits
         raise argparse.ArgumentTypeError(f"{_shown(text)} is too large a size")
-    return int(number * _SIZE_UNITS[match.group(2).lower()])
+    return int(size)
 
 
 def _shown(text: str) -> str:
@@ -215,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-tokens", type=tokens, default=d.max_request_tokens,
                    help="tokens per request, all texts together (beyond it: INVALID_ARGUMENT); "
                         "at least --max-input-tokens")
-    p.add_argument("--max-request-bytes", type=_integer(1, _MAX_REQUEST_BYTES), default=d.max_request_bytes,
+    p.add_argument("--max-request-bytes", type=_integer(MIN_REQUEST_BYTES, _MAX_REQUEST_BYTES),
+                   default=d.max_request_bytes,
                    help="serialized bytes per request (beyond it: INVALID_ARGUMENT)")
     p.add_argument("--max-queue-tokens", type=_integer(1, _UINT64), default=d.max_queue_tokens,
                    help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED; "
@@ -299,6 +305,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
             (action,) = [a for a in options if a.dest == "otlp_endpoint"]
             values["otlp_endpoint"] = _from_env(parser, action, name, endpoint)
             sources["otlp_endpoint"] = name
+    _refuse_unknown_variables(env, {_env_name(a) for a in options} | {AUTH_TOKENS_ENV} | _OTHER_VARIABLES)
     tokens = env.get(AUTH_TOKENS_ENV)
     if tokens is not None:
         try:
@@ -308,6 +315,15 @@ def build_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
     config = ServerConfig(**values, auth_tokens_env=tokens)
     _check(config, {a.dest: a.option_strings[0] for a in options}, sources)
     return config
+
+
+def _refuse_unknown_variables(env: Mapping[str, str], known: set[str]) -> None:
+    """A misspelt variable would be ignored (NOMIC_EMBED_AUTH_TOKEN would serve without authentication)."""
+    unknown = sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; the server reads {ENV_PREFIX}<FLAG> for its flags"
+        raise ConfigError(f"unknown variable {unknown[0]}{hint}")
 
 
 def _from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: str, value: str) -> object:

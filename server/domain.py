@@ -61,6 +61,8 @@ class EmbedResult:
         return sum(e.tokens for e in self.embeddings)
 
 
+# Fewer tokens per text than this leave no room for a task prefix and text between the special tokens.
+MIN_MAX_TOKENS = 16
 NOMIC_MIN_DIMENSIONS = 64  # the smallest Matryoshka width nomic-embed-text-v1.5 was trained for
 
 

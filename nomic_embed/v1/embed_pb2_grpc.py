@@ -70,8 +70,10 @@ class EmbedServiceServicer:
 
     def EmbedStream(self, request_iterator, context):
         """EmbedStream embeds many batches over one stream; each response echoes its request's id.
-        A bad message is answered with an error for that id; the stream stays open. On shutdown the server
-        stops reading, answers the messages it read, and ends the stream UNAVAILABLE.
+        A bad message is answered with an error for that id; the stream stays open. One message larger than
+        the transport's limit (the larger of 64 MiB and twice Limits.max_request_bytes) ends the stream
+        RESOURCE_EXHAUSTED: gRPC refuses it before the server reads it. On shutdown the server stops reading,
+        answers the messages it read, and ends the stream UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,6 +47,8 @@ class Embedder:
         per_text: list[Rows] = []
         windows = options.long_text_mode is LongTextMode.MEAN
         for i, ids in enumerate(content):
+            if len(ids) <= prefix_len:  # e.g. only zero-width or control characters, which the tokenizer drops
+                raise InvalidInput(f"texts[{i}]", "no tokens: the tokenizer drops every character of this text")
             rows = self.tokenizer.to_rows(ids, limit=options.max_tokens, prefix_len=prefix_len, windows=windows)
             if rows.truncated and options.long_text_mode is LongTextMode.ERROR:
                 raise InvalidInput(

@@ -11,7 +11,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from nomic_embed.v1 import embed_pb2 as pb
-from server.domain import EmbedOptions, Limits, LongTextMode, ModelFacts, Task
+from server.domain import MIN_MAX_TOKENS, EmbedOptions, Limits, LongTextMode, ModelFacts, Task
 from server.errors import InvalidInput
 from server.transport.encoding import Encoding
 
@@ -35,8 +35,6 @@ ENCODINGS = {
     pb.ENCODING_INT8: Encoding.INT8,
     pb.ENCODING_UBINARY: Encoding.UBINARY,
 }
-# Fewer tokens than this leave no room for a task prefix and text between the special tokens.
-MIN_MAX_TOKENS = 16
 
 
 def parse_texts(texts: Sequence[str], limits: Limits) -> list[str]:

@@ -237,3 +237,9 @@ def test_a_tokenizer_that_keeps_accents_is_refused(tiny_original: Path, tmp_path
     config["strip_accents"] = False
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     assert "not the model's" in _refusal(model)
+
+
+def test_a_model_limit_below_what_any_request_needs_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_original, tmp_path / "m")
+    (model / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 10, "do_lower_case": False}))
+    assert "takes inputs of 10 tokens at most, below the 16" in _refusal(model)

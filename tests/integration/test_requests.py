@@ -232,3 +232,14 @@ def test_tokenize_keeps_the_request_size_and_token_limits(tiny_original: Path) -
         # 10 texts of 10 tokens: within both limits
         assert len(stub.Tokenize(pb.TokenizeRequest(texts=["one two three four five six seven eight"] * 10,
                                                     task=pb.TASK_RAW), timeout=30).texts) == 10
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\x00", "\ufeff", "\x7f\u200b"])
+@pytest.mark.parametrize("task", [pb.TASK_RAW, pb.TASK_SEARCH_QUERY])
+def test_a_text_the_tokenizer_drops_entirely_is_invalid_argument(tiny_server: RunningServer, text: str,
+                                                                  task: int) -> None:
+    """Every such text would get the same vector of nothing but the special tokens (and the prefix)."""
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(tiny_server).Embed(pb.EmbedRequest(texts=["a real text", text], task=task), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("texts[1]: no tokens")

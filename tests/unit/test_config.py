@@ -185,3 +185,26 @@ def test_the_load_test_starts_its_server_with_flags_the_server_accepts() -> None
 
     config = parse_args(["--model", "m", *DEFAULT_SERVER_ARGS.split()], env={})
     assert config.max_queue_tokens == 4096 >= config.max_request_tokens
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [("NOMIC_EMBED_AUTH_TOKEN", "NOMIC_EMBED_AUTH_TOKENS"),
+                                                  ("NOMIC_EMBED_MAX_BATCH_TOKEN", "NOMIC_EMBED_MAX_BATCH_TOKENS")])
+def test_a_misspelt_variable_is_refused_not_ignored(name: str, suggestion: str) -> None:
+    """NOMIC_EMBED_AUTH_TOKEN (singular) would otherwise serve without authentication."""
+    with pytest.raises(ConfigError, match=f"unknown variable {name}; did you mean {suggestion}"):
+        build_config([], {name: "x"})
+
+
+def test_the_clients_variables_are_not_the_servers_business() -> None:
+    build_config([], {"NOMIC_EMBED_TARGET": "localhost:50051", "NOMIC_EMBED_TOKEN": "t"})
+
+
+@pytest.mark.parametrize("value", ["9" * 305 + "GiB", "1" * 309 + "KB"])
+def test_a_size_that_overflows_with_its_unit_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="too large a size"):
+        build_config(["--max-memory", value], {})
+
+
+def test_a_request_byte_limit_no_request_fits_is_refused() -> None:
+    with pytest.raises(ConfigError, match="1024"):
+        build_config(["--max-request-bytes", "5"], {})
