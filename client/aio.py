@@ -9,11 +9,12 @@ from typing import TypeVar, overload
 import grpc
 import numpy as np
 
+from client.checks import check_response, checked_embeddings
 from client.connection import DEFAULT_TARGET, Tls
 from client.embed_client import DEFAULT_RETRY, ClientSettings
 from client.errors import from_rpc_error
 from client.options import EmbedOptions, Encoding, LongTextMode, Task, text_list
-from client.results import ServerInfo, decode_embeddings
+from client.results import ServerInfo
 from client.retry import Deadline, RetryPolicy
 from client.stream import AsyncEmbedStream
 from nomic_embed.v1 import embed_pb2 as pb
@@ -66,7 +67,8 @@ class AsyncEmbedClient(ClientSettings):
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        vectors = decode_embeddings(await self._call(self._stub.Embed, options.request(text_list(texts))))
+        batch = text_list(texts)
+        vectors = checked_embeddings(await self._call(self._stub.Embed, options.request(batch)), len(batch), options)
         return vectors[0] if isinstance(texts, str) else vectors
 
     async def embed_response(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
@@ -76,7 +78,8 @@ class AsyncEmbedClient(ClientSettings):
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        return await self._call(self._stub.Embed, options.request(text_list(texts)))
+        batch = text_list(texts)
+        return check_response(await self._call(self._stub.Embed, options.request(batch)), len(batch), options)
 
     def embed_stream(self, texts: Iterable[str] | AsyncIterable[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
                      dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,9 +19,19 @@ from tqdm import tqdm
 from client.connection import DEFAULT_TARGET, Tls
 from client.embed_client import EmbedClient
 from client.errors import EmbedError
-from client.files import EmbeddingWriter, InputError, Record, count_texts, open_input, open_output, read_records
+from client.files import (
+    EmbeddingWriter,
+    InputError,
+    Record,
+    count_texts,
+    jsonl_format,
+    open_input,
+    open_output,
+    read_records,
+)
 from client.options import Encoding, LongTextMode, Task
 from client.results import row_width
+from client.run_record import RunRecord
 
 TOKEN_ENV = "NOMIC_EMBED_TOKEN"
 TARGET_ENV = "NOMIC_EMBED_TARGET"
@@ -54,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--encoding", default="float32", choices=_names(Encoding),
                        help="wire and output format (int8: q/127 approximates x; ubinary: packed sign bits)")
     embed.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"],
-                       help="input format; auto: JSONL when the first line is an object with --text-field")
+                       help="input format; auto: JSONL for a .jsonl/.ndjson input, or when the first line is "
+                            "an object with --text-field")
     embed.add_argument("--text-field", default="text", help="the text's key in JSONL input (default text)")
     embed.add_argument("--long-text-mode", default="truncate", choices=_names(LongTextMode))
     embed.add_argument("--max-tokens", type=int, default=0, help="token limit per text; 0 = the server's")
@@ -100,7 +112,7 @@ def run_similarity(args: argparse.Namespace) -> None:
 
 def run_embed(args: argparse.Namespace) -> None:
     encoding = Encoding[args.encoding.upper()]
-    jsonl = {"auto": None, "lines": False, "jsonl": True}[args.format]
+    jsonl = jsonl_format(args.input, args.format)
     with _client(args) as client, open_input(args.input) as lines:
         info = client.info()  # fails fast, with a clear message, when no server answers
         width = row_width(int(encoding), args.dimensions or info.dimensions)
@@ -112,7 +124,12 @@ def run_embed(args: argparse.Namespace) -> None:
             _texts_keeping_records(items, records.append), args.task, args.dimensions, encoding=encoding,
             long_text_mode=args.long_text_mode, max_tokens=args.max_tokens, batch_size=args.batch_size,
             window=args.window, streams=args.streams, reconnect_timeout=args.reconnect_timeout)
+        record = RunRecord(Path(args.output + ".part"), _run_params(args, jsonl))
+        if args.resume:
+            record.check_resume()  # before the part is opened: another run's part is left as it is
         writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width, resume=args.resume)
+        if not getattr(writer, "resumed", False):
+            record.created()
         try:
             done = _skip_done(items, writer)
             if done:  # said even with --quiet: the output holds rows this run did not compute
@@ -121,6 +138,7 @@ def run_embed(args: argparse.Namespace) -> None:
                               file=sys.stderr) as bar:
                 started, tokens = time.monotonic(), 0
                 for batch in stream:
+                    record.answered(batch.model_id, batch.variant)  # the first answer's model, before any row
                     writer.write([records.popleft() for _ in batch.texts], batch.embeddings)
                     tokens += batch.total_tokens
                     bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tokens/s",
@@ -130,8 +148,18 @@ def run_embed(args: argparse.Namespace) -> None:
             if writer.stop():
                 error.add_note(f"{writer.rows:,} texts are done and kept in {writer.part}; "
                                "run the same command with --resume to continue from there")
+            else:
+                record.remove()
             raise
         writer.finish()
+        record.remove()
+
+
+def _run_params(args: argparse.Namespace, jsonl: bool | None) -> dict[str, object]:
+    """What makes two runs' rows belong to one output (recorded beside OUTPUT.part for --resume)."""
+    return {"task": args.task, "dimensions": args.dimensions, "long_text_mode": args.long_text_mode,
+            "max_tokens": args.max_tokens, "encoding": args.encoding, "output_format": Path(args.output).suffix,
+            "input_format": {None: "auto", True: "jsonl", False: "lines"}[jsonl], "text_field": args.text_field}
 
 
 def _skip_done(items: Iterator[tuple[str, Record]], writer: EmbeddingWriter) -> int:

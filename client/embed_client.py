@@ -11,6 +11,7 @@ import numpy as np
 
 from client.batching import BatchLimits
 from client.blocking import EmbedStream, LoopThread
+from client.checks import check_response, checked_embeddings
 from client.connection import DEFAULT_TARGET, Connection, Tls, connect
 from client.errors import EmbedError, from_rpc_error
 from client.options import EmbedOptions, Encoding, LongTextMode, Task, seconds, text_list, whole_number
@@ -104,7 +105,8 @@ class EmbedClient(ClientSettings):
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        vectors = decode_embeddings(self._call(self._stub.Embed, options.request(text_list(texts))))
+        batch = text_list(texts)
+        vectors = checked_embeddings(self._call(self._stub.Embed, options.request(batch)), len(batch), options)
         return vectors[0] if isinstance(texts, str) else vectors
 
     def embed_response(self, texts: str | Sequence[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
@@ -114,7 +116,8 @@ class EmbedClient(ClientSettings):
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        return self._call(self._stub.Embed, options.request(text_list(texts)))
+        batch = text_list(texts)
+        return check_response(self._call(self._stub.Embed, options.request(batch)), len(batch), options)
 
     def embed_stream(self, texts: Iterable[str] | AsyncIterable[str], task: Task | str | int = Task.SEARCH_DOCUMENT,
                      dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -22,7 +23,8 @@ class InputError(ValueError):
 
 
 def open_input(path: str) -> IO[str]:
-    return sys.stdin if path == "-" else open(path, encoding="utf-8")  # closed by the caller
+    """The file (or stdin) in text mode; lines end at "\n" or "\r\n" only (see text_lines)."""
+    return sys.stdin if path == "-" else open(path, encoding="utf-8", newline="\n")  # closed by the caller
 
 
 def count_texts(path: str) -> int | None:
@@ -35,19 +37,35 @@ def count_texts(path: str) -> int | None:
 
 def text_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) per non-blank line, without its line end ("\n", "\r\n") and without the
-    UTF-8 byte order mark some editors put at the start of a file."""
+    UTF-8 byte order mark some editors put at the start of a file.
+
+    Lines end at "\n" or "\r\n" only: a lone "\r" is part of its line, so rows stay aligned with the lines
+    other tools count. A file opened in Python's default universal newlines mode would split there, so a
+    text file not read yet is switched to newline="\n" (open files with newline="\n" to be sure)."""
+    if isinstance(lines, io.TextIOWrapper):
+        with contextlib.suppress(io.UnsupportedOperation, ValueError):  # already read from: as it is
+            lines.reconfigure(newline="\n")
     for number, line in enumerate(lines, 1):
-        line = line.rstrip("\r\n")
+        line = line.removesuffix("\n").removesuffix("\r")
         if number == 1:
             line = line.removeprefix("\ufeff")
         if line.strip():  # blank: nothing to embed (the server refuses an empty text)
             yield number, line
 
 
+def jsonl_format(path: str, format: str) -> bool | None:
+    """--format as read_records' `jsonl`: an input named .jsonl or .ndjson is JSONL unless --format lines."""
+    if format == "auto" and Path(path).suffix.lower() in JSONL_SUFFIXES:
+        return True
+    return {"auto": None, "lines": False, "jsonl": True}[format]
+
+
 def read_records(lines: IO[str], *, jsonl: bool | None, text_field: str = "text") -> Iterator[tuple[str, Record]]:
     """(text, record) per non-blank line: a record is the JSON object of a JSONL line, else {"text": line}.
 
-    `jsonl=None` decides from the first non-blank line: JSONL when it is an object with `text_field`.
+    `jsonl=None` (auto, for an input not named .jsonl or .ndjson) decides from the first non-blank line:
+    JSONL when it is an object with `text_field`. In JSONL, every line must be an object with a string
+    `text_field`: any other line is refused, naming its number (never embedded as raw JSON).
     """
     for number, line in text_lines(lines):
         if jsonl is None:

@@ -84,6 +84,8 @@ class EmbeddedBatch:
     embeddings: np.ndarray  # (len(texts), width), dtype of the encoding
     tokens: list[int]  # tokens read per text
     line_numbers: list[int] | None = None
+    model_id: str = ""  # the model and variant that computed the batch (the same for every batch of a stream)
+    variant: str = ""
 
     @property
     def total_tokens(self) -> int:

@@ -10,11 +10,14 @@ goes out again on a new stream (on another server, behind a balanced target). Wh
 breaks, for instance because its server was killed or restarted, a new one is opened and every batch the old
 one left unanswered is sent again: each batch is yielded exactly once, so nothing is lost or duplicated.
 Once any batch has been answered, a server that is away (stopped, restarting, refusing connections) is
-waited for until no batch has been answered for `reconnect_timeout` (a minute).
+waited for until no batch has been answered for `reconnect_timeout` (a minute). Every answer must come from
+the model and variant of the first (a server replaced by one of another model fails the run with
+FAILED_PRECONDITION), and must hold one vector per text of the width asked for (DATA_LOSS otherwise).
 
 A text file (any io.TextIOBase: open(path), sys.stdin, io.StringIO) gives its lines without their line ends
-and without a UTF-8 byte order mark; blank lines are skipped, and each EmbeddedBatch says which line of the
-file each of its texts came from (`line_numbers`).
+and without a UTF-8 byte order mark; lines end at "\n" or "\r\n" only, a lone "\r" is part of its line (a
+file not read yet is switched to newline="\n": see client.files.text_lines). Blank lines are skipped, and each
+EmbeddedBatch says which line of the file each of its texts came from (`line_numbers`).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequenc
 import grpc
 
 from client.batching import batches
+from client.checks import ModelGuard, checked_embeddings
 from client.errors import EmbedError, from_rpc_error, status_code
 from client.files import text_lines
 from client.options import EmbedOptions
-from client.results import EmbeddedBatch, decode_embeddings
+from client.results import EmbeddedBatch
 from client.retry import Deadline, RetryPolicy
 from client.stream_state import Batch, Outage, Run, StreamSettings, StreamStats, batch_error
 from nomic_embed.v1 import embed_pb2 as pb
@@ -81,6 +85,7 @@ class AsyncEmbedStream:
         self._reconnect_timeout = settings.reconnect_timeout
         self._metadata = tuple(metadata)
         self.stats = StreamStats()
+        self._model = ModelGuard()  # every answer must come from the first answer's model and variant
         self._window = asyncio.Semaphore(settings.window)  # batches sent and not yet handed to the caller
         self._work: asyncio.PriorityQueue[tuple[int, Batch | None]] = asyncio.PriorityQueue()
         self._results: dict[int, EmbeddedBatch | EmbedError] = {}
@@ -296,9 +301,11 @@ class AsyncEmbedStream:
         """Record a batch's answer; False when the batch is to be sent again."""
         if message.HasField("response"):
             response = message.response
+            vectors = checked_embeddings(response, len(batch.texts), self._options)  # a faulty answer ends the run
+            self._model.check(response)
             result: EmbeddedBatch | EmbedError = EmbeddedBatch(
-                batch.start, batch.texts, decode_embeddings(response), [e.tokens for e in response.embeddings],
-                batch.line_numbers)
+                batch.start, batch.texts, vectors, [e.tokens for e in response.embeddings], batch.line_numbers,
+                response.metadata.model_id, response.metadata.variant)
         else:
             result = batch_error(batch, message.error)
             if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):

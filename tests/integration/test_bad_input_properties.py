@@ -30,8 +30,9 @@ _text = st.one_of(
 _uint32 = st.one_of(st.integers(0, 200), st.sampled_from([2**31 - 1, 2**32 - 1, 8192, 8193]))
 _enum = st.one_of(st.integers(0, 6), st.integers(-(2**31), 2**31 - 1))
 # Valid values of each field, for requests that must be answered OK.
+# Valid: at least one character the tokenizer keeps (a text of only control or zero-width characters is refused).
 _valid_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=300).filter(
-    str.strip)
+    lambda t: any(c.isalnum() for c in t))
 _valid_dimensions = st.sampled_from([0, 64, 65, 100, 127, TINY["hidden"]])
 _valid_max_tokens = st.one_of(st.just(0), st.integers(16, 256))
 

@@ -11,14 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.helpers.cli import ROOT, cli, write_run_record
 from tools.servers import RunningServer
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "client", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
 
 
 def test_embed_writes_npy_rows_in_input_order(tiny_server: RunningServer, tmp_path: Path) -> None:
@@ -115,6 +109,7 @@ def test_resume_of_jsonl_checks_it_continues_the_same_input(tiny_server: Running
         first = client.embed([r["text"] for r in records[:12]])
     done = zip(records[:12], first.tolist(), strict=True)
     part.write_text("".join(json.dumps({**r, "embedding": v}) + "\n" for r, v in done) + '{"id": 12, "te')
+    write_run_record(part)
     args = ("embed", "--target", tiny_server.target, "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
             "--quiet", "--resume")
     run = cli(*args)
@@ -126,6 +121,7 @@ def test_resume_of_jsonl_checks_it_continues_the_same_input(tiny_server: Running
     np.testing.assert_allclose(np.array([line["embedding"] for line in lines]), want, rtol=0, atol=1e-5)
 
     part.write_text(json.dumps({"id": 0, "text": "another input", "embedding": [0.0]}) + "\n")
+    write_run_record(part)
     other = cli(*args)
     assert other.returncode == 1 and "does not continue this input" in other.stderr
     assert part.exists()  # left as it was, for the user to decide

@@ -13,41 +13,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from numpy.lib import format as npy_format
 
 from client import EmbedClient, EmbeddedBatch, EmbedError
+from tests.helpers.cli import feed, npy_rows, wait_for
 from tools.servers import ServerProcess, free_port, running_server, spawn_server, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 DOWN_S = 3.0  # the port stays closed this long: reconnecting clients meet "connection refused"
-
-
-def npy_rows(path: Path, width: int) -> int:
-    """Complete float32 rows in a .npy file being written (0 while it has no header yet)."""
-    try:
-        with open(path, "rb") as f:
-            npy_format.read_magic(f)
-            npy_format.read_array_header_1_0(f)
-            header = f.tell()
-    except (OSError, ValueError):
-        return 0
-    return (path.stat().st_size - header) // (width * 4)
-
-
-def wait_for(condition: object, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
-
-
-def feed(cli: subprocess.Popen[str], lines: list[str]) -> None:
-    assert cli.stdin is not None
-    try:
-        cli.stdin.write("".join(line + "\n" for line in lines))
-        cli.stdin.flush()
-    except BrokenPipeError:
-        pass  # the CLI has exited: its exit status and error are checked at the end
 
 
 def stop(server: ServerProcess) -> None:

@@ -1,0 +1,62 @@
+"""Defences against answers that would give wrong vectors: a response whose count or width is not the one
+asked for, and a stream whose server changed its model mid-run."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from client.errors import EmbedError
+from client.options import EmbedOptions
+from client.results import decode_embeddings, row_width
+from nomic_embed.v1 import embed_pb2 as pb
+
+
+def check_response(response: pb.EmbedResponse, texts: int, options: EmbedOptions) -> pb.EmbedResponse:
+    """The response, once it has one vector per text, each of the width asked for (DATA_LOSS otherwise)."""
+    got = len(response.embeddings)
+    if got != texts:
+        raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered {got} vectors for {texts} texts; "
+                                                    "the vectors cannot be matched to their texts")
+    width = response.metadata.dimensions
+    if options.dimensions and width != options.dimensions:
+        raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered vectors of width {width} where "
+                                                    f"{options.dimensions} were asked for")
+    if response.metadata.encoding == pb.ENCODING_UNSPECIFIED:
+        for i, embedding in enumerate(response.embeddings):
+            if len(embedding.values) != width:
+                raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered a vector of width "
+                                                            f"{len(embedding.values)} for text {i}, where the "
+                                                            f"response says {width}")
+    return response
+
+
+def checked_embeddings(response: pb.EmbedResponse, texts: int, options: EmbedOptions) -> np.ndarray:
+    """decode_embeddings of a response that passed check_response; a malformed packing is DATA_LOSS too."""
+    check_response(response, texts, options)
+    try:
+        vectors = decode_embeddings(response)
+    except ValueError as exc:
+        raise EmbedError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+    want = row_width(response.metadata.encoding, response.metadata.dimensions)
+    if vectors.shape != (texts, want):
+        raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered vectors of shape {vectors.shape[1:]} "
+                                                    f"for {texts} texts of width {want}")
+    return vectors
+
+
+class ModelGuard:
+    """Remembers the (model_id, variant) of a run's first answer and refuses any later answer from another
+    model or variant: vectors of two models are not comparable."""
+
+    def __init__(self) -> None:
+        self.model: tuple[str, str] | None = None
+
+    def check(self, response: pb.EmbedResponse) -> None:
+        model = (response.metadata.model_id, response.metadata.variant)
+        if self.model is None:
+            self.model = model
+        elif model != self.model:
+            raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the server's model changed from {self.model[0]} (variant {self.model[1]}) to "
+                             f"{model[0]} (variant {model[1]}) mid-run; the vectors would not be comparable")

@@ -1,0 +1,75 @@
+"""OUTPUT.part.json: the parameters of the run that wrote OUTPUT.part, so that --resume continues only the
+same run (the same task, width, encoding, long-text handling, input format, and the same model and variant)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from client.errors import EmbedError
+from client.files import InputError
+
+_MODEL_KEYS = ("model_id", "variant")
+
+
+class RunRecord:
+    """Written beside PATH.part when the part is created, with the model and variant of the first answer
+    added once it comes; removed when the part becomes PATH (or is removed)."""
+
+    def __init__(self, part: Path, params: dict[str, Any]) -> None:
+        self.path = part.with_name(part.name + ".json")
+        self.part = part
+        self.params = dict(params)
+        self.model: tuple[str, str] | None = None
+
+    def check_resume(self) -> None:
+        """Before PATH.part is opened for --resume: refuse a part another run (or an unknown one) left."""
+        if not self.part.exists():
+            return
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{self.part} has no record of the run that wrote it ({self.path} is missing), so "
+                             "it cannot be known to be this run's: remove it to start over") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.path} cannot be read ({exc}): remove {self.part} and it to start over") from None
+        if not isinstance(saved, dict):
+            raise InputError(f"{self.path} is not a run record: remove {self.part} and it to start over")
+        for key, value in self.params.items():
+            if key == "long_text_mode" and saved.get(key) == "error":
+                continue  # its rows are of texts that fit the limit: the same in every mode (error, then truncate)
+            if saved.get(key) != value:
+                raise InputError(f"{self.part} was written with {key}={saved.get(key)!r} where this run has "
+                                 f"{key}={value!r}: not this run's output; remove it to start over")
+        if all(isinstance(saved.get(k), str) for k in _MODEL_KEYS):
+            self.model = (saved["model_id"], saved["variant"])
+
+    def created(self) -> None:
+        """PATH.part was created (not resumed): record this run's parameters."""
+        self._write()
+
+    def answered(self, model_id: str, variant: str) -> None:
+        """The first answer of this run: it must come from the part's model; recorded before any row."""
+        if self.model is None:
+            self.model = (model_id, variant)
+            self._write()
+        elif self.model != (model_id, variant):
+            raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{self.part} was computed by model {self.model[0]} (variant {self.model[1]}) but the "
+                             f"server now serves {model_id} (variant {variant}); the vectors would not be "
+                             "comparable: remove it to start over")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        record = {**self.params, "model_id": None, "variant": None}
+        if self.model is not None:
+            record.update(zip(_MODEL_KEYS, self.model, strict=True))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
