@@ -16,7 +16,6 @@ def _main(argv: list[str]) -> int:
     # Imports here, not above: a Ctrl-C during them is answered by main, not with a traceback.
     import asyncio
     import logging
-    import os
     import threading
 
     from server.config import parse_args
@@ -41,10 +40,7 @@ def _main(argv: list[str]) -> int:
     if any(t.name == MODEL_THREAD and t.is_alive() for t in threading.enumerate()):
         # The grace period ended mid-batch: finalizing the interpreter under a thread still inside torch
         # aborts the process (std::terminate), so leave without finalizing; the callers were answered.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_now(0)
     return 0
 
 

@@ -105,7 +105,7 @@ def _cached_commit(model: str, revision: str | None) -> str | None:
 
 
 def _complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return not _missing(path)
 
 
 def _bundled(name: str, revision: str | None) -> ModelSource:
@@ -135,11 +135,14 @@ def _directory_revision(path: Path, revision: str | None) -> str:
     return recorded
 
 
+def _missing(path: Path) -> list[str]:
+    """What serving needs that `path` lacks: config.json and the safetensors weights."""
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    return missing if any(path.glob("*.safetensors")) else [*missing, "*.safetensors"]
+
+
 def _require_files(path: Path, model: str) -> None:
-    missing = [name for name in ("config.json",) if not (path / name).is_file()]
-    if not any(path.glob("*.safetensors")):
-        missing.append("*.safetensors")
-    if missing:
+    if missing := _missing(path):
         hint = (": it is a Hugging Face cache folder; pass the hub id (with HF_HUB_CACHE naming the folder above "
                 "it) or one of its snapshots/<commit> folders") if path.name.startswith("models--") else ""
         raise StartupError(f"model {model!r} at {path} lacks {', '.join(missing)}{hint}")
