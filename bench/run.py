@@ -6,7 +6,9 @@
 4. one 16-token query at idle: the server over gRPC against the same forward pass in-process, alternately;
 5. load from a separate process (python -m bench.load) at each concurrency, unary and streaming;
 6. the baselines once more (the machine's load drifts: their mean faces the drift the runs faced);
-7. a table with the ratios, the targets, and a JSON file under bench/results/.
+7. host cost (bench.host_cost): the server's CPU per one-text request with a near-free model, beside a bare
+   grpc.aio echo, both in processes of their own;
+8. a table with the ratios, the targets, and a JSON file under bench/results/.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import grpc
 import numpy as np
 import torch
 
-from bench import baseline, corpus
+from bench import baseline, corpus, host_cost
 from bench.load import LoadResult
 from bench.model import full_size_checkpoint
 from bench.report import RunSummary, load_average, machine, table
@@ -59,13 +61,15 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--modes", default="unary,stream")
     p.add_argument("--server-args", default="", help='more server flags, e.g. "--threads 1 --batch-wait-ms 5"')
     p.add_argument("--no-st", action="store_true", help="skip the sentence-transformers baselines (no ratios)")
+    p.add_argument("--no-host-cost", action="store_true", help="skip the host-cost measurement")
+    p.add_argument("--host-cost-requests", type=int, default=4000, help="one-text requests per host-cost run")
     p.add_argument("--idle-queries", type=int, default=15, help="pairs of idle query timings")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nomic-embed-grpc-bench")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/<time>.json)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.texts, args.concurrency = 32, "1,8"
+        args.texts, args.concurrency, args.host_cost_requests = 32, "1,8", 1000
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.modes = args.modes.split(",")
     return args
@@ -221,6 +225,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 runs.append(_drive(srv, mode, concurrency, requests))
         if baselines:
             baselines.one_pass()
+    if not args.no_host_cost:
+        # After the full-size server has stopped: these servers run in processes of their own.
+        costs = host_cost.run(host_cost.CONCURRENCY, args.host_cost_requests, shlex.split(args.server_args))
+        results["host_cost"] = [host_cost.as_dict(c) for c in costs]
     results["st"] = asdict(baselines.result) if baselines else {}
     results["runs"] = [{**asdict(r), "tok_s": r.tok_s, "texts_s": r.texts_s} for r in runs]
     results["load_average"] = {"before": load_before, "after": load_average()}
@@ -241,7 +249,15 @@ def _report(results: dict[str, object], runs: list[RunSummary], st: Baselines | 
     print(f"\nidle 16-token query: server p50 {idle['server_p50_ms']:.1f} ms, in-process forward p50 "
           f"{idle['in_process_forward_p50_ms']:.1f} ms: {idle['added_ms']:+.1f} ms; time beside the model's "
           f"own (same request) p50 {idle['beside_model_p50_ms']:.1f} ms")
+    costs = [host_cost.HostCost(**{k: v for k, v in c.items() if k in host_cost.FIELDS})
+             for c in results.get("host_cost", [])]  # type: ignore[union-attr]
+    if costs:
+        print("\n" + host_cost.report(costs, host_cost.CONCURRENCY))
     targets = _targets(runs, fp32, same, idle) if st else {}
+    server_cost = next((c for c in costs if c.name == host_cost.SERVER), None)
+    if server_cost is not None:
+        value = server_cost.cpu_us_per_request
+        targets["host cost: server CPU per one-text request, us"] = (value, "<= 400", value <= 400)
     results["targets"] = targets
     for name, (value, goal, met) in targets.items():
         print(f"target {name}: {value:.2f} (goal {goal}) {'met' if met else 'NOT met'}")

@@ -41,9 +41,10 @@ from server.model.source import resolve_model
 from server.model.spec import read_model_spec
 from server.model.tokenizer import load_tokenizer
 from server.observability.metrics import Metrics
-from server.transport.metrics_interceptor import MetricsInterceptor
+from server.transport.metrics_hooks import MetricsHooks
 from server.transport.options import grpc_options
-from server.transport.request_ids import RequestIdInterceptor
+from server.transport.request_ids import RequestIdHooks
+from server.transport.rpc_hooks import HookInterceptor
 from server.transport.security import BearerTokenAuth, load_tokens, server_credentials
 from server.transport.service import EmbedService, ServedModel
 from server.transport.tracing import Tracing
@@ -111,7 +112,7 @@ class App:
         if c.otlp_endpoint:
             self.tracing = Tracing(c.otlp_endpoint, server.__version__)
             interceptors.append(self.tracing.interceptor)
-        interceptors += [MetricsInterceptor(self.metrics), RequestIdInterceptor(access=c.access_log)]
+        interceptors.append(HookInterceptor(MetricsHooks(self.metrics), RequestIdHooks(access=c.access_log)))
         if tokens:
             interceptors.append(BearerTokenAuth(tokens))
         self.grpc_server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
@@ -231,7 +232,8 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     if spec.rotary is not None:
         install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
     runner = Runner(loaded.model, pooling=facts.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
-                    per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context)
+                    per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context,
+                    threads=threads)
     limits = Limits(
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
         max_text_chars=config.max_text_chars, max_batch_tokens=decision.batch_tokens,

@@ -229,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=_number(0, _MAX_BATCH_WAIT_MS, "milliseconds"), default=d.batch_wait_ms,
                    help="how long an idle worker waits to fill a batch")
     p.add_argument("--threads", type=_integer(0, _UINT32), default=d.threads,
-                   help="intra-op threads of the model; 0 = the CPUs this process may use, and no more")
+                   help="intra-op threads of the model; 0 = the CPUs this process may use, and no more (a batch "
+                        "too small to share runs on one)")
     p.add_argument("--rotary-scaling-factor", type=_rotary_factor, default=d.rotary_scaling_factor,
                    help="dynamic NTK factor for inputs beyond the trained positions: 1 or more; 0 disables")
     p.add_argument("--grace", type=_number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",

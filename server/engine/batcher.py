@@ -22,6 +22,7 @@ from server.engine.backend import Backend
 from server.engine.delivery import Delivery
 from server.engine.events import BatcherTotals, BatchStats, NonFiniteEvent, OutOfMemoryEvent
 from server.engine.jobs import Job
+from server.engine.matryoshka import Finish
 from server.engine.policy import BatchPolicy
 from server.engine.scheduling import RowQueue, choose_window
 from server.engine.worker import MODEL_THREAD, Worker
@@ -99,17 +100,24 @@ class Batcher:
         return len({row.job for row in rows}), len(rows)
 
     # -- admission (event loop) ------------------------------------------------------------------
-    def submit(self, rows: Sequence[Sequence[int]], deadline: float | None = None) -> Job:
-        """Queue a request's rows, or refuse them at once (Unavailable, Overloaded, DeadlineExceeded)."""
+    def submit(self, rows: Sequence[Sequence[int]], deadline: float | None = None,
+               finish: Finish | None = None) -> Job:
+        """Queue a request's rows, or refuse them at once (Unavailable, Overloaded, DeadlineExceeded).
+
+        With `finish`, the job's vectors come back finished so (server.engine.matryoshka), else as pooled."""
         if not self._accepting:
             raise Unavailable("the server is shutting down")
         if not rows:
             raise ValueError("a job needs at least one row")
-        job = Job(rows=len(rows), deadline=deadline)
+        job = Job(rows=len(rows), deadline=deadline, finish=finish)
         with self._lock:
             self._admission.check(self._queue.tokens, sum(len(r) for r in rows), deadline)
+            was_empty = not len(self._queue)
             self._queue.add(job, rows)
-            self._lock.notify()
+            # The worker waits for a first row, or for a full batch until its window ends: waking it for
+            # every row in between would only cost the event loop and the worker a thread switch each.
+            if was_empty or self._worker.full():
+                self._lock.notify()
         return job
 
 

@@ -6,7 +6,7 @@ futures, the totals and the hooks are only touched on the loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,8 +22,8 @@ class Delivery:
         self.on_out_of_memory: Callable[[OutOfMemoryEvent], None] | None = None  # per split
         self.on_non_finite: Callable[[NonFiniteEvent], None] | None = None  # per batch with such vectors
 
-    def batch(self, batch: list[Row], vectors: np.ndarray, stats: BatchStats) -> None:
-        """The batch's vectors, one per row in order."""
+    def batch(self, batch: list[Row], vectors: Sequence[np.ndarray], stats: BatchStats) -> None:
+        """The batch's vectors, one per row in order, as each row's job asked them finished."""
         for row, vector in zip(batch, vectors, strict=True):
             row.job.deliver(row.index, vector)
         self.totals.add(stats)

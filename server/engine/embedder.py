@@ -8,9 +8,12 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from server.domain import Embedding, EmbedOptions, EmbedResult, LongTextMode, ModelFacts, Task, Timings
 from server.engine import matryoshka
 from server.engine.batcher import Batcher
+from server.engine.matryoshka import Finish
 from server.engine.tokenization import Rows, TextTokenizer
 from server.errors import InvalidInput, ModelFailure, NonFiniteVector
 
@@ -59,9 +62,13 @@ class Embedder:
             per_text.append(rows)
         self._check_request_tokens(sum(rows.tokens for rows in per_text), "split the batch or use EmbedStream")
         flat = [row for rows in per_text for row in rows.rows]
-        job = self.batcher.submit(flat, deadline)
+        # Texts of one row each (nearly always) come back finished from the model thread; windows are
+        # averaged here first.
+        layer_norm = self.facts.layer_norm_before_truncation
+        whole = len(flat) == len(per_text)
+        job = self.batcher.submit(flat, deadline, Finish(options.dimensions, layer_norm) if whole else None)
         try:
-            pooled = await job.result()
+            vectors = await job.result()
         except asyncio.CancelledError:
             job.cancel()
             raise
@@ -69,25 +76,29 @@ class Embedder:
             text = bisect.bisect_right(list(itertools.accumulate(len(r.rows) for r in per_text)), error.row)
             raise ModelFailure(f"texts[{text}]: the model gave this text a vector with NaN or infinity; "
                                "no vector is returned for it") from None
-        embeddings = []
-        start = 0
-        for rows in per_text:
-            n = len(rows.rows)
-            if n == 1:
-                vector = pooled[start]
-            else:
-                vector = matryoshka.weighted_mean(pooled[start : start + n], [len(r) for r in rows.rows])
-            start += n
-            embeddings.append(Embedding(
-                vector=matryoshka.finish(vector, options.dimensions,
-                                         layer_norm=self.facts.layer_norm_before_truncation),
-                tokens=rows.tokens, truncated=rows.truncated, windows=n,
-            ))
+        if not whole:
+            vectors = self._average_windows(vectors, per_text, options.dimensions, layer_norm)
+        embeddings = [Embedding(vector=vector, tokens=rows.tokens, truncated=rows.truncated, windows=len(rows.rows))
+                      for vector, rows in zip(vectors, per_text, strict=True)]
         timings = Timings(job.queue_s, job.inference_s, time.monotonic() - arrived)
         result = EmbedResult(embeddings, timings)
         if self.on_result:
             self.on_result(result)
         return result
+
+    @staticmethod
+    def _average_windows(pooled: np.ndarray, per_text: list[Rows], dimensions: int,
+                         layer_norm: bool) -> np.ndarray:
+        """Each text's window vectors averaged by their token counts, then finished."""
+        vectors = []
+        start = 0
+        for rows in per_text:
+            n = len(rows.rows)
+            vector = pooled[start] if n == 1 else matryoshka.weighted_mean(pooled[start : start + n],
+                                                                           [len(r) for r in rows.rows])
+            start += n
+            vectors.append(vector)
+        return matryoshka.finish_rows(np.stack(vectors), dimensions, layer_norm=layer_norm)
 
     def _check_request_tokens(self, total: int, advice: str) -> None:
         if self.max_request_tokens is not None and total > self.max_request_tokens:
@@ -97,5 +108,5 @@ class Embedder:
     async def _content_ids(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
         if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
             return self.tokenizer.content_ids(texts, prefix)
-        return await asyncio.to_thread(self.tokenizer.content_ids, texts, prefix)
+        return await asyncio.to_thread(self.tokenizer.content_ids, texts, prefix, parallel=True)
 

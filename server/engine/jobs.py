@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.engine.matryoshka import Finish
+
 
 @dataclass(eq=False)
 class Job:
@@ -21,6 +23,7 @@ class Job:
 
     rows: int
     deadline: float | None  # time.monotonic() value
+    finish: Finish | None = None  # the model thread finishes the rows so; None: they come back as pooled
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # set on the worker when its first row goes into a batch
     finished: float | None = None
@@ -68,7 +71,8 @@ class Job:
         self._remaining -= 1
         if self._remaining == 0:
             self.finished = time.monotonic()
-            self._future.set_result(np.stack(self._vectors))  # type: ignore[arg-type]
+            vectors = vector[np.newaxis] if self.rows == 1 else np.stack(self._vectors)  # type: ignore[arg-type]
+            self._future.set_result(vectors)
 
     def fail(self, error: BaseException) -> None:
         """End the job with `error` (event loop only), unless it has already ended."""

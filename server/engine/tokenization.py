@@ -71,10 +71,16 @@ class TextTokenizer:
     def special_tokens(self) -> int:
         return len(self._head) + len(self._tail)
 
-    def content_ids(self, texts: Sequence[str], prefix: str) -> list[list[int]]:
-        """Token ids of prefix + text, without special tokens."""
-        encodings = self._tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)
-        return [e.ids for e in encodings]
+    def content_ids(self, texts: Sequence[str], prefix: str, *, parallel: bool = False) -> list[list[int]]:
+        """Token ids of prefix + text, without special tokens.
+
+        `parallel` encodes on the tokenizer's own threads, with the interpreter lock released: for a thread of
+        its own. Inline on the event loop, text by text holds the lock: giving it up costs the loop a wait for
+        the model thread's next switch (up to 5 ms; measured 3.6 ms per one-text call against a busy thread).
+        """
+        if parallel:
+            return [e.ids for e in self._tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)]
+        return [self._tok.encode(prefix + t, add_special_tokens=False).ids for t in texts]
 
     def prefix_length(self, prefix: str) -> int:
         # A handful of task prefixes exist: tokenize each once, not on every request.

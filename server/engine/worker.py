@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from server.engine import matryoshka
 from server.engine.admission import Throughput
 from server.engine.backend import Backend
 from server.engine.delivery import Delivery
@@ -130,7 +131,7 @@ class Worker:
             last_end = None  # idle for longer than wait_s: the row runs at once
         if last_end is not None and not self.closing:
             until = last_end + self.policy.wait_s
-            while not self._full() and (left := until - time.monotonic()) > 0:
+            while not self.full() and (left := until - time.monotonic()) > 0:
                 self._lock.wait(left)
         expired, dropped = self._queue.drop_dead(time.monotonic())
         if expired or dropped:
@@ -140,8 +141,10 @@ class Worker:
             policy = replace(policy, max_batch_tokens=self.budget.tokens)
         return self._queue.take_batch(policy)
 
-    def _full(self) -> bool:
-        """Enough is queued to fill a batch, by rows or by real tokens (a padded batch may be full sooner)."""
+    def full(self) -> bool:
+        """Enough is queued to fill a batch, by rows or by real tokens (a padded batch may be full sooner).
+
+        Read under the lock, by the worker and by the batcher when it decides whether to wake the worker."""
         return len(self._queue) >= self.policy.max_batch_rows or self._queue.tokens >= self.policy.max_batch_tokens
 
     def _execute(self, batch: list[Row]) -> None:
@@ -176,10 +179,11 @@ class Worker:
         finite = np.isfinite(vectors).all(axis=1)  # one pass over the batch
         if not finite.all():
             self._non_finite([row for row, ok in zip(batch, finite, strict=True) if not ok], len(batch))
+        finished = matryoshka.finish_batch(vectors, [r.job.finish for r in batch])
         tokens = sum(r.length for r in batch)
         self._throughput.observe(tokens, seconds)
         stats = BatchStats(len(batch), tokens, len(batch) * max(r.length for r in batch), seconds)
-        self._post(self._delivery.batch, batch, vectors, stats)
+        self._post(self._delivery.batch, batch, finished, stats)
 
     def _split(self, batch: list[Row], exc: OutOfMemory) -> None:
         longest = max(r.length for r in batch)

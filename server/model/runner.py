@@ -19,6 +19,12 @@ from server.model.unpadded import Packing, encode_unpadded, pool, supports_unpad
 # shape, and batches change shape nearly every time (on an H200 fp16 ran 20x slower than fp32 with it).
 _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# A CPU forward below this much work takes as long on one thread as on two, and the intra-op pool's other
+# threads would spin-wait through all of it: measured on 2 cores, a 1-layer 64-wide model's 20x16 batch took
+# 0.97 ms on one thread and 0.90 ms on two for twice the CPU; a full-size NomicBERT 1x16 forward (3.6 GFLOP)
+# took 87 ms on one and 46 ms on two.
+PARALLEL_MIN_FLOPS = 1e8
+
 
 class Runner:
     """Runs a batch of token rows through the model and pools each row: the engine's Backend, in-process.
@@ -38,7 +44,7 @@ class Runner:
     def __init__(self, model: PreTrainedModel, *, pooling: str, pad_id: int, device: str,
                  per_row_rotary: bool,
                  compute_context: Callable[[], AbstractContextManager[object]] = nullcontext,
-                 unpadded: bool = True) -> None:
+                 unpadded: bool = True, threads: int | None = None) -> None:
         self.model = model
         self.compute_context = compute_context
         self.pooling = pooling
@@ -46,12 +52,17 @@ class Runner:
         self.device = torch.device(device)
         self.per_row_rotary = per_row_rotary
         self.unpadded = unpadded and supports_unpadded(model)
+        # Intra-op threads for a CPU batch worth parallelising (small ones take one); None leaves torch's.
+        self.threads = threads if self.device.type == "cpu" else None
+        self.flops_per_token = flops_per_token(model)
 
     def run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled hidden states, one float32 row per input row (before any normalization).
 
         Raises OutOfMemory when the device cannot hold the batch's activations.
         """
+        if self.threads is not None:
+            torch.set_num_threads(self.threads_for(rows))
         try:
             with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS), self.compute_context():
                 pooled = self._unpadded(rows) if self.unpadded else self._padded(rows)
@@ -63,6 +74,13 @@ class Runner:
         # Outside the handler: the failed forward's frames, and the activations they hold, are freed.
         release_cached_memory(str(self.device))
         raise OutOfMemory(f"out of memory computing {len(rows)} rows of {sum(map(len, rows))} tokens: {detail}")
+
+    def threads_for(self, rows: Sequence[Sequence[int]]) -> int:
+        """The intra-op threads for this batch: one when its forward is too small to share."""
+        assert self.threads is not None
+        if sum(map(len, rows)) * self.flops_per_token < PARALLEL_MIN_FLOPS:
+            return 1
+        return self.threads
 
     def healthy(self, rows: Sequence[Sequence[int]]) -> bool:
         """Whether `rows` (the warm-up's) still give finite vectors."""
@@ -93,6 +111,16 @@ class Runner:
 # What the CPU allocator and cuBLAS (its workspace) say when they run out; CUDA's caching allocator
 # raises torch.OutOfMemoryError.
 _OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
+
+
+def flops_per_token(model: PreTrainedModel) -> float:
+    """An encoder's multiply-adds per token, x2, from its config: Q, K, V, the output projection and two
+    matrices of the MLP per layer (attention scores and NomicBERT's third, gating matrix left out: it
+    only decides when a batch is worth parallelising)."""
+    c = model.config
+    hidden, layers = int(c.hidden_size), int(c.num_hidden_layers)
+    inner = int(getattr(c, "intermediate_size", None) or 4 * hidden)
+    return 2.0 * layers * (4 * hidden * hidden + 2 * hidden * inner)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -65,8 +65,22 @@ def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerConte
     return handler
 
 
+class CallHooks(Protocol):
+    """Hooks to run around every call of a method, chosen once per method."""
+
+    def hooks(self, method: str, handler: grpc.RpcMethodHandler) -> tuple[Begin, End]: ...
+
+
 class HookInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that runs hooks before and after every call; `hooks` chooses them for each call."""
+    """Runs several CallHooks around every call: their begins in order, their ends in reverse.
+
+    One wrapping serves them all, made once per method and reused, so a call pays for no interceptor
+    chain and no closures of its own. Unknown methods (no handler) are never wrapped, nor remembered.
+    """
+
+    def __init__(self, *hooks: CallHooks) -> None:
+        self._hooks = hooks
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -76,7 +90,26 @@ class HookInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        return wrap(handler, *self.hooks(details, handler))
+        method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(handler, *_compose([h.hooks(method, handler) for h in self._hooks]))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-    def hooks(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler) -> tuple[Begin, End]:
-        raise NotImplementedError
+
+def _compose(pairs: Sequence[tuple[Begin, End]]) -> tuple[Begin, End]:
+    if len(pairs) == 1:
+        return pairs[0]
+    begins = [b for b, _ in pairs]
+    ends = [e for _, e in reversed(pairs)]
+
+    def begin(context: grpc.aio.ServicerContext) -> list[Any]:
+        return [b(context) for b in begins]
+
+    def end(context: grpc.aio.ServicerContext, states: list[Any], ok: bool) -> None:
+        for e, state in zip(ends, reversed(states), strict=True):
+            e(context, state, ok)
+
+    return begin, end

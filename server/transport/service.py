@@ -18,7 +18,7 @@ from server.domain import EmbedResult, Limits, ModelFacts
 from server.engine import batch_dependence
 from server.engine.embedder import Embedder
 from server.errors import EmbedError, InvalidInput, Overloaded, Unavailable
-from server.transport import status, trailers
+from server.transport import status, trailers, wire
 from server.transport.encoding import Encoding, pack_rows
 from server.transport.request_ids import add_trailers
 from server.transport.requests import (
@@ -84,7 +84,7 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             handlers[method.name] = make(
                 getattr(self, method.name),
                 request_deserializer=lenient_parser(message_factory.GetMessageClass(method.input_type)),
-                response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+                response_serializer=wire.serializer(message_factory.GetMessageClass(method.output_type)),
             )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
         server.add_registered_method_handlers(service.full_name, handlers)
@@ -97,8 +97,7 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             raise Unavailable("the model is still loading; watch the health service for SERVING")
         return self._ready
 
-    async def Embed(self, request: pb.EmbedRequest | Unparsed,
-                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest | Unparsed, context: grpc.aio.ServicerContext) -> bytes:
         started = time.monotonic()  # for failures only: an answer reports the embedder's own timings
         try:
             response, result = await self._embed(request, _deadline(context))
@@ -112,7 +111,8 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         return response
 
     async def _embed(self, request: pb.EmbedRequest | Unparsed,
-                     deadline: float | None) -> tuple[pb.EmbedResponse, EmbedResult]:
+                     deadline: float | None) -> tuple[bytes, EmbedResult]:
+        """The EmbedResponse, in wire format, and the result it carries."""
         if isinstance(request, Unparsed):
             raise request.error
         embedder, model, limits = self._state()
@@ -122,10 +122,10 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         return _response(model, result, options.dimensions, encoding), result
 
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest | Unparsed],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedStreamResponse]:
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started, tokens = time.monotonic(), 0
         deadline = _deadline(context)
-        window: asyncio.Queue[asyncio.Task[pb.EmbedStreamResponse] | None] = asyncio.Queue(STREAM_WINDOW)
+        window: asyncio.Queue[asyncio.Task[tuple[bytes, int]] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
@@ -139,8 +139,8 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         draining.add_done_callback(lambda _: reader.cancel())  # stop reading; answer what was read
         try:
             while (task := await window.get()) is not None:
-                reply = await task
-                tokens += reply.response.metadata.total_tokens  # 0 for an error
+                reply, answered = await task
+                tokens += answered
                 yield reply
             try:
                 await reader  # re-raises a broken request stream
@@ -159,14 +159,15 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
                     task.cancel()
 
     async def _stream_one(self, message: pb.EmbedStreamRequest | Unparsed,
-                          deadline: float | None) -> pb.EmbedStreamResponse:
+                          deadline: float | None) -> tuple[bytes, int]:
+        """The message's EmbedStreamResponse in wire format, and the tokens it read (0 for an error)."""
         try:
             if isinstance(message, Unparsed):
                 raise message.error
             if not message.HasField("request"):
                 raise InvalidInput("request", "each stream message needs a request")
-            response, _ = await self._embed(message.request, deadline)
-            return pb.EmbedStreamResponse(id=message.id, response=response)
+            response, result = await self._embed(message.request, deadline)
+            return wire.stream_response(message.id, response), result.total_tokens
         except Exception as error:
             if not isinstance(error, EmbedError):
                 log.exception("EmbedStream message %r failed", message.id)
@@ -174,7 +175,7 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
                 code=status.status_code(error).value[0], message=status.message(error),
                 field=error.field if isinstance(error, InvalidInput) else "",
                 retry_delay=_duration(error.retry_after_s) if isinstance(error, Overloaded) else None,
-            ))
+            )).SerializeToString(), 0
 
     async def Info(self, request: pb.InfoRequest | Unparsed, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
@@ -217,25 +218,16 @@ _PB_ENCODINGS = {encoding: value for value, encoding in ENCODINGS.items()}
 
 
 def _response(model: ServedModel, result: EmbedResult, dimensions: int,
-              encoding: Encoding = Encoding.VALUES) -> pb.EmbedResponse:
+              encoding: Encoding = Encoding.VALUES) -> bytes:
+    """The EmbedResponse in wire format: every vector encoded in one numpy pass (VALUES as float32 bytes)."""
     t = result.timings
-    if encoding is Encoding.VALUES:
-        embeddings = [
-            pb.Embedding(values=e.vector.tolist(), tokens=e.tokens, truncated=e.truncated, windows=e.windows)
-            for e in result.embeddings
-        ]
-    else:  # packed: all rows encoded in one numpy pass
-        rows = pack_rows(np.stack([e.vector for e in result.embeddings]), encoding)
-        embeddings = [
-            pb.Embedding(packed=row, tokens=e.tokens, truncated=e.truncated, windows=e.windows)
-            for e, row in zip(result.embeddings, rows, strict=True)
-        ]
-    return pb.EmbedResponse(
-        embeddings=embeddings,
-        metadata=pb.ResponseMetadata(
-            model_id=model.facts.model_id, variant=model.variant, dimensions=dimensions,
-            total_tokens=result.total_tokens, queue_time=_duration(t.queue_s),
-            inference_time=_duration(t.inference_s), total_time=_duration(t.total_s),
-            encoding=_PB_ENCODINGS[encoding],
-        ),
-    )
+    packed = encoding is not Encoding.VALUES
+    rows = pack_rows(np.stack([e.vector for e in result.embeddings]), encoding if packed else Encoding.FLOAT32)
+    embeddings = [wire.embedding(row, packed=packed, tokens=e.tokens, truncated=e.truncated, windows=e.windows)
+                  for e, row in zip(result.embeddings, rows, strict=True)]
+    return wire.embed_response(embeddings, pb.ResponseMetadata(
+        model_id=model.facts.model_id, variant=model.variant, dimensions=dimensions,
+        total_tokens=result.total_tokens, queue_time=_duration(t.queue_s),
+        inference_time=_duration(t.inference_s), total_time=_duration(t.total_s),
+        encoding=_PB_ENCODINGS[encoding],
+    ))

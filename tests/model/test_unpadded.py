@@ -13,6 +13,7 @@ from transformers import AutoModel
 from server.model.rotary import PerRowNTKRotary
 from server.model.runner import Runner, install_per_row_rotary
 from server.model.spec import read_model_spec
+from server.model.unpadded import Packing
 from tests.conftest import TINY
 
 
@@ -39,3 +40,14 @@ def test_unpadded_matches_padded(tiny_original: Path, pooling: str) -> None:
     # Batch-mates do not change a row.
     alone = np.stack([unpadded.run([r])[0] for r in rows])
     assert np.abs(got - alone).max() <= 1e-5
+
+
+def test_packing_places_every_token() -> None:
+    packing = Packing.of([[5, 6], [7], [8, 9, 10]], torch.device("cpu"))
+    assert packing.ids.tolist() == [5, 6, 7, 8, 9, 10] and packing.lengths.tolist() == [2, 1, 3]
+    assert packing.mask.dtype == torch.bool
+    assert packing.mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+    assert packing.slots.tolist() == [0, 1, 3, 6, 7, 8] and packing.row_of_token.tolist() == [0, 0, 1, 2, 2, 2]
+    padded = packing.pad(packing.ids[:, None].float())
+    assert padded[..., 0].tolist() == [[5, 6, 0], [7, 0, 0], [8, 9, 10]]
+    assert packing.unpad(padded).squeeze(1).tolist() == [5, 6, 7, 8, 9, 10]

@@ -20,9 +20,15 @@ def test_template_and_prefix(tok: TextTokenizer) -> None:
     assert tok.prefix_length("search_query: ") == 4 and tok.prefix_length("") == 0
 
 
+def test_inline_and_parallel_encoding_agree(tok: TextTokenizer) -> None:
+    texts = ["hello world", "", "Ünïcödé and 中文 and emoji 🙂", "word " * 600, "tab\tand\nnewline", "\u200b"]
+    assert tok.content_ids(texts, "search_document: ") == tok.content_ids(texts, "search_document: ", parallel=True)
+
+
 def test_no_truncation_or_padding_from_tokenizer_json(tok: TextTokenizer) -> None:
-    content = tok.content_ids(["word " * 1000, "a"], "")
-    assert [len(c) for c in content] == [1000, 1]
+    for parallel in (False, True):
+        content = tok.content_ids(["word " * 1000, "a"], "", parallel=parallel)
+        assert [len(c) for c in content] == [1000, 1]
 
 
 def test_rows_fit_truncate_and_window(tok: TextTokenizer) -> None:

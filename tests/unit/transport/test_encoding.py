@@ -27,8 +27,7 @@ def served(vectors: np.ndarray, encoding: Encoding) -> pb.EmbedResponse:
     """What the server sends, through protobuf bytes, as the client receives it."""
     result = EmbedResult([Embedding(v, tokens=3 + i, truncated=False, windows=1) for i, v in enumerate(vectors)],
                          Timings(0.0, 0.0, 0.0))
-    wire = _response(MODEL, result, vectors.shape[1], encoding).SerializeToString()
-    return pb.EmbedResponse.FromString(wire)
+    return pb.EmbedResponse.FromString(_response(MODEL, result, vectors.shape[1], encoding))
 
 
 def test_float32_packed_is_bit_identical_to_values() -> None:

@@ -1,0 +1,192 @@
+"""Host cost: the server's CPU per one-text request with a model that costs next to nothing.
+
+On a GPU the model's time per token is small and the host's Python per request sets the ceiling, so this
+is measured on its own, on any machine: a 1-layer, 64-wide NomicBERT (hub layout, random weights), the
+server in processes of its own, load from another process (64 callers, one short text per request), and
+the CPU time of every server process summed from /proc. A bare grpc.aio EmbedService answering a fixed
+vector (bench.echo) runs the same load beside it: the floor that gRPC itself sets on this host.
+
+`python -m bench.host_cost` prints both; `make bench` includes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import grpc
+
+from bench.load import LoadResult
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
+from tools.checkpoint import write_tiny_nomic
+from tools.ports import free_port
+from tools.servers import wait_until_serving
+
+CONCURRENCY = 64
+SERVER, ECHO = "server", "bare grpc.aio echo"
+NEAR_FREE = {"hidden": 64, "layers": 1, "heads": 2, "inner": 128, "max_trained_positions": 2048}
+_SENTENCE = ("how do I read a large file line by line and strip the trailing newline characters from "
+             "each one without loading everything")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class HostCost:
+    name: str
+    requests: int
+    errors: int
+    cpu_s: float  # all of the server's processes together
+    wall_s: float
+    processes: int
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.cpu_s / max(self.requests, 1)
+
+    @property
+    def requests_s(self) -> float:
+        return self.requests / self.wall_s
+
+
+FIELDS = frozenset(f.name for f in fields(HostCost))
+
+
+def short_texts(count: int) -> list[str]:
+    """Distinct one-line texts of 8 to 16 words (about 12 to 22 tokens with the task prefix)."""
+    words = _SENTENCE.split()
+    return [" ".join(words[i % 5 : i % 5 + 8 + i % 9]) + f" {i}" for i in range(count)]
+
+
+def tree_cpu_s(root: int) -> tuple[float, int]:
+    """User + system CPU seconds of `root` and every process below it, and how many processes that is."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(p, 0.0) for p in tree), len(tree & times.keys())
+
+
+def _drive(target: str, concurrency: int, requests: list[list[str]]) -> LoadResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"target": target, "mode": "unary", "concurrency": concurrency,
+                                    "requests": requests}), encoding="utf-8")
+        subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
+        return LoadResult(**json.loads(out.read_text(encoding="utf-8")))
+
+
+def measure(name: str, pid: int, target: str, concurrency: int, requests: int, warm_up: int = 200) -> HostCost:
+    texts = short_texts(requests)
+    _drive(target, concurrency, [[t] for t in texts[:warm_up]])
+    before, _ = tree_cpu_s(pid)
+    load = _drive(target, concurrency, [[t] for t in texts])
+    after, processes = tree_cpu_s(pid)
+    return HostCost(name, len(load.latencies_s), len(load.errors), after - before, load.wall_s, processes)
+
+
+@contextmanager
+def _process(argv: list[str], ready: Callable[[subprocess.Popen[bytes]], None]) -> Iterator[int]:
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                ready(process)
+            except Exception:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+                raise
+            yield process.pid
+        finally:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _echo_ready(target: str) -> Callable[[subprocess.Popen[bytes]], None]:
+    def ready(process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(target) as channel:
+            stub = embed_pb2_grpc.EmbedServiceStub(channel)
+            while True:
+                try:
+                    stub.Embed(pb.EmbedRequest(texts=["x"]), timeout=2)
+                    return
+                except grpc.RpcError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the echo server did not start") from None
+                    time.sleep(0.2)
+    return ready
+
+
+def run(concurrency: int, requests: int, server_args: list[str]) -> list[HostCost]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_nomic(Path(tmp) / "near-free", config_style="v5", **NEAR_FREE)
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "bench.echo", str(port), str(NEAR_FREE["hidden"])]
+        with _process(argv, _echo_ready(target)) as pid:
+            results.append(measure(ECHO, pid, target, concurrency, requests))
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+                "--variant", "fp32", "--log-level", "WARNING", *server_args]
+        with _process(argv, lambda p: wait_until_serving(target, lambda: p.poll() is None)) as pid:
+            results.append(measure(SERVER, pid, target, concurrency, requests))
+    return results
+
+
+def report(results: list[HostCost], concurrency: int) -> str:
+    lines = [f"host cost, near-free model (1 layer, 64 wide), {concurrency} callers, one text per request:"]
+    for r in results:
+        lines.append(f"  {r.name}: {r.cpu_us_per_request:,.0f} us CPU per request over {r.processes} process(es), "
+                     f"{r.requests_s:,.0f} req/s ({r.requests} requests, {r.errors} errors)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    p = argparse.ArgumentParser(prog="python -m bench.host_cost", description=__doc__.split("\n")[0])
+    p.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--server-args", default="", help='more server flags, e.g. "--metrics-port 9100"')
+    args = p.parse_args(argv)
+    results = run(args.concurrency, args.requests, shlex.split(args.server_args))
+    print(report(results, args.concurrency))
+    return [as_dict(r) for r in results]
+
+
+def as_dict(cost: HostCost) -> dict[str, object]:
+    return {**asdict(cost), "cpu_us_per_request": cost.cpu_us_per_request, "requests_s": cost.requests_s}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The host-cost benchmark: it sums the CPU of a process tree, and runs end to end against real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from bench import host_cost
+
+# A parent that starts a child burning 0.4 s of CPU, then both wait: the CPU is the child's, not the parent's.
+_TREE = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time\\nwhile time.process_time() < 0.4: pass\\ntime.sleep(60)"])
+time.sleep(60)
+"""
+
+
+def test_the_cpu_of_a_whole_process_tree_is_summed() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _TREE], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while (found := host_cost.tree_cpu_s(parent.pid))[0] < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cpu_s, processes = found
+        assert processes == 2 and 0.4 <= cpu_s < 2.0
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the child too
+        parent.wait()
+
+
+def test_short_texts_are_distinct_one_liners() -> None:
+    texts = host_cost.short_texts(500)
+    assert len(set(texts)) == 500 and all("\n" not in t and 8 <= len(t.split()) <= 17 for t in texts)
+
+
+def test_a_small_run_measures_both_servers() -> None:
+    echo, server = host_cost.run(concurrency=4, requests=60, server_args=[])
+    assert (echo.name, server.name) == (host_cost.ECHO, host_cost.SERVER)
+    for cost in (echo, server):
+        assert cost.requests == 60 and cost.errors == 0
+        assert cost.cpu_s > 0 and cost.wall_s > 0 and cost.processes >= 1
+    assert "us CPU per request" in host_cost.report([echo, server], 4)
