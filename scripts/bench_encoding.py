@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m scripts.bench_encoding [--dims 768] [--batch 64]
 
-Server side: building the EmbedResponse (service._response) and serializing it; client side: parsing it and
+Server side: writing the EmbedResponse in wire format (service._response); client side: parsing it and
 decoding to numpy (client.results.decode_embeddings). No model and no network: only the encoding work,
 measured on random unit vectors, best of --repeats runs, in one process, side by side.
 """
@@ -41,7 +41,7 @@ def measure(results: list[EmbedResult], dims: int, encoding: Encoding, repeats: 
     server_s = client_s = float("inf")
     for _ in range(repeats):
         started = time.process_time()
-        wire = [_response(MODEL, r, dims, encoding).SerializeToString() for r in results]
+        wire = [_response(MODEL, r, dims, encoding) for r in results]
         server_s = min(server_s, time.process_time() - started)
         started = time.process_time()
         decoded = [decode_embeddings(pb.EmbedResponse.FromString(w)) for w in wire]

@@ -11,6 +11,12 @@
 4. The published revisions on the GPU: full-size random weights with the hub's 2024 and 2026 config.json
    and the real trained length, served as `auto` (fp16 on CUDA) and as fp32, against the float64
    reference of the model card's recipe: every task at 64 and 768 dimensions and a ~3,000-token document.
+5. Serving speed (`serve`): `make bench` on the device at the default variant (fp16 on CUDA), full-size
+   random weights, stdlib docstrings: one text per request at concurrency 256, unary, then 64 texts per
+   message on 4 streams; sentence-transformers at fp32 and around the server's own model in the same runs,
+   the idle 16-token query, the served vectors against sentence-transformers fp32; then the host cost.
+   Goals: >= 250k tok/s one text per request, >= 600k tok/s batched, >= 2x sentence-transformers at the
+   same variant, idle query p50 <= 3 ms.
 Prints one table per part (`--parts` picks some). Exits with "no CUDA device" where there is none.
 """
 
@@ -48,7 +54,8 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=300)
     p.add_argument("--max-input", type=int, default=8192, help="longest input for the --max-memory part")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu for a (slow) dry run of the script")
-    p.add_argument("--parts", default="variants,caps,oom,published", help="comma-separated parts to run")
+    p.add_argument("--parts", default="variants,caps,oom,published,serve", help="comma-separated parts to run")
+    p.add_argument("--serve-texts", type=int, default=8192, help="docstrings per run of the serve part")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants for the variants part")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -68,6 +75,8 @@ def main() -> None:
             oom_check(model)
         if "published" in parts:
             published_check(Path(tmp), args.device)
+    if "serve" in parts:
+        serve_check(args.device, args.serve_texts)
 
 
 def _random_nomic(where: Path) -> Path:
@@ -216,6 +225,36 @@ def published_check(where: Path, device: str, sizes: dict[str, int] | None = Non
                   f"| {max(diffs):.2e} | {min(coss):.6f} | {e.tokens} | {np.abs(got_long - want_long).max():.2e} "
                   f"| {float(got_long @ want_long):.6f} |", flush=True)
             _release()
+
+
+def serve_check(device: str, texts: int) -> None:
+    """`python -m bench` on the device, one text per request and 64 per stream message; its tables, targets and
+    JSON files (bench/results/) are the record."""
+    from bench.run import main as bench
+
+    server_args = f"--device {device}"
+    for name, argv in (
+        ("one text per request", ["--modes", "unary", "--concurrency", "256", "--texts-per-request", "1"]),
+        ("64 texts per stream message", ["--modes", "stream", "--concurrency", "32", "--texts-per-request", "64",
+                                         "--no-host-cost"]),
+    ):
+        print(f"\n## serving: {name}", flush=True)
+        results = bench(["--server-args", server_args, "--texts", str(texts), "--idle-queries", "30", *argv])
+        runs = results["runs"]
+        assert isinstance(runs, list)
+        idle = results["idle_query"]
+        assert isinstance(idle, dict)
+        best = max(r["tok_s"] for r in runs)
+        goal = 250_000 if name.startswith("one") else 600_000
+        targets = results.get("targets") or {}
+        assert isinstance(targets, dict)
+        same = next((value for key, (value, _, _) in targets.items() if key.endswith("vs ST same variant")),
+                    float("nan"))
+        print(f"goal {goal:,} tok/s: {best:,.0f} ({'met' if best >= goal else 'NOT met'}); x sentence-transformers "
+              f"at the same variant {same:.2f} (goal >= 2: {'met' if same >= 2 else 'NOT met'}); idle query p50 "
+              f"{idle['server_p50_ms']:.2f} ms (goal <= 3: {'met' if idle['server_p50_ms'] <= 3 else 'NOT met'})",
+              flush=True)
+        _release()
 
 
 def _release() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -21,6 +22,15 @@ def final_code(context: grpc.aio.ServicerContext, ok: bool) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name  # type: ignore[arg-type]
 
 
+def _note_cancelled(context: grpc.aio.ServicerContext) -> None:
+    """The handler was cancelled: gRPC ended the call (the caller cancelled it, or its deadline passed) and
+    tells the handler nothing else. Say which, for the hooks; the caller is gone, so nothing is sent."""
+    if context.code() is None:
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+
+
 def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerContext], S],
          end: Callable[[grpc.aio.ServicerContext, S, bool], None]) -> grpc.RpcMethodHandler:
     """`handler` with begin(context) -> state before each call and end(context, state, ok) after it.
@@ -38,6 +48,9 @@ def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerConte
                 response = await inner(request, context)
                 ok = True
                 return response
+            except asyncio.CancelledError:
+                _note_cancelled(context)
+                raise
             finally:
                 end(context, state, ok)
 
@@ -57,6 +70,9 @@ def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerConte
                 else:  # a coroutine handler that writes with context.write (or aborts)
                     await responses
                 ok = True
+            except asyncio.CancelledError:
+                _note_cancelled(context)
+                raise
             finally:
                 end(context, state, ok)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from nomic_embed.v1 import embed_pb2 as pb
@@ -36,3 +40,36 @@ def test_metrics_count_requests_batches_and_tokens(tiny_original: Path) -> None:
     assert m[("nomic_embed_requests_in_flight", ())] == 0
     info = [labels for (name, labels) in m if name == "nomic_embed_model_info"]
     assert info and ("variant", "fp32") in info[0] and ("device", "cpu") in info[0]
+
+
+def test_calls_that_end_while_computed_are_counted_by_how_they_ended(tiny_original: Path) -> None:
+    with running_server(str(tiny_original), metrics_port=0) as srv:
+        assert srv.app.loaded is not None and srv.app.metrics_port
+        runner = srv.app.loaded.runner
+        model, entered, gate = runner.run, threading.Event(), threading.Event()
+
+        def held(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            entered.set()
+            assert gate.wait(30)
+            return model(rows)
+
+        runner.run = held  # type: ignore[method-assign]
+        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
+        try:
+            cancelled = stub.Embed.future(pb.EmbedRequest(texts=["the caller gives up"], task=pb.TASK_CLUSTERING),
+                                          timeout=30)
+            assert entered.wait(10)
+            cancelled.cancel()
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Embed(pb.EmbedRequest(texts=["the deadline passes"], task=pb.TASK_CLUSTERING), timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            gate.set()
+        codes: dict[str, float] = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(codes) != {"CANCELLED", "DEADLINE_EXCEEDED"}:
+            m = scrape_metrics(srv.app.metrics_port)
+            codes = {dict(labels)["code"]: value for (name, labels), value in m.items()
+                     if name == "nomic_embed_requests_total" and dict(labels).get("method") == "Embed"}
+            time.sleep(0.05)
+    assert codes == {"CANCELLED": 1, "DEADLINE_EXCEEDED": 1}
