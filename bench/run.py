@@ -6,9 +6,11 @@
 4. one 16-token query at idle: the server over gRPC against the same forward pass in-process, alternately;
 5. load from a separate process (python -m bench.load) at each concurrency, unary and streaming;
 6. the baselines once more (the machine's load drifts: their mean faces the drift the runs faced);
-7. host cost (bench.host_cost): the server's CPU per one-text request with a near-free model, beside a bare
+7. every variant the device runs, side by side (bench.variants): each served in turn, one text per request at
+   the top concurrency, against sentence-transformers at fp32 and at that variant, with its cosine to fp32;
+8. host cost (bench.host_cost): the server's CPU per one-text request with a near-free model, beside a bare
    grpc.aio echo, both in processes of their own;
-8. a table with the ratios, the targets, and a JSON file under bench/results/.
+9. tables with the ratios, the targets, and a JSON file under bench/results/.
 """
 
 from __future__ import annotations
@@ -17,22 +19,19 @@ import argparse
 import json
 import logging
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 
-from bench import baseline, corpus, host_cost
-from bench.load import LoadResult
+from bench import corpus, host_cost, variants
 from bench.model import full_size_checkpoint
 from bench.report import RunSummary, load_average, machine, table
+from bench.serving import DOCUMENT_PREFIX, BaselineRunner, Baselines, Corpus, drive, served_vectors
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.config import parse_args
@@ -42,7 +41,6 @@ from server.model.runner import Runner
 from server.model.tokenizer import load_tokenizer
 from tools.servers import RunningServer, running_server
 
-DOCUMENT_PREFIX = "search_document: "
 QUERY_PREFIX = "search_query: "
 QUERY = "how do I read a large file line by line and strip the trailing newline characters"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -62,6 +60,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help='more server flags, e.g. "--threads 1 --batch-wait-ms 5"')
     p.add_argument("--no-st", action="store_true", help="skip the sentence-transformers baselines (no ratios)")
     p.add_argument("--no-host-cost", action="store_true", help="skip the host-cost measurement")
+    p.add_argument("--compare", default="all",
+                   help="variants to serve side by side after the main run: all (every one the device runs), "
+                        "none, or a comma-separated list")
     p.add_argument("--host-cost-requests", type=int, default=4000, help="one-text requests per host-cost run")
     p.add_argument("--idle-queries", type=int, default=15, help="pairs of idle query timings")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nomic-embed-grpc-bench")
@@ -69,36 +70,10 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.texts, args.concurrency, args.host_cost_requests = 32, "1,8", 1000
+        args.texts, args.concurrency, args.host_cost_requests, args.compare = 32, "1,8", 1000, "none"
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.modes = args.modes.split(",")
     return args
-
-
-@dataclass(frozen=True)
-class Corpus:
-    texts: list[str]
-    tokens: list[int]  # per text, as the server counts them (prefix and special tokens included)
-
-    @property
-    def prefixed(self) -> list[str]:
-        return [DOCUMENT_PREFIX + t for t in self.texts]
-
-    def describe(self) -> dict[str, int]:
-        return {"texts": len(self.texts), "tokens": sum(self.tokens), "median_tokens": int(np.median(self.tokens)),
-                "max_tokens": max(self.tokens)}
-
-
-@dataclass
-class Baselines:
-    """sentence-transformers `encode` timings: tok/s of each pass, per variant."""
-
-    passes: dict[str, list[float]] = field(default_factory=dict)
-    padded_fraction: float = 0.0
-
-    def tok_s(self, name: str) -> float:
-        passes = self.passes.get(name) or self.passes.get("fp32") or [float("nan")]
-        return len(passes) / sum(1 / p for p in passes)  # total tokens over total time
 
 
 def _corpus(tokenizer: TextTokenizer, args: argparse.Namespace) -> Corpus:
@@ -141,52 +116,6 @@ def _idle_query(srv: RunningServer, runner: Runner, text: str, row: list[int], p
             "beside_model_p50_ms": 1000 * float(np.median(beside_model)), "pairs": pairs}
 
 
-def _drive(srv: RunningServer, mode: str, concurrency: int, requests: list[list[str]]) -> RunSummary:
-    batcher = srv.app.loaded.batcher  # type: ignore[union-attr]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"target": srv.target, "mode": mode, "concurrency": concurrency,
-                                    "requests": requests}), encoding="utf-8")
-        before = batcher.totals.copy()
-        subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
-        after = batcher.totals.copy()
-        load = LoadResult(**json.loads(out.read_text(encoding="utf-8")))
-    if load.errors:
-        log.warning("%s c=%d: %d errors, first: %s", mode, concurrency, len(load.errors), load.errors[0])
-    summary = RunSummary.of(mode, concurrency, load, before, after)
-    log.info("%s c=%d: %.0f tok/s, p50 %.0f ms, padded %.1f%%", mode, concurrency, summary.tok_s,
-             summary.p50_ms, 100 * summary.padded_fraction)
-    return summary
-
-
-def _served_vectors(srv: RunningServer, texts: list[str]) -> np.ndarray:
-    with grpc.insecure_channel(srv.target) as channel:
-        response = embed_pb2_grpc.EmbedServiceStub(channel).Embed(
-            pb.EmbedRequest(texts=texts, task=pb.TASK_SEARCH_DOCUMENT), timeout=600)
-    return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
-
-
-class _BaselineRunner:
-    """sentence-transformers at fp32 and, when the server runs another variant, around the server's own model."""
-
-    def __init__(self, path: Path, variant: str, runner: Runner, data: Corpus) -> None:
-        self.data = data
-        device = str(runner.device)
-        self.models = {"fp32": (baseline.sentence_transformer(path, device=device), nullcontext)}
-        if variant != "fp32":
-            self.models[variant] = (baseline.sentence_transformer(path, runner.model, device), runner.compute_context)
-        self.result = Baselines(padded_fraction=baseline.padded_fraction(data.prefixed, data.tokens))
-        self.fp32_vectors: np.ndarray | None = None
-
-    def one_pass(self) -> None:
-        for name, (model, context) in self.models.items():
-            timing = baseline.time_encode(model, self.data.prefixed, context)
-            self.result.passes.setdefault(name, []).append(sum(self.data.tokens) / timing.seconds)
-            log.info("sentence-transformers %s: %.0f tok/s", name, self.result.passes[name][-1])
-            if name == "fp32" and self.fp32_vectors is None:
-                self.fp32_vectors = timing.vectors
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = _args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -210,21 +139,27 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         log.info("server: variant %s, unpadded %s, budget %d tokens / %d rows, wait %.1f ms, %d threads", variant,
                  loaded.runner.unpadded, policy.max_batch_tokens, policy.max_batch_rows, policy.wait_s * 1000,
                  torch.get_num_threads())
-        baselines = None if args.no_st else _BaselineRunner(path, variant, loaded.runner, data)
+        baselines = None if args.no_st else BaselineRunner(path, variant, loaded.runner, data)
         if baselines:
             baselines.one_pass()
             assert baselines.fp32_vectors is not None
             want = np.stack([matryoshka.finish(v, v.shape[0], layer_norm=True) for v in baselines.fp32_vectors[:8]])
-            results["max_abs_diff_vs_st_fp32"] = float(np.abs(_served_vectors(srv, data.texts[:8]) - want).max())
+            results["max_abs_diff_vs_st_fp32"] = float(np.abs(served_vectors(srv, data.texts[:8]) - want).max())
         results["idle_query"] = _idle_query(srv, loaded.runner, *_sixteen_token_query(tokenizer), args.idle_queries)
         log.info("idle 16-token query: %s", results["idle_query"])
         for mode in args.modes:
             for concurrency in args.concurrency:
                 n = len(data.texts) if concurrency >= 8 else max(8, len(data.texts) // 4)
                 requests = [data.texts[i : i + args.texts_per_request] for i in range(0, n, args.texts_per_request)]
-                runs.append(_drive(srv, mode, concurrency, requests))
+                runs.append(drive(srv, mode, concurrency, requests))
         if baselines:
             baselines.one_pass()
+        device_kind = loaded.runner.device.type
+    compare = {"all": variants.device_variants(device_kind), "none": []}.get(args.compare, args.compare.split(","))
+    if compare:
+        top = max(args.concurrency)
+        results["variants"] = {"concurrency": top, "results": [
+            r.as_dict() for r in variants.compare(path, data, compare, top, overrides)]}
     if not args.no_host_cost:
         # After the full-size server has stopped: these servers run in processes of their own.
         costs = host_cost.run(host_cost.CONCURRENCY, args.host_cost_requests, shlex.split(args.server_args))
@@ -249,6 +184,10 @@ def _report(results: dict[str, object], runs: list[RunSummary], st: Baselines | 
     print(f"\nidle 16-token query: server p50 {idle['server_p50_ms']:.1f} ms, in-process forward p50 "
           f"{idle['in_process_forward_p50_ms']:.1f} ms: {idle['added_ms']:+.1f} ms; time beside the model's "
           f"own (same request) p50 {idle['beside_model_p50_ms']:.1f} ms")
+    compared = results.get("variants")
+    if isinstance(compared, dict):
+        print("\n" + variants.table([variants.VariantResult(**r) for r in compared["results"]],
+                                    compared["concurrency"]))
     costs = [host_cost.HostCost(**{k: v for k, v in c.items() if k in host_cost.FIELDS})
              for c in results.get("host_cost", [])]  # type: ignore[union-attr]
     if costs:
