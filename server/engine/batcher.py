@@ -93,6 +93,11 @@ class Batcher:
     def queued_tokens(self) -> int:
         return self._queue.tokens
 
+    @property
+    def backlogged(self) -> bool:
+        """At least half of the queue's token bound is admitted and waiting: the model is behind."""
+        return self._queue.tokens * 2 >= self.policy.max_queue_tokens
+
     def pending(self) -> tuple[int, int]:
         """(requests, rows) admitted and not yet computed: what leaving at once would drop."""
         with self._lock:

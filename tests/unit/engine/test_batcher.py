@@ -299,3 +299,22 @@ def test_the_budget_counts_tokens_as_the_backend_says(is_padded: bool) -> None:
         assert len(batches) > 1 and all(len(b) * max(map(len, b)) <= 200 for b in batches)
     else:
         assert len(batches) == 1
+
+
+def test_the_queue_is_backlogged_from_half_its_token_bound() -> None:
+    backend = FakeBackend()
+
+    async def main() -> list[bool]:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=100, max_batch_rows=4, max_queue_tokens=40,
+                                                     wait_s=0))
+        seen = [batcher.backlogged]
+        blocker = await occupy(batcher, backend)  # the model is busy: what comes next waits in the queue
+        jobs = [batcher.submit([[1] * 10]) for _ in range(2)]
+        seen.append(batcher.backlogged)  # 20 of 40 tokens
+        backend.release()
+        await asyncio.gather(blocker, *(j.result() for j in jobs))
+        seen.append(batcher.backlogged)
+        await batcher.stop()
+        return seen
+
+    assert run(main()) == [False, True, False]
