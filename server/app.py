@@ -162,14 +162,19 @@ class App:
         loaded.batcher.delivery.on_out_of_memory = m.observe_out_of_memory
         unhealthy: set[asyncio.Task[None]] = set()  # held until done
 
+        def out_of_service() -> None:  # the model is broken: NOT_SERVING until restarted
+            m.model_broken.set(1)
+            task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+            unhealthy.add(task)
+            task.add_done_callback(unhealthy.discard)
+
         def non_finite(event: NonFiniteEvent) -> None:
             m.observe_non_finite(event)
-            if event.model_broken:  # the warm-up texts give NaN too: out of service until restarted
-                task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
-                unhealthy.add(task)
-                task.add_done_callback(unhealthy.discard)
+            if event.model_broken:  # the warm-up texts give NaN too
+                out_of_service()
 
         loaded.batcher.delivery.on_non_finite = non_finite
+        loaded.batcher.delivery.on_model_broken = lambda event: out_of_service()
         m.batch_budget.set(loaded.batcher.budget_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
 

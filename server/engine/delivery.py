@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from server.engine.events import BatcherTotals, BatchStats, NonFiniteEvent, OutOfMemoryEvent
+from server.engine.events import BatcherTotals, BatchStats, ModelBrokenEvent, NonFiniteEvent, OutOfMemoryEvent
 from server.engine.jobs import Job, Row
 from server.errors import DeadlineExceeded, EmbedError, NonFiniteVector
 
@@ -21,6 +21,7 @@ class Delivery:
         self.on_batch = on_batch  # after each delivered batch
         self.on_out_of_memory: Callable[[OutOfMemoryEvent], None] | None = None  # per split
         self.on_non_finite: Callable[[NonFiniteEvent], None] | None = None  # per batch with such vectors
+        self.on_model_broken: Callable[[ModelBrokenEvent], None] | None = None  # a failed batch, failed probe
 
     def batch(self, batch: list[Row], vectors: Sequence[np.ndarray], stats: BatchStats) -> None:
         """The batch's vectors, one per row in order, as each row's job asked them finished."""
@@ -34,6 +35,10 @@ class Delivery:
         self.totals.failed_batches += 1
         for row in batch:
             row.job.fail(error)
+
+    def model_broken(self, event: ModelBrokenEvent) -> None:
+        if self.on_model_broken:
+            self.on_model_broken(event)
 
     def too_large(self, rows: list[Row], error: EmbedError) -> None:
         """Rows that ran out of memory even alone."""

@@ -65,4 +65,13 @@ class NonFiniteEvent:
     model_broken: bool
 
 
-__all__ = ["BatchStats", "BatcherTotals", "NonFiniteEvent", "OutOfMemoryEvent"]
+@dataclass(frozen=True)
+class ModelBrokenEvent:
+    """A batch of `batch_rows` rows failed with `error`, and the warm-up rows fail too: the model itself no
+    longer runs (e.g. a device gone, or a runtime left in a bad state), so every later batch would fail."""
+
+    batch_rows: int
+    error: str
+
+
+__all__ = ["BatchStats", "BatcherTotals", "ModelBrokenEvent", "NonFiniteEvent", "OutOfMemoryEvent"]

@@ -23,7 +23,7 @@ from server.engine import matryoshka
 from server.engine.admission import Throughput
 from server.engine.backend import Backend
 from server.engine.delivery import Delivery
-from server.engine.events import BatchStats, NonFiniteEvent, OutOfMemoryEvent
+from server.engine.events import BatchStats, ModelBrokenEvent, NonFiniteEvent, OutOfMemoryEvent
 from server.engine.jobs import Row
 from server.engine.policy import BatchPolicy
 from server.engine.scheduling import RowQueue, batch_tokens
@@ -161,6 +161,11 @@ class Worker:
             for row in batch:
                 row.job.failed = True
             self._post(self._delivery.batch_failed, batch, error)
+            # An input the model cannot take fails its batch alone; a model that cannot run the warm-up rows
+            # either would fail every batch from now on.
+            if not isinstance(exc, EmbedError) and self._probe_fails(errors_count=True):
+                log.error("the warm-up rows fail too: the model is broken")
+                self._post(self._delivery.model_broken, ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
             return
         self.budget.ran()
 
@@ -217,14 +222,15 @@ class Worker:
                   len(bad), batch_rows, "; the warm-up rows do too: the model is broken" if broken else "")
         self._post(self._delivery.non_finite, bad, NonFiniteEvent(len(bad), batch_rows, broken))
 
-    def _probe_fails(self) -> bool:
+    def _probe_fails(self, *, errors_count: bool = False) -> bool:
+        """Whether the warm-up rows no longer give finite vectors; with `errors_count`, also when they raise."""
         if self.probe is None:
             return False
         try:
             return not self._backend.healthy(self.probe)
         except Exception:
-            log.exception("the health check after non-finite vectors failed to run")
-            return False
+            log.exception("the health check on the warm-up rows failed to run")
+            return errors_count
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None

@@ -44,7 +44,8 @@ class Metrics:
                                   "Vectors with NaN or infinity the model gave (never returned; their requests "
                                   "failed INTERNAL)", registry=r)
         self.model_broken = Gauge("nomic_embed_model_broken",
-                                  "1 once the warm-up texts gave non-finite vectors too (health NOT_SERVING)",
+                                  "1 once the model is broken: after a batch failed or gave non-finite vectors, "
+                                  "the warm-up texts did too (health NOT_SERVING)",
                                   registry=r)
         self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
         self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)
@@ -64,8 +65,6 @@ class Metrics:
 
     def observe_non_finite(self, event: NonFiniteEvent) -> None:
         self.non_finite.inc(event.rows)
-        if event.model_broken:
-            self.model_broken.set(1)
 
     def observe_result(self, result: EmbedResult) -> None:
         self.queue_seconds.observe(result.timings.queue_s)

@@ -37,9 +37,10 @@ def test_short_texts_are_distinct_one_liners() -> None:
 
 
 def test_a_small_run_measures_both_servers() -> None:
-    echo, server = host_cost.run(concurrency=4, requests=60, server_args=[])
+    # Enough requests for some CPU ticks (/proc counts in hundredths of a second) even for the echo.
+    echo, server = host_cost.run(concurrency=8, requests=600, server_args=[])
     assert (echo.name, server.name) == (host_cost.ECHO, host_cost.SERVER)
     for cost in (echo, server):
-        assert cost.requests == 60 and cost.errors == 0
+        assert cost.requests == 600 and cost.errors == 0
         assert cost.cpu_s > 0 and cost.wall_s > 0 and cost.processes >= 1
     assert "us CPU per request" in host_cost.report([echo, server], 4)
