@@ -228,6 +228,9 @@ class Worker:
             return False
         try:
             return not self._backend.healthy(self.probe)
+        except OutOfMemory:  # memory is short for a moment: that says nothing of the model
+            log.warning("the health check on the warm-up rows ran out of memory")
+            return False
         except Exception:
             log.exception("the health check on the warm-up rows failed to run")
             return errors_count

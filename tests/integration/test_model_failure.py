@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
+from server.errors import OutOfMemory
 from tools.servers import RunningServer, running_server
 
 
@@ -66,3 +67,24 @@ def test_a_model_that_fails_the_warm_up_texts_too_is_taken_out_of_service(tiny_o
                 break
             time.sleep(0.02)
         assert _health(srv) == health_pb2.HealthCheckResponse.NOT_SERVING and _broken(srv) == 1
+
+
+def test_a_warm_up_check_short_of_memory_does_not_take_the_model_out_of_service(tiny_original: Path) -> None:
+    with running_server(str(tiny_original)) as srv:
+        assert srv.app.loaded is not None
+        runner = srv.app.loaded.runner
+        model, probe = runner.run, srv.app.loaded.batcher._worker.probe
+
+        def failing(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            if [list(r) for r in rows] == probe:  # the warm-up rows, run as the health check
+                raise OutOfMemory("out of memory computing the warm-up rows")
+            if len(rows) == 1:
+                raise RuntimeError("a kernel failed on this batch")
+            return model(rows)
+
+        runner.run = failing  # type: ignore[method-assign]
+        with pytest.raises(grpc.RpcError) as info:
+            _embed(srv, "any text")
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+        time.sleep(0.2)
+        assert _health(srv) == health_pb2.HealthCheckResponse.SERVING and _broken(srv) == 0
