@@ -60,9 +60,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help='more server flags, e.g. "--threads 1 --batch-wait-ms 5"')
     p.add_argument("--no-st", action="store_true", help="skip the sentence-transformers baselines (no ratios)")
     p.add_argument("--no-host-cost", action="store_true", help="skip the host-cost measurement")
-    p.add_argument("--compare", default="all",
-                   help="variants to serve side by side after the main run: all (every one the device runs), "
-                        "none, or a comma-separated list")
+    p.add_argument("--compare", default=None,
+                   help="variants to serve side by side after the main run: all (every one the device runs; the "
+                        "default, but none with --quick), none, or a comma-separated list")
     p.add_argument("--host-cost-requests", type=int, default=4000, help="one-text requests per host-cost run")
     p.add_argument("--idle-queries", type=int, default=15, help="pairs of idle query timings")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nomic-embed-grpc-bench")
@@ -70,7 +70,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.texts, args.concurrency, args.host_cost_requests, args.compare = 32, "1,8", 1000, "none"
+        args.texts, args.concurrency, args.host_cost_requests = 32, "1,8", 1000
+    if args.compare is None:
+        args.compare = "none" if args.quick else "all"
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.modes = args.modes.split(",")
     return args
@@ -155,11 +157,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if baselines:
             baselines.one_pass()
         device_kind = loaded.runner.device.type
-    compare = {"all": variants.device_variants(device_kind), "none": []}.get(args.compare, args.compare.split(","))
+    compare = variants.parse_compare(args.compare, device_kind)
     if compare:
         top = max(args.concurrency)
         results["variants"] = {"concurrency": top, "results": [
-            r.as_dict() for r in variants.compare(path, data, compare, top, overrides)]}
+            r.as_dict() for r in variants.compare(path, data, compare, top, overrides, baselines=not args.no_st)]}
     if not args.no_host_cost:
         # After the full-size server has stopped: these servers run in processes of their own.
         costs = host_cost.run(host_cost.CONCURRENCY, args.host_cost_requests, shlex.split(args.server_args))
@@ -186,7 +188,7 @@ def _report(results: dict[str, object], runs: list[RunSummary], st: Baselines | 
           f"own (same request) p50 {idle['beside_model_p50_ms']:.1f} ms")
     compared = results.get("variants")
     if isinstance(compared, dict):
-        print("\n" + variants.table([variants.VariantResult(**r) for r in compared["results"]],
+        print("\n" + variants.table([variants.VariantResult.from_dict(r) for r in compared["results"]],
                                     compared["concurrency"]))
     costs = [host_cost.HostCost(**{k: v for k, v in c.items() if k in host_cost.FIELDS})
              for c in results.get("host_cost", [])]  # type: ignore[union-attr]

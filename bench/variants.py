@@ -9,6 +9,7 @@ served vector to sentence-transformers' fp32 vector of the same text after the m
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,12 @@ class VariantResult:
     failed: str = ""  # why the variant could not be measured
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields, with None for what was not measured (JSON has no NaN)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> VariantResult:
+        return cls(**{k: float("nan") if v is None else v for k, v in fields.items()})
 
 
 def device_variants(device_kind: str) -> list[str]:
@@ -46,25 +52,41 @@ def device_variants(device_kind: str) -> list[str]:
     return [v.name for v in sorted(VARIANTS.values(), key=lambda v: -v.rank) if device_kind in v.devices]
 
 
-def compare(path: Path, data: Corpus, variants: list[str], concurrency: int,
-            overrides: dict[str, Any]) -> list[VariantResult]:
-    """Measure each variant in turn; one that fails to load or run is reported, and the others still run."""
+def parse_compare(value: str, device_kind: str) -> list[str]:
+    """`--compare`: all (every variant the device runs), none, or names separated by commas."""
+    if value.strip().lower() == "all":
+        return device_variants(device_kind)
+    if value.strip().lower() == "none":
+        return []
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def compare(path: Path, data: Corpus, variants: list[str], concurrency: int, overrides: dict[str, Any],
+            baselines: bool = True) -> list[VariantResult]:
+    """Measure each variant in turn; one that fails to load or run is reported, and the others still run.
+
+    Without `baselines`, sentence-transformers is left out: no ratios, no cosines."""
     results = []
     for variant in variants:
         try:
-            results.append(_measure(path, data, variant, concurrency, overrides))
+            results.append(_measure(path, data, variant, concurrency, overrides, baselines))
         except Exception as exc:  # e.g. a variant this machine cannot load: the table says so
             log.exception("variant %s failed", variant)
             results.append(VariantResult(variant, failed=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
     return results
 
 
-def _measure(path: Path, data: Corpus, variant: str, concurrency: int, overrides: dict[str, Any]) -> VariantResult:
+def _measure(path: Path, data: Corpus, variant: str, concurrency: int, overrides: dict[str, Any],
+             with_baselines: bool) -> VariantResult:
     started = time.monotonic()
     with running_server(str(path), **{**overrides, "variant": variant}) as srv:
         ready_s = time.monotonic() - started
         loaded = srv.app.loaded
         assert loaded is not None
+        if not with_baselines:
+            run = drive(srv, "unary", concurrency, [[t] for t in data.texts])
+            log.info("variant %s: %.0f tok/s", variant, run.tok_s)
+            return VariantResult(variant, run.tok_s, run.p50_ms, ready_s=ready_s, errors=run.errors)
         baselines = BaselineRunner(path, variant, loaded.runner, data)
         baselines.one_pass()
         assert baselines.fp32_vectors is not None
@@ -87,7 +109,11 @@ def table(results: list[VariantResult], concurrency: int) -> str:
         if r.failed:
             lines.append(f"| {r.variant} | failed: {r.failed} |")
             continue
-        lines.append(f"| {r.variant} | {r.tok_s:,.0f} | {r.p50_ms:,.0f} | {r.tok_s / r.st_fp32_tok_s:.2f} | "
-                     f"{r.tok_s / r.st_same_tok_s:.2f} | {r.mean_cos:.5f} | {r.min_cos:.5f} | {r.ready_s:.1f} |"
-                     + (f" {r.errors} errors" if r.errors else ""))
+        lines.append(f"| {r.variant} | {r.tok_s:,.0f} | {r.p50_ms:,.0f} | {_fmt(r.tok_s / r.st_fp32_tok_s, '.2f')} | "
+                     f"{_fmt(r.tok_s / r.st_same_tok_s, '.2f')} | {_fmt(r.mean_cos, '.5f')} | "
+                     f"{_fmt(r.min_cos, '.5f')} | {r.ready_s:.1f} |" + (f" {r.errors} errors" if r.errors else ""))
     return "\n".join(lines)
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)

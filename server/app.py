@@ -78,6 +78,7 @@ class App:
         self.port = 0
         self.metrics_port: int | None = None
         self.phase = "starting"  # what start-up is doing now, for the log of a stop that comes meanwhile
+        self._stopping = False  # stop() began: health stays NOT_SERVING
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
@@ -162,11 +163,19 @@ class App:
         loaded.batcher.delivery.on_out_of_memory = m.observe_out_of_memory
         unhealthy: set[asyncio.Task[None]] = set()  # held until done
 
-        def out_of_service() -> None:  # the model is broken: NOT_SERVING until restarted
-            m.model_broken.set(1)
-            task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        def health(state: int) -> None:
+            task = asyncio.ensure_future(self._set_health(state))
             unhealthy.add(task)
             task.add_done_callback(unhealthy.discard)
+
+        def out_of_service() -> None:  # the model is broken: NOT_SERVING until the warm-up rows pass again
+            m.model_broken.set(1)
+            health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        def back_in_service() -> None:
+            m.model_broken.set(0)
+            if not self._stopping:  # a server shutting down stays NOT_SERVING
+                health(health_pb2.HealthCheckResponse.SERVING)
 
         def non_finite(event: NonFiniteEvent) -> None:
             m.observe_non_finite(event)
@@ -175,6 +184,7 @@ class App:
 
         loaded.batcher.delivery.on_non_finite = non_finite
         loaded.batcher.delivery.on_model_broken = lambda event: out_of_service()
+        loaded.batcher.delivery.on_model_recovered = back_in_service
         m.batch_budget.set(loaded.batcher.budget_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
 
@@ -183,6 +193,7 @@ class App:
             await self.health.set(name, state)
 
     async def stop(self) -> None:
+        self._stopping = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + self.config.grace_s  # one grace period for the whole drain
         self.service.drain()

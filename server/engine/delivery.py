@@ -22,6 +22,7 @@ class Delivery:
         self.on_out_of_memory: Callable[[OutOfMemoryEvent], None] | None = None  # per split
         self.on_non_finite: Callable[[NonFiniteEvent], None] | None = None  # per batch with such vectors
         self.on_model_broken: Callable[[ModelBrokenEvent], None] | None = None  # a failed batch, failed probe
+        self.on_model_recovered: Callable[[], None] | None = None  # after that, a batch ran and the probe passed
 
     def batch(self, batch: list[Row], vectors: Sequence[np.ndarray], stats: BatchStats) -> None:
         """The batch's vectors, one per row in order, as each row's job asked them finished."""
@@ -39,6 +40,10 @@ class Delivery:
     def model_broken(self, event: ModelBrokenEvent) -> None:
         if self.on_model_broken:
             self.on_model_broken(event)
+
+    def model_recovered(self) -> None:
+        if self.on_model_recovered:
+            self.on_model_recovered()
 
     def too_large(self, rows: list[Row], error: EmbedError) -> None:
         """Rows that ran out of memory even alone."""

@@ -75,6 +75,7 @@ class Worker:
         self.probe: list[list[int]] | None = None  # the warm-up's rows, for the health check
         self.running: list[Row] = []  # the batch on the model now
         self.closing = False  # no more rows will come: finish the queue, then stop
+        self.broken = False  # on the thread: a failed batch was followed by failing warm-up rows
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -163,11 +164,18 @@ class Worker:
             self._post(self._delivery.batch_failed, batch, error)
             # An input the model cannot take fails its batch alone; a model that cannot run the warm-up rows
             # either would fail every batch from now on.
-            if not isinstance(exc, EmbedError) and self._probe_fails(errors_count=True):
+            if not isinstance(exc, EmbedError) and not self.broken and self._probe_fails(errors_count=True):
                 log.error("the warm-up rows fail too: the model is broken")
+                self.broken = True
                 self._post(self._delivery.model_broken, ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
             return
         self.budget.ran()
+        # A batch ran: if the model was found broken, the warm-up rows decide whether it is back (a fault that
+        # passed, not weights gone bad: those keep failing them).
+        if self.broken and not self._probe_fails(errors_count=True):
+            log.warning("the warm-up rows pass again: the model is back in service")
+            self.broken = False
+            self._post(self._delivery.model_recovered)
 
     def _compute(self, batch: list[Row]) -> None:
         """Run the batch and post its vectors; out of memory, run each half (shorter rows first) the same
@@ -218,6 +226,7 @@ class Worker:
         for row in bad:
             row.job.failed = True
         broken = self._probe_fails()
+        self.broken = self.broken or broken
         log.error("the model gave %d of %d rows non-finite vectors (NaN or infinity); their requests fail%s",
                   len(bad), batch_rows, "; the warm-up rows do too: the model is broken" if broken else "")
         self._post(self._delivery.non_finite, bad, NonFiniteEvent(len(bad), batch_rows, broken))

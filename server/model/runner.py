@@ -83,8 +83,9 @@ class Runner:
         return self.threads
 
     def healthy(self, rows: Sequence[Sequence[int]]) -> bool:
-        """Whether `rows` (the warm-up's) still give finite vectors."""
-        return bool(np.isfinite(self.run(rows)).all())
+        """Whether `rows` (the warm-up's) still give one finite vector each."""
+        vectors = self.run(rows)
+        return len(vectors) == len(rows) and bool(np.isfinite(vectors).all())
 
     def _unpadded(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         packing = Packing.of(rows, self.device)
@@ -108,9 +109,10 @@ class Runner:
         return (hidden * m).sum(dim=1) / m.sum(dim=1)
 
 
-# What the CPU allocator and cuBLAS (its workspace) say when they run out; CUDA's caching allocator
-# raises torch.OutOfMemoryError.
-_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
+# What the CPU allocator, the CUDA runtime and driver, cuBLAS and cuDNN (their workspaces) and C++ say when
+# they run out; CUDA's caching allocator raises torch.OutOfMemoryError.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                           "CUDNN_STATUS_ALLOC_FAILED", "std::bad_alloc")
 
 
 def flops_per_token(model: PreTrainedModel) -> float:

@@ -44,8 +44,8 @@ class Metrics:
                                   "Vectors with NaN or infinity the model gave (never returned; their requests "
                                   "failed INTERNAL)", registry=r)
         self.model_broken = Gauge("nomic_embed_model_broken",
-                                  "1 once the model is broken: after a batch failed or gave non-finite vectors, "
-                                  "the warm-up texts did too (health NOT_SERVING)",
+                                  "1 while the model is broken: after a batch failed or gave non-finite vectors, "
+                                  "the warm-up texts did too (health NOT_SERVING until they pass again)",
                                   registry=r)
         self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
         self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)

@@ -1,10 +1,11 @@
 """A batch the model fails on fails its requests INTERNAL; when the warm-up texts then fail too, the model is broken
-and health goes NOT_SERVING, while a failure on one input alone leaves the server in service."""
+and health goes NOT_SERVING until they pass again, while a failure on one input alone leaves the server in service."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -17,9 +18,32 @@ from nomic_embed.v1 import embed_pb2_grpc
 from server.errors import OutOfMemory
 from tools.servers import RunningServer, running_server
 
+Run = Callable[[Sequence[Sequence[int]]], np.ndarray]
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@contextmanager
+def _served(path: Path, failing: Callable[[Run, list[list[int]]], Run]) -> Iterator[RunningServer]:
+    """A server whose model runs as `failing(model, warm_up_rows)` says, once it is SERVING."""
+    with running_server(str(path)) as srv:
+        assert srv.app.loaded is not None
+        runner = srv.app.loaded.runner
+        probe = srv.app.loaded.batcher._worker.probe
+        assert probe is not None
+        runner.run = failing(runner.run, probe)  # type: ignore[method-assign]
+        yield srv
+
 
 def _health(srv: RunningServer) -> int:
     return health_pb2_grpc.HealthStub(srv.channel()).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def _wait_for(srv: RunningServer, state: int) -> None:
+    for _ in range(100):  # health is set on the event loop just after the answer
+        if _health(srv) == state:
+            return
+        time.sleep(0.02)
+    assert _health(srv) == state
 
 
 def _broken(srv: RunningServer) -> float | None:
@@ -31,60 +55,77 @@ def _embed(srv: RunningServer, text: str) -> pb.EmbedResponse:
     return stub.Embed(pb.EmbedRequest(texts=[text], task=pb.TASK_CLUSTERING), timeout=30)
 
 
-def test_a_failure_on_one_input_leaves_the_server_in_service(tiny_original: Path) -> None:
-    with running_server(str(tiny_original)) as srv:
-        assert srv.app.loaded is not None
-        runner = srv.app.loaded.runner
-        model = runner.run
-        (poison,) = srv.app.loaded.embedder.tokenizer.content_ids(["zebra"], "")[0]
+def _fails(srv: RunningServer, text: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        _embed(srv, text)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    return info.value
 
-        def fails_on_poison(rows: Sequence[Sequence[int]]) -> np.ndarray:
-            if any(poison in row for row in rows):
+
+def test_a_failure_on_one_input_leaves_the_server_in_service(tiny_original: Path) -> None:
+    def on_poison(model: Run, probe: list[list[int]]) -> Run:
+        def run(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            if any(len(row) > 30 for row in rows):  # far longer than the warm-up rows
                 raise RuntimeError("an input this model cannot take")
             return model(rows)
+        return run
 
-        runner.run = fails_on_poison  # type: ignore[method-assign]
-        with pytest.raises(grpc.RpcError) as info:
-            _embed(srv, "a zebra")
-        assert info.value.code() == grpc.StatusCode.INTERNAL and "cannot take" in info.value.details()
-        assert _embed(srv, "a horse").embeddings[0].values
-        assert _health(srv) == health_pb2.HealthCheckResponse.SERVING and _broken(srv) == 0
+    with _served(tiny_original, on_poison) as srv:
+        assert "cannot take" in _fails(srv, "word " * 40).details()
+        assert _embed(srv, "a short text that the model takes").embeddings[0].values
+        assert _health(srv) == SERVING and _broken(srv) == 0
 
 
 def test_a_model_that_fails_the_warm_up_texts_too_is_taken_out_of_service(tiny_original: Path) -> None:
-    with running_server(str(tiny_original)) as srv:
-        assert srv.app.loaded is not None
-
-        def device_lost(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    def device_lost(model: Run, probe: list[list[int]]) -> Run:
+        def run(rows: Sequence[Sequence[int]]) -> np.ndarray:
             raise RuntimeError("the device is gone")
+        return run
 
-        srv.app.loaded.runner.run = device_lost  # type: ignore[method-assign]
-        with pytest.raises(grpc.RpcError) as info:
-            _embed(srv, "any text")
-        assert info.value.code() == grpc.StatusCode.INTERNAL and "the device is gone" in info.value.details()
-        for _ in range(100):  # health is set on the event loop just after the answer
-            if _health(srv) == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            time.sleep(0.02)
-        assert _health(srv) == health_pb2.HealthCheckResponse.NOT_SERVING and _broken(srv) == 1
+    with _served(tiny_original, device_lost) as srv:
+        assert "the device is gone" in _fails(srv, "any text").details()
+        _wait_for(srv, NOT_SERVING)
+        assert _broken(srv) == 1
 
 
 def test_a_warm_up_check_short_of_memory_does_not_take_the_model_out_of_service(tiny_original: Path) -> None:
-    with running_server(str(tiny_original)) as srv:
-        assert srv.app.loaded is not None
-        runner = srv.app.loaded.runner
-        model, probe = runner.run, srv.app.loaded.batcher._worker.probe
-
-        def failing(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    def short_of_memory(model: Run, probe: list[list[int]]) -> Run:
+        def run(rows: Sequence[Sequence[int]]) -> np.ndarray:
             if [list(r) for r in rows] == probe:  # the warm-up rows, run as the health check
                 raise OutOfMemory("out of memory computing the warm-up rows")
-            if len(rows) == 1:
-                raise RuntimeError("a kernel failed on this batch")
-            return model(rows)
+            raise RuntimeError("a kernel failed on this batch")
+        return run
 
-        runner.run = failing  # type: ignore[method-assign]
-        with pytest.raises(grpc.RpcError) as info:
-            _embed(srv, "any text")
-        assert info.value.code() == grpc.StatusCode.INTERNAL
+    with _served(tiny_original, short_of_memory) as srv:
+        _fails(srv, "any text")
         time.sleep(0.2)
-        assert _health(srv) == health_pb2.HealthCheckResponse.SERVING and _broken(srv) == 0
+        assert _health(srv) == SERVING and _broken(srv) == 0
+
+
+def test_a_model_whose_warm_up_texts_pass_again_is_back_in_service(tiny_original: Path) -> None:
+    failures = [2]  # the batch and the warm-up check right after it
+
+    def for_a_moment(model: Run, probe: list[list[int]]) -> Run:
+        def run(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            if failures[0]:
+                failures[0] -= 1
+                raise RuntimeError("the device stalled")
+            return model(rows)
+        return run
+
+    with _served(tiny_original, for_a_moment) as srv:
+        _fails(srv, "any text")
+        _wait_for(srv, NOT_SERVING)
+        assert _broken(srv) == 1
+        assert _embed(srv, "the next text").embeddings[0].values  # runs, then the warm-up rows pass
+        _wait_for(srv, SERVING)
+        assert _broken(srv) == 0
+
+
+def test_a_backend_that_loses_rows_fails_its_health_check(tiny_original: Path) -> None:
+    def loses_rows(model: Run, probe: list[list[int]]) -> Run:
+        return lambda rows: model(rows)[:1]
+
+    with _served(tiny_original, loses_rows) as srv:
+        assert srv.app.loaded is not None
+        assert not srv.app.loaded.runner.healthy([[101, 2000, 102], [101, 2001, 102]])

@@ -36,6 +36,18 @@ def test_the_cpu_allocators_failure_counts_as_out_of_memory() -> None:
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
+@pytest.mark.parametrize("message", [
+    # As the CUDA runtime, the driver, cuDNN and C++ word it (torch raises them as RuntimeError).
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call",
+    "CUDA driver error: out of memory",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "std::bad_alloc",
+])
+def test_other_runtimes_running_out_count_as_out_of_memory(message: str) -> None:
+    assert is_out_of_memory(RuntimeError(message))
+
+
 def test_a_batch_out_of_memory_is_split_and_only_the_text_that_never_fits_fails(tiny_original: Path) -> None:
     with running_server(str(tiny_original), metrics_port=0) as srv:
         stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
