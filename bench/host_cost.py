@@ -12,7 +12,6 @@ vector (bench.echo) runs the same load beside it: the floor that gRPC itself set
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.load import LoadResult
+from bench.load import drive_from_another_process
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from tools.checkpoint import write_tiny_nomic
@@ -92,20 +91,11 @@ def tree_cpu_s(root: int) -> tuple[float, int]:
     return sum(times.get(p, 0.0) for p in tree), len(tree & times.keys())
 
 
-def _drive(target: str, concurrency: int, requests: list[list[str]]) -> LoadResult:
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"target": target, "mode": "unary", "concurrency": concurrency,
-                                    "requests": requests}), encoding="utf-8")
-        subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
-        return LoadResult(**json.loads(out.read_text(encoding="utf-8")))
-
-
 def measure(name: str, pid: int, target: str, concurrency: int, requests: int, warm_up: int = 200) -> HostCost:
     texts = short_texts(requests)
-    _drive(target, concurrency, [[t] for t in texts[:warm_up]])
+    drive_from_another_process(target, "unary", concurrency, [[t] for t in texts[:warm_up]])
     before, _ = tree_cpu_s(pid)
-    load = _drive(target, concurrency, [[t] for t in texts])
+    load = drive_from_another_process(target, "unary", concurrency, [[t] for t in texts])
     after, processes = tree_cpu_s(pid)
     return HostCost(name, len(load.latencies_s), len(load.errors), after - before, load.wall_s, processes)
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -118,6 +121,17 @@ async def drive(target: str, mode: str, concurrency: int, requests: list[list[st
     return result
 
 
+def drive_from_another_process(target: str, mode: str, concurrency: int, requests: list[list[str]]) -> LoadResult:
+    """`drive` in a process of its own (`python -m bench.load`), so that its Python shares no interpreter lock
+    and no CPU time with the process measured."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({"target": target, "mode": mode, "concurrency": concurrency,
+                                    "requests": requests}), encoding="utf-8")
+        subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
+        return LoadResult(**json.loads(out.read_text(encoding="utf-8")))
+
+
 def main(argv: list[str]) -> None:
     source, destination = argv
     with open(source, encoding="utf-8") as f:
@@ -131,4 +145,4 @@ if __name__ == "__main__":
     main(sys.argv[1:])
 
 
-__all__ = ["LoadResult", "drive", "stream_layout"]
+__all__ = ["LoadResult", "drive", "drive_from_another_process", "stream_layout"]

@@ -3,11 +3,7 @@ process, and the served vectors."""
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +12,7 @@ import grpc
 import numpy as np
 
 from bench import baseline
-from bench.load import LoadResult
+from bench.load import drive_from_another_process
 from bench.report import RunSummary
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
@@ -57,14 +53,9 @@ class Baselines:
 
 def drive(srv: RunningServer, mode: str, concurrency: int, requests: list[list[str]]) -> RunSummary:
     batcher = srv.app.loaded.batcher  # type: ignore[union-attr]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"target": srv.target, "mode": mode, "concurrency": concurrency,
-                                    "requests": requests}), encoding="utf-8")
-        before = batcher.totals.copy()
-        subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
-        after = batcher.totals.copy()
-        load = LoadResult(**json.loads(out.read_text(encoding="utf-8")))
+    before = batcher.totals.copy()
+    load = drive_from_another_process(srv.target, mode, concurrency, requests)
+    after = batcher.totals.copy()
     if load.errors:
         log.warning("%s c=%d: %d errors, first: %s", mode, concurrency, len(load.errors), load.errors[0])
     summary = RunSummary.of(mode, concurrency, load, before, after)

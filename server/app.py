@@ -29,7 +29,7 @@ from nomic_embed.v1 import embed_pb2
 from quant.policy import NoVariantFits, Request, choose_variant
 from server.config import ServerConfig
 from server.domain import MIN_MAX_TOKENS, EmbedResult, Limits, ModelFacts, Task
-from server.engine.batcher import Batcher, BatchPolicy, NonFiniteEvent
+from server.engine.batcher import Batcher, BatchPolicy
 from server.engine.embedder import Embedder
 from server.engine.tokenization import TextTokenizer
 from server.errors import StartupError
@@ -177,12 +177,7 @@ class App:
             if not self._stopping:  # a server shutting down stays NOT_SERVING
                 health(health_pb2.HealthCheckResponse.SERVING)
 
-        def non_finite(event: NonFiniteEvent) -> None:
-            m.observe_non_finite(event)
-            if event.model_broken:  # the warm-up texts give NaN too
-                out_of_service()
-
-        loaded.batcher.delivery.on_non_finite = non_finite
+        loaded.batcher.delivery.on_non_finite = m.observe_non_finite
         loaded.batcher.delivery.on_model_broken = lambda event: out_of_service()
         loaded.batcher.delivery.on_model_recovered = back_in_service
         m.batch_budget.set(loaded.batcher.budget_tokens)

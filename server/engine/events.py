@@ -67,8 +67,9 @@ class NonFiniteEvent:
 
 @dataclass(frozen=True)
 class ModelBrokenEvent:
-    """A batch of `batch_rows` rows failed with `error`, and the warm-up rows fail too: the model itself no
-    longer runs (e.g. a device gone, or a runtime left in a bad state), so every later batch would fail."""
+    """A batch of `batch_rows` rows failed (`error`: how) or gave non-finite vectors, and the warm-up rows fail
+    too: the model itself no longer runs right (a device gone, a runtime left in a bad state, weights gone
+    bad), so every later batch would fail."""
 
     batch_rows: int
     error: str

@@ -1,7 +1,7 @@
 """The steps after pooling: layer_norm over the full width, truncation, L2 normalization.
 
-They run per batch on the model thread (finish_batch), so the event loop does nothing per vector; a text
-embedded in several windows is averaged first and finished on the loop (finish).
+They run per batch on the model thread (finish_batch), so the event loop does nothing per vector; texts
+embedded in several windows are averaged first and finished on the loop (finish_rows).
 """
 
 from __future__ import annotations

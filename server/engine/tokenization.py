@@ -74,9 +74,9 @@ class TextTokenizer:
     def content_ids(self, texts: Sequence[str], prefix: str, *, parallel: bool = False) -> list[list[int]]:
         """Token ids of prefix + text, without special tokens.
 
-        `parallel` encodes on the tokenizer's own threads, with the interpreter lock released: for a thread of
-        its own. Inline on the event loop, text by text holds the lock: giving it up costs the loop a wait for
-        the model thread's next switch (up to 5 ms; measured 3.6 ms per one-text call against a busy thread).
+        `parallel` encodes on the tokenizer's own threads, with the interpreter lock released, so other threads
+        run meanwhile; text by text holds the lock: on the event loop, giving it up costs a wait for the model
+        thread's next switch (up to 5 ms; measured 3.6 ms per one-text call against a busy thread).
         """
         if parallel:
             return [e.ids for e in self._tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)]

@@ -150,6 +150,7 @@ class Worker:
 
     def _execute(self, batch: list[Row]) -> None:
         started = time.monotonic()
+        was_broken = self.broken
         for row in batch:
             if row.job.started is None:
                 row.job.started = started
@@ -166,13 +167,12 @@ class Worker:
             # either would fail every batch from now on.
             if not isinstance(exc, EmbedError) and not self.broken and self._probe_fails(errors_count=True):
                 log.error("the warm-up rows fail too: the model is broken")
-                self.broken = True
-                self._post(self._delivery.model_broken, ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
+                self._mark_broken(ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
             return
         self.budget.ran()
-        # A batch ran: if the model was found broken, the warm-up rows decide whether it is back (a fault that
-        # passed, not weights gone bad: those keep failing them).
-        if self.broken and not self._probe_fails(errors_count=True):
+        # A batch ran: if the model was found broken before it, the warm-up rows decide whether it is back (a
+        # fault that passed, not weights gone bad: those keep failing them).
+        if was_broken and self.broken and not self._probe_fails(errors_count=True):
             log.warning("the warm-up rows pass again: the model is back in service")
             self.broken = False
             self._post(self._delivery.model_recovered)
@@ -226,10 +226,15 @@ class Worker:
         for row in bad:
             row.job.failed = True
         broken = self._probe_fails()
-        self.broken = self.broken or broken
         log.error("the model gave %d of %d rows non-finite vectors (NaN or infinity); their requests fail%s",
                   len(bad), batch_rows, "; the warm-up rows do too: the model is broken" if broken else "")
         self._post(self._delivery.non_finite, bad, NonFiniteEvent(len(bad), batch_rows, broken))
+        if broken and not self.broken:
+            self._mark_broken(ModelBrokenEvent(batch_rows, "the warm-up rows give non-finite vectors"))
+
+    def _mark_broken(self, event: ModelBrokenEvent) -> None:
+        self.broken = True
+        self._post(self._delivery.model_broken, event)
 
     def _probe_fails(self, *, errors_count: bool = False) -> bool:
         """Whether the warm-up rows no longer give finite vectors; with `errors_count`, also when they raise."""
