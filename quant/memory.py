@@ -33,13 +33,15 @@ class MemoryEstimate:
     weights: int
     workspace: int
     overhead: int
+    graphs: int = 0  # the CUDA graphs' shared pool: the activations of their largest batch
 
     @property
     def total(self) -> int:
-        return self.weights + self.workspace + self.overhead
+        return self.weights + self.workspace + self.overhead + self.graphs
 
     def describe(self) -> str:
-        return (f"{mib(self.total)} = {mib(self.weights)} weights + {mib(self.workspace)} workspace + "
+        graphs = f" + {mib(self.graphs)} CUDA graphs" if self.graphs else ""
+        return (f"{mib(self.total)} = {mib(self.weights)} weights + {mib(self.workspace)} workspace{graphs} + "
                 f"{mib(self.overhead)} runtime")
 
 
@@ -70,22 +72,27 @@ def workspace_bytes(variant: Variant, model: ModelInfo, device_kind: str, tokens
     return int(tokens * token_bytes(variant, model, device_kind)) + mask_bytes(tokens, min(longest_row, tokens))
 
 
-def estimate(variant: Variant, model: ModelInfo, device_kind: str, tokens: int, longest_row: int) -> MemoryEstimate:
-    """Bytes to serve batches of `tokens` padded tokens whose rows are at most `longest_row` long."""
+def estimate(variant: Variant, model: ModelInfo, device_kind: str, tokens: int, longest_row: int,
+             graph_tokens: int = 0) -> MemoryEstimate:
+    """Bytes to serve batches of `tokens` padded tokens whose rows are at most `longest_row` long, with CUDA
+    graphs of up to `graph_tokens` (never more than `tokens`) beside them: the eager batches' workspace and
+    the graphs' pool are two allocations, so both count."""
+    graphs = min(graph_tokens, tokens)
     return MemoryEstimate(weight_bytes(variant, model),
                           workspace_bytes(variant, model, device_kind, tokens, longest_row),
-                          RUNTIME_OVERHEAD[device_kind])
+                          RUNTIME_OVERHEAD[device_kind],
+                          workspace_bytes(variant, model, device_kind, graphs, longest_row) if graphs else 0)
 
 
 def tokens_that_fit(variant: Variant, model: ModelInfo, device_kind: str, available: int,
-                    longest_row: int, most: int) -> int:
+                    longest_row: int, most: int, graph_tokens: int = 0) -> int:
     """The largest batch token budget (at most `most`) whose estimate fits `available` bytes; 0 if none."""
-    if estimate(variant, model, device_kind, longest_row, longest_row).total > available:
+    if estimate(variant, model, device_kind, longest_row, longest_row, graph_tokens).total > available:
         return 0
     lo, hi = longest_row, most
     while lo < hi:  # the estimate grows with the budget: bisect for the largest that fits
         mid = (lo + hi + 1) // 2
-        if estimate(variant, model, device_kind, mid, longest_row).total <= available:
+        if estimate(variant, model, device_kind, mid, longest_row, graph_tokens).total <= available:
             lo = mid
         else:
             hi = mid - 1

@@ -27,6 +27,7 @@ class Request:
     max_memory_bytes: int | None
     max_batch_tokens: int  # the budget asked for (--max-batch-tokens); lowered when memory is short
     longest_row: int  # tokens of the longest input a batch must be able to hold
+    graph_tokens: int = 0  # CUDA graphs asked for (--cuda-graph-tokens): their batches' padded tokens
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Decision:
     reason: str
     batch_tokens: int
     memory: MemoryEstimate  # at batch_tokens
+    graph_tokens: int = 0  # the largest CUDA graph's padded tokens; 0 = no graphs
 
 
 class NoVariantFits(Exception):
@@ -54,14 +56,16 @@ def choose_variant(device: DeviceInfo, model: ModelInfo, request: Request) -> De
             note = "; this CPU has no native bf16 matmul, so it runs emulated, slower than fp32"
         decision = _fit(variant, device, model, request, available, most)
         if decision is None:
-            need = estimate(variant, model, device.kind, request.longest_row, request.longest_row)
+            need = estimate(variant, model, device.kind, request.longest_row, request.longest_row,
+                            _graph_tokens(variant, device, request))
             raise NoVariantFits(_too_small(variant.name, need, request, budget_text))
         return _with_reason(decision, f"requested with --variant {variant.name}{note}; {budget_text}")
 
     runnable = _preference([v for v in VARIANTS.values() if device.kind in v.devices], device)
     fitting = [d for v in runnable if (d := _fit(v, device, model, request, available, most))]
     if not fitting:
-        needs = {v.name: estimate(v, model, device.kind, request.longest_row, request.longest_row) for v in runnable}
+        needs = {v.name: estimate(v, model, device.kind, request.longest_row, request.longest_row,
+                                  _graph_tokens(v, device, request)) for v in runnable}
         smallest = min(needs, key=lambda name: needs[name].total)
         raise NoVariantFits(_too_small(smallest, needs[smallest], request, budget_text, "no variant fits; "))
     chosen = fitting[0]
@@ -98,16 +102,24 @@ def _cpu_speed(variant: Variant, device: DeviceInfo) -> float:
 
 def _fit(variant: Variant, device: DeviceInfo, model: ModelInfo, request: Request, available: int,
          most: int) -> Decision | None:
-    tokens = tokens_that_fit(variant, model, device.kind, available, request.longest_row, most)
+    graphs = _graph_tokens(variant, device, request)
+    tokens = tokens_that_fit(variant, model, device.kind, available, request.longest_row, most, graphs)
     if not tokens:
         return None
-    return Decision(variant, "", tokens, estimate(variant, model, device.kind, tokens, request.longest_row))
+    return Decision(variant, "", tokens, estimate(variant, model, device.kind, tokens, request.longest_row, graphs),
+                    min(graphs, tokens))
+
+
+def _graph_tokens(variant: Variant, device: DeviceInfo, request: Request) -> int:
+    return request.graph_tokens if device.kind == "cuda" and variant.cuda_graphs else 0
 
 
 def _with_reason(decision: Decision, reason: str) -> Decision:
     tokens = f"batch budget {decision.batch_tokens} tokens"
+    if decision.graph_tokens:
+        tokens += f", CUDA graphs up to {decision.graph_tokens}"
     return Decision(decision.variant, f"{reason}; {tokens}; needs {decision.memory.describe()}",
-                    decision.batch_tokens, decision.memory)
+                    decision.batch_tokens, decision.memory, decision.graph_tokens)
 
 
 def _why(chosen: Variant, device: DeviceInfo, runnable: list[Variant], fitting: list[Decision]) -> str:

@@ -28,6 +28,9 @@ class Variant:
     # with it (AVX512-BF16: the design notes' figures); only the order matters, for `auto` on the CPU.
     cpu_speed: float = 0.0
     cpu_speed_native_bf16: float = 0.0
+    # Whether its forward is captured as a CUDA graph: plain torch layers are. bitsandbytes' LLM.int8 picks
+    # its outlier columns from each batch's values, which a replayed graph cannot; nf4 has not been tried.
+    cuda_graphs: bool = False
 
     @property
     def lossless(self) -> bool:
@@ -39,12 +42,13 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("fp32", "float32 weights and compute: the reference", ("cpu", "cuda"), rank=100,
                 quality_bar=1.0, linear_bytes_per_param=4.0, workspace_factor={"cpu": 7, "cuda": 7},
-                cpu_speed=1.0, cpu_speed_native_bf16=1.0),
+                cpu_speed=1.0, cpu_speed_native_bf16=1.0, cuda_graphs=True),
         Variant("fp16", "float16 Linear weights and matmuls under autocast; residual stream float32",
-                ("cuda",), rank=90, quality_bar=0.999, linear_bytes_per_param=2.0, workspace_factor={"cuda": 4}),
+                ("cuda",), rank=90, quality_bar=0.999, linear_bytes_per_param=2.0, workspace_factor={"cuda": 4},
+                cuda_graphs=True),
         Variant("bf16", "bfloat16 Linear weights and matmuls under autocast; residual stream float32",
                 ("cpu", "cuda"), rank=80, quality_bar=0.999, linear_bytes_per_param=2.0,
-                workspace_factor={"cpu": 7, "cuda": 4}, cpu_speed=0.2, cpu_speed_native_bf16=3.9),
+                workspace_factor={"cpu": 7, "cuda": 4}, cpu_speed=0.2, cpu_speed_native_bf16=3.9, cuda_graphs=True),
         Variant("int8", "bitsandbytes LLM.int8(): int8 weights, int8 matmuls with float16 outlier columns",
                 ("cpu", "cuda"), rank=60, quality_bar=0.99, linear_bytes_per_param=1.0,
                 workspace_factor={"cpu": 33, "cuda": 8}, cpu_speed=0.4, cpu_speed_native_bf16=1.4),

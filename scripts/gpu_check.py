@@ -11,7 +11,10 @@
 4. The published revisions on the GPU: full-size random weights with the hub's 2024 and 2026 config.json
    and the real trained length, served as `auto` (fp16 on CUDA) and as fp32, against the float64
    reference of the model card's recipe: every task at 64 and 768 dimensions and a ~3,000-token document.
-5. Serving speed (`serve`): `make bench` on the device at the default variant (fp16 on CUDA), full-size
+5. CUDA graphs (`graphs`): full-size fp16 (fp32 on a CPU dry run) with and without graphs on one loaded
+   model: capture time and pool against quant.memory's estimate, vectors (graphs against eager, and
+   against fp32 eager), wall and CPU time per forward at a few batch shapes.
+6. Serving speed (`serve`): `make bench` on the device at the default variant (fp16 on CUDA), full-size
    random weights, stdlib docstrings: one text per request at concurrency 256, unary, then 64 texts per
    message on 4 streams; sentence-transformers at fp32 and around the server's own model in the same runs,
    the idle 16-token query, the served vectors against sentence-transformers fp32; then the host cost.
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.memory import MIB
+from quant.memory import MIB, estimate
 from quant.policy import NoVariantFits, Request, choose_variant
 from quant.variants import VARIANTS
 from server.config import ServerConfig
@@ -42,7 +45,7 @@ from server.model.loader import checkpoint_info
 from server.model.spec import read_model_spec
 from server.model.tokenizer import load_tokenizer
 from tools.checkpoint import write_tiny_nomic
-from tools.measure import build, measure, probe_rows
+from tools.measure import build, decide, embed_rows, measure, probe_rows
 from tools.quality import agreement, stdlib_texts
 
 CAPS_MIB = [None, 4096, 2048, 1536, 1024, 768, 512, 256]
@@ -54,7 +57,8 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=300)
     p.add_argument("--max-input", type=int, default=8192, help="longest input for the --max-memory part")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu for a (slow) dry run of the script")
-    p.add_argument("--parts", default="variants,caps,oom,published,serve", help="comma-separated parts to run")
+    p.add_argument("--parts", default="graphs,variants,caps,oom,published,serve",
+                   help="comma-separated parts to run")
     p.add_argument("--serve-texts", type=int, default=8192, help="docstrings per run of the serve part")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants for the variants part")
     args = p.parse_args()
@@ -66,6 +70,8 @@ def main() -> None:
           f"free; bf16 {'native' if device.native_bf16 else 'emulated'}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         model = args.model or _random_nomic(Path(tmp))
+        if "graphs" in parts:
+            graphs_check(model, device.torch_device, stdlib_texts(args.texts))
         if "variants" in parts:
             variants_table(model, device.kind, device.torch_device, stdlib_texts(args.texts),
                            args.variants.split(","))
@@ -103,6 +109,62 @@ def variants_table(model: Path, kind: str, device: str, texts: list[str], names:
         print(f"| {variant} | {q.mean_cosine:.5f} | {q.min_cosine:.5f} | {q.neighbour_overlap:.3f} "
               f"| {m.weight_bytes / MIB:.1f} | {m.peak_bytes / MIB:.0f} | {m.estimate_bytes / MIB:.0f} "
               f"({m.estimate_error:+.0%}) | {m.tokens_per_s:.0f} | {m.tokens_per_s / reference[1]:.2f} |", flush=True)
+
+
+def graphs_check(model: Path, device: str, texts: list[str]) -> None:
+    from server.model.buckets import Buckets
+
+    kind = torch.device(device).type
+    graph_tokens, batch_tokens, longest = ServerConfig().cuda_graph_tokens, 16384, 512
+    _, info, fp32 = decide(model, "fp32", device, batch_tokens, longest)
+    tokenizer = TextTokenizer(*load_tokenizer(model))
+    built = build(model, fp32, device, tokenizer)
+    rows = [tokenizer.wrap(ids[: longest - tokenizer.special_tokens])
+            for ids in tokenizer.content_ids(texts, "search_document: ")]
+    reference, _ = embed_rows(built.runner, rows, batch_tokens)
+    del built
+    _release()
+    _, _, decision = decide(model, "fp16" if kind == "cuda" else "fp32", device, batch_tokens, longest)
+    runner = build(model, decision, device, tokenizer).runner
+    eager, eager_s = embed_rows(runner, rows, batch_tokens)
+    runner.buckets = Buckets(graph_tokens, ServerConfig().max_batch_rows)
+    started = time.monotonic()
+    if kind == "cuda":
+        runner.capture_graphs()
+    captured_s = time.monotonic() - started
+    graphs, graphs_s = embed_rows(runner, rows, batch_tokens)
+    pool = runner.graphs.pool_bytes if runner.graphs else 0
+    planned = estimate(decision.variant, info, kind, batch_tokens, longest, graph_tokens).graphs
+    tokens = sum(map(len, rows))
+    print(f"\n{decision.variant.name}: {len(runner.buckets.all)} buckets up to {graph_tokens} tokens, captured in "
+          f"{captured_s:.1f}s; pool {pool / MIB:.0f} MiB, estimate {planned / MIB:.0f} MiB")
+    graphs_name = "graphs" if kind == "cuda" else "bucketed (eager: no CUDA)"
+    print(f"{len(rows)} texts: eager {tokens / eager_s:,.0f} tok/s, {graphs_name} {tokens / graphs_s:,.0f} tok/s; vs "
+          f"eager max abs diff {np.abs(_unit(graphs) - _unit(eager)).max():.2e}; cos to fp32 eager: graphs mean "
+          f"{agreement(graphs, reference).mean_cosine:.6f} min {agreement(graphs, reference).min_cosine:.6f}, "
+          f"eager mean {agreement(eager, reference).mean_cosine:.6f}")
+    print(f"\n| rows x tokens | eager ms (CPU ms) | {graphs_name} ms (CPU ms) |\n|---|---|---|")
+    buckets = runner.buckets
+    for shape in ((1, 16), (8, 32), (64, 48), (128, 128)) if kind == "cuda" else ((1, 16), (8, 32)):
+        batch = probe_rows(tokenizer, *shape)
+        timings = []
+        for use in (None, buckets):
+            runner.buckets = use
+            runner.run(batch)
+            wall, cpu = [], []
+            for _ in range(30):
+                w, c = time.perf_counter(), time.process_time()
+                runner.run(batch)
+                wall.append(time.perf_counter() - w)
+                cpu.append(time.process_time() - c)
+            timings.append(f"{np.median(wall) * 1e3:.2f} ({np.median(cpu) * 1e3:.2f})")
+        print(f"| {shape[0]} x {shape[1]} | {timings[0]} | {timings[1]} |", flush=True)
+    del runner
+    _release()
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def caps_table(model: Path, requested_device: str, max_input: int) -> None:

@@ -33,6 +33,7 @@ from server.engine.batcher import Batcher, BatchPolicy
 from server.engine.embedder import Embedder
 from server.engine.tokenization import TextTokenizer
 from server.errors import StartupError
+from server.model.buckets import Buckets
 from server.model.device import available_cpus, probe_device, set_threads
 from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
 from server.model.rotary import PerRowNTKRotary
@@ -229,7 +230,8 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     tokenizer = TextTokenizer(*load_tokenizer(path))
     tokenizer.check(path, int(spec.config.vocab_size), spec.tokenizer_probe)
     # The batch token budget is the configured one, lowered by the policy to what fits in memory.
-    request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input)
+    request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input,
+                      graph_tokens=config.cuda_graph_tokens)
     try:
         decision = choose_variant(device, checkpoint_info(path, spec.config), request)
     except (NoVariantFits, ValueError, CheckpointMismatch) as exc:
@@ -244,7 +246,11 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
         install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
     runner = Runner(loaded.model, pooling=facts.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
                     per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context,
-                    threads=threads)
+                    threads=threads, buckets=Buckets(decision.graph_tokens, config.max_batch_rows)
+                    if decision.graph_tokens else None)
+    if runner.buckets is not None:
+        enter("capturing CUDA graphs")
+        _capture_graphs(runner)
     limits = Limits(
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
         max_text_chars=config.max_text_chars, max_batch_tokens=decision.batch_tokens,
@@ -277,6 +283,16 @@ def _input_limit(config: ServerConfig, facts: ModelFacts) -> int:
                            f"(--max-input-tokens {config.max_input_tokens or '0: the model limit'}), so a text of that "
                            "length would not fit a batch; raise it or lower --max-input-tokens")
     return limit
+
+
+def _capture_graphs(runner: Runner) -> None:
+    """Capture the CUDA graphs; where capture fails, log why and serve every batch eagerly."""
+    try:
+        runner.capture_graphs()
+    except Exception as exc:  # a kernel that cannot be captured: slower without graphs, never wrong
+        runner.buckets = None
+        log.warning("serving without CUDA graphs: capturing them failed: %s: %s", type(exc).__name__,
+                    " ".join(str(exc).split())[:300])
 
 
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:

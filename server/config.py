@@ -27,6 +27,7 @@ ENV_PREFIX = "NOMIC_EMBED_"
 _OTHER_VARIABLES = frozenset({"NOMIC_EMBED_TARGET", "NOMIC_EMBED_TOKEN"})
 # A one-text request with its options takes a few dozen bytes: a smaller limit would refuse every request.
 MIN_REQUEST_BYTES = 1024
+MIN_GRAPH_TOKENS = 16  # the smallest CUDA graph's batch: one row of server.model.buckets.WIDTHS[0]
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -51,6 +52,8 @@ class ServerConfig:
     max_request_bytes: int = 16 * 2**20
     batch_wait_ms: float = 0.0
     threads: int = 0  # intra-op threads of the model; 0 = the cores this process may use
+    # Padded tokens of the largest batch replayed as a CUDA graph (server.model.buckets); 0 = no graphs.
+    cuda_graph_tokens: int = 16384
     # Dynamic NTK factor beyond the trained positions (the model card's long-context setting).
     rotary_scaling_factor: float = 2.0
     grace_s: float = 30.0
@@ -149,16 +152,19 @@ def _rotary_factor(text: str) -> float:
     return value
 
 
-def _input_tokens(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value != 0 and not MIN_MAX_TOKENS <= value <= _UINT32:
-        raise argparse.ArgumentTypeError(
-            f"{_shown(text)} is not 0 (the model's limit) or an integer in {MIN_MAX_TOKENS}..{_UINT32} "
-            f"(every request asks for at least {MIN_MAX_TOKENS} tokens per text)")
-    return value
+def _zero_or_at_least(low: int, zero: str, why: str) -> Callable[[str], int]:
+    """0 (meaning `zero`) or an integer in low..2**32-1, `why` being the reason for `low`."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value != 0 and not low <= value <= _UINT32:
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is not 0 ({zero}) or an integer in {low}..{_UINT32} "
+                                             f"({why})")
+        return value
+
+    return convert
 
 
 def _memory(text: str) -> int:
@@ -210,7 +216,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-memory", type=_memory, default=None, dest="max_memory_bytes",
                    help="cap on weights + workspace, e.g. 1.5GiB")
-    p.add_argument("--max-input-tokens", type=_input_tokens, default=d.max_input_tokens,
+    p.add_argument("--max-input-tokens", type=_zero_or_at_least(
+                       MIN_MAX_TOKENS, "the model's limit", f"every request asks for at least {MIN_MAX_TOKENS} "
+                       "tokens per text"), default=d.max_input_tokens,
                    help=f"tokens per text; 0 = the model's limit, else at least {MIN_MAX_TOKENS}")
     p.add_argument("--max-texts-per-request", type=count, default=d.max_texts_per_request)
     p.add_argument("--max-text-chars", type=count, default=d.max_text_chars)
@@ -231,6 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_integer(0, _UINT32), default=d.threads,
                    help="intra-op threads of the model; 0 = the CPUs this process may use, and no more (a batch "
                         "too small to share runs on one)")
+    p.add_argument("--cuda-graph-tokens", default=d.cuda_graph_tokens, type=_zero_or_at_least(
+                   MIN_GRAPH_TOKENS, "no CUDA graphs", f"the smallest graph holds {MIN_GRAPH_TOKENS} tokens"),
+                   help="CUDA: batches of up to this many padded tokens replay CUDA graphs captured at start; 0 = none")
     p.add_argument("--rotary-scaling-factor", type=_rotary_factor, default=d.rotary_scaling_factor,
                    help="dynamic NTK factor for inputs beyond the trained positions: 1 or more; 0 disables")
     p.add_argument("--grace", type=_number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",

@@ -98,7 +98,7 @@ def measure(model_dir: Path, variant: str, device: str, texts: list[str], *, bat
     prefix = Task.SEARCH_DOCUMENT.prefix if built.spec.facts.task_prefixes else ""
     rows = [tokenizer.wrap(ids[: max_text_tokens - tokenizer.special_tokens])
             for ids in tokenizer.content_ids(texts, prefix)]
-    vectors, seconds = _embed(built.runner, rows, text_batch_tokens)
+    vectors, seconds = embed_rows(built.runner, rows, text_batch_tokens)
     text_tokens = sum(len(r) for r in rows)
     measurement = Measurement(
         model=model_dir.name, variant=variant, device=info.describe(), weight_bytes=built.loaded.weight_bytes,
@@ -118,7 +118,7 @@ def probe_rows(tokenizer: TextTokenizer, rows: int, length: int) -> list[list[in
     return [tokenizer.wrap(c) for c in content]
 
 
-def _embed(runner: Runner, rows: list[list[int]], batch_tokens: int) -> tuple[np.ndarray, float]:
+def embed_rows(runner: Runner, rows: list[list[int]], batch_tokens: int) -> tuple[np.ndarray, float]:
     """Vectors in input order, and the compute seconds (batches of similar lengths, after one warm-up)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     batches: list[list[int]] = [[]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -11,9 +12,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
 from server.errors import OutOfMemory
+from server.model.buckets import Buckets, fill
 from server.model.device import release_cached_memory
+from server.model.graphs import CudaGraphs, bucket_forward
 from server.model.rotary import PerRowNTKRotary, row_position_ids
-from server.model.unpadded import Packing, encode_unpadded, pool, supports_unpadded
+from server.model.unpadded import Packing, encode, encode_unpadded, pool, supports_unpadded
 
 # Not cuDNN attention, torch's first choice for half precision on Hopper: it builds a plan for each new
 # shape, and batches change shape nearly every time (on an H200 fp16 ran 20x slower than fp32 with it).
@@ -30,7 +33,8 @@ class Runner:
     """Runs a batch of token rows through the model and pools each row: the engine's Backend, in-process.
 
     NomicBERT runs unpadded (server.model.unpadded) unless `unpadded=False`; other models, and NomicBERT
-    with `unpadded=False`, take transformers' padded forward.
+    with `unpadded=False`, take transformers' padded forward. With `buckets`, a NomicBERT batch that fits
+    one is padded to it (server.model.buckets) and, once `capture_graphs` has run, replayed as a CUDA graph.
     """
 
     # Padded either way, as far as memory goes: the unpadded forward runs its linear layers on real tokens,
@@ -44,7 +48,7 @@ class Runner:
     def __init__(self, model: PreTrainedModel, *, pooling: str, pad_id: int, device: str,
                  per_row_rotary: bool,
                  compute_context: Callable[[], AbstractContextManager[object]] = nullcontext,
-                 unpadded: bool = True, threads: int | None = None) -> None:
+                 unpadded: bool = True, threads: int | None = None, buckets: Buckets | None = None) -> None:
         self.model = model
         self.compute_context = compute_context
         self.pooling = pooling
@@ -55,6 +59,9 @@ class Runner:
         # Intra-op threads for a CPU batch worth parallelising (small ones take one); None leaves torch's.
         self.threads = threads if self.device.type == "cpu" else None
         self.flops_per_token = flops_per_token(model)
+        self.buckets = buckets if self.unpadded else None
+        self.graphs: CudaGraphs | None = None
+        self._bucket_forward = bucket_forward(lambda ids, grid: encode(model, ids, grid), pooling)  # type: ignore[arg-type]
 
     def run(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled hidden states, one float32 row per input row (before any normalization).
@@ -64,8 +71,8 @@ class Runner:
         if self.threads is not None:
             torch.set_num_threads(self.threads_for(rows))
         try:
-            with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS), self.compute_context():
-                pooled = self._unpadded(rows) if self.unpadded else self._padded(rows)
+            with self._forward_context():
+                pooled = self._forward(rows)
             return pooled.cpu().numpy()
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -74,6 +81,31 @@ class Runner:
         # Outside the handler: the failed forward's frames, and the activations they hold, are freed.
         release_cached_memory(str(self.device))
         raise OutOfMemory(f"out of memory computing {len(rows)} rows of {sum(map(len, rows))} tokens: {detail}")
+
+    def capture_graphs(self) -> None:
+        """Capture a CUDA graph of every bucket's forward; batches that fit one replay it from now on."""
+        if self.buckets is None or self.device.type != "cuda":
+            raise ValueError("CUDA graphs need buckets, a NomicBERT model and a CUDA device")
+        graphs = CudaGraphs(self.buckets, self.device)
+        with self._forward_context():
+            graphs.capture(self._bucket_forward)
+        self.graphs = graphs
+
+    def _forward_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for context in (torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS), self.compute_context()):
+            stack.enter_context(context)
+        return stack
+
+    def _forward(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        if self.buckets is not None:
+            bucket = self.buckets.for_batch(len(rows), max(map(len, rows)))
+            if bucket is not None:
+                batch = fill(rows, bucket, self.pad_id)
+                if self.graphs is not None:
+                    return self.graphs.replay(batch, bucket, len(rows))
+                return self._bucket_forward(torch.from_numpy(batch).to(self.device), bucket)[: len(rows)]
+        return self._unpadded(rows) if self.unpadded else self._padded(rows)
 
     def threads_for(self, rows: Sequence[Sequence[int]]) -> int:
         """The intra-op threads for this batch: one when its forward is too small to share."""

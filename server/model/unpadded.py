@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -80,22 +81,40 @@ class Packing:
         return padded.reshape(self.rows * self.width, *padded.shape[2:])[self.slots]
 
 
+class Layout(Protocol):
+    """How a batch's tokens, kept as one [N] sequence, map to the [rows, longest] grid attention needs."""
+
+    mask: torch.Tensor  # [B, L] bool, True on the tokens a row attends to and pools
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor: ...
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor: ...
+
+
 def encode_unpadded(model: NomicBertModel, packing: Packing) -> torch.Tensor:
     """Last hidden states of the real tokens, [T, hidden], rows in order."""
-    ids = packing.ids[None]
+    return encode(model, packing.ids, packing)
+
+
+def encode(model: NomicBertModel, ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Last hidden states of `ids` ([N] tokens laid out by `layout`), [N, hidden].
+
+    Nothing here reads a value back to the host, so a forward at fixed shapes can be captured as a CUDA graph.
+    """
+    ids = ids[None]
     hidden = model.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))[0]
     # Rotary angles from per-row positions (row_position_ids), exactly as the padded forward gets them.
-    cos, sin = model.rotary_emb(hidden[None], row_position_ids(packing.mask.long()))
-    cos, sin = packing.unpad(cos), packing.unpad(sin)  # [T, head_dim]
-    key_mask = packing.mask[:, None, None, :]
+    cos, sin = model.rotary_emb(hidden[None], row_position_ids(layout.mask.long()))
+    cos, sin = layout.unpad(cos), layout.unpad(sin)  # [N, head_dim]
+    key_mask = layout.mask[:, None, None, :]
     for layer in model.layers:
         attn = layer.self_attn
         q, k, v = (proj(hidden).view(hidden.shape[0], -1, attn.head_dim)
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        q, k, v = (packing.pad(t).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim]
+        q, k, v = (layout.pad(t).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim]
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attn.scaling)
-        context = packing.unpad(context.transpose(1, 2)).flatten(1)
+        context = layout.unpad(context.transpose(1, 2)).flatten(1)
         hidden = layer.post_attention_layernorm(hidden + attn.o_proj(context))
         hidden = layer.post_mlp_layernorm(hidden + layer.mlp(hidden))
     return hidden

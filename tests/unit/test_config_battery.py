@@ -64,6 +64,7 @@ _GOOD: dict[str, st.SearchStrategy[str]] = {
     "--max-connection-age": _floats(0, 2_147_483), "--max-connection-age-grace": _floats(0, 2_147_483),
     "--rotary-scaling-factor": st.one_of(st.just("0"), _floats(1, 1e6)),
     "--threads": _ints(0, 64),
+    "--cuda-graph-tokens": st.one_of(st.just("0"), _ints(16, 10**6)),
     "--max-memory": st.tuples(st.integers(1, 10**6), st.sampled_from(["", "B", "MiB", "GiB", "mb", "GB"])).map(
         lambda t: f"{t[0]}{t[1]}"),
     "--variant": st.sampled_from(["auto", *VARIANTS]),
@@ -99,6 +100,8 @@ def _broken_rules(c: ServerConfig) -> list[str]:
         "queue": 1 <= c.max_queue_tokens < 2**64 and 1 <= c.max_request_bytes < 2**30,
         "input tokens": c.max_input_tokens == 0 or 16 <= c.max_input_tokens <= UINT32,
         "threads": type(c.threads) is int and c.threads >= 0,
+        "graph tokens": type(c.cuda_graph_tokens) is int and (c.cuda_graph_tokens == 0
+                                                               or 16 <= c.cuda_graph_tokens <= UINT32),
         "durations": all(type(s) is float and math.isfinite(s) and s >= 0 for s in seconds),
         "bounded waits": c.grace_s <= 86_400 and c.batch_wait_ms <= 60_000 and max(seconds[2:]) * 1000 < 2**31,
         "rotary": math.isfinite(c.rotary_scaling_factor) and (c.rotary_scaling_factor == 0

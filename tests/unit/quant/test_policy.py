@@ -149,3 +149,26 @@ def test_cuda_headroom_is_left_free() -> None:
 def test_auto_on_cuda_never_picks_fp32_or_bf16() -> None:
     for free in (free_for(need("fp32", "cuda")) * 4, free_for(need("fp16", "cuda")), free_for(need("int8", "cuda"))):
         assert choose_variant(cuda(free), NOMIC, req()).variant.name in ("fp16", "int8", "nf4")
+
+
+def test_cuda_graphs_count_in_the_memory_and_only_for_variants_that_capture() -> None:
+    graphs = 4096
+    fp16 = choose_variant(cuda(80 * GIB), NOMIC, req(graph_tokens=graphs))
+    assert fp16.variant.name == "fp16" and fp16.graph_tokens == graphs and fp16.batch_tokens == BUDGET
+    assert fp16.memory.graphs == estimate(fp16.variant, NOMIC, "cuda", graphs, ROW).workspace
+    assert fp16.memory.total == need("fp16", "cuda", BUDGET) + fp16.memory.graphs
+    assert "CUDA graphs up to 4096" in fp16.reason and "MiB CUDA graphs + " in fp16.reason
+    # bitsandbytes' int8 picks outlier columns per batch, so it runs without graphs and their memory.
+    int8 = choose_variant(cuda(80 * GIB), NOMIC, req(variant="int8", graph_tokens=graphs))
+    assert int8.graph_tokens == 0 and int8.memory.graphs == 0
+    # Never on a CPU, and never more than the batch budget.
+    assert choose_variant(cpu(), NOMIC, req(graph_tokens=graphs)).graph_tokens == 0
+    assert choose_variant(cuda(80 * GIB), NOMIC, req(graph_tokens=10**6)).graph_tokens == BUDGET
+
+
+def test_cuda_graphs_shrink_the_batch_budget_where_memory_is_short() -> None:
+    cap = need("fp16", "cuda", 8192)
+    without = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=cap))
+    with_graphs = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=cap, graph_tokens=2048))
+    assert without.batch_tokens == 8192 and without.graph_tokens == 0
+    assert ROW <= with_graphs.batch_tokens < 8192 and with_graphs.memory.total <= cap
