@@ -1,7 +1,8 @@
 """A bare grpc.aio EmbedService that answers every Embed with one fixed vector: the floor of host cost.
 
-`python -m bench.echo PORT WIDTH` serves on 127.0.0.1:PORT. Measured beside the real server, it says how
-much of the real server's CPU per request is gRPC's own and how much is ours.
+`python -m bench.echo PORT WIDTH [EVENT_LOOP]` serves on 127.0.0.1:PORT, on the event loop the server would
+choose (server.event_loop; auto by default). Measured beside the real server, it says how much of the real
+server's CPU per request is gRPC's own and how much is ours.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import grpc
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
+from server.event_loop import loop_factory
 
 
 class Echo(embed_pb2_grpc.EmbedServiceServicer):
@@ -32,4 +34,5 @@ async def serve(port: int, width: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1]), int(sys.argv[2])))
+    with asyncio.Runner(loop_factory=loop_factory(sys.argv[3] if len(sys.argv) > 3 else "auto")) as runner:
+        runner.run(serve(int(sys.argv[1]), int(sys.argv[2])))

@@ -28,6 +28,7 @@ import grpc
 from bench.load import drive_from_another_process
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
+from server.event_loop import CHOICES, resolved
 from tools.checkpoint import write_tiny_nomic
 from tools.ports import free_port
 from tools.servers import wait_until_serving
@@ -48,6 +49,7 @@ class HostCost:
     cpu_s: float  # all of the server's processes together
     wall_s: float
     processes: int
+    event_loop: str = "asyncio"
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -91,13 +93,15 @@ def tree_cpu_s(root: int) -> tuple[float, int]:
     return sum(times.get(p, 0.0) for p in tree), len(tree & times.keys())
 
 
-def measure(name: str, pid: int, target: str, concurrency: int, requests: int, warm_up: int = 200) -> HostCost:
+def measure(name: str, pid: int, target: str, concurrency: int, requests: int, warm_up: int = 200,
+            event_loop: str = "auto") -> HostCost:
     texts = short_texts(requests)
     drive_from_another_process(target, "unary", concurrency, [[t] for t in texts[:warm_up]])
     before, _ = tree_cpu_s(pid)
     load = drive_from_another_process(target, "unary", concurrency, [[t] for t in texts])
     after, processes = tree_cpu_s(pid)
-    return HostCost(name, len(load.latencies_s), len(load.errors), after - before, load.wall_s, processes)
+    return HostCost(name, len(load.latencies_s), len(load.errors), after - before, load.wall_s, processes,
+                    resolved(event_loop))
 
 
 @contextmanager
@@ -137,21 +141,21 @@ def _echo_ready(target: str) -> Callable[[subprocess.Popen[bytes]], None]:
     return ready
 
 
-def run(concurrency: int, requests: int, server_args: list[str]) -> list[HostCost]:
+def run(concurrency: int, requests: int, server_args: list[str], event_loop: str = "auto") -> list[HostCost]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_nomic(Path(tmp) / "near-free", config_style="v5", **NEAR_FREE)
         port = free_port()
         target = f"127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "bench.echo", str(port), str(NEAR_FREE["hidden"])]
+        argv = [sys.executable, "-m", "bench.echo", str(port), str(NEAR_FREE["hidden"]), event_loop]
         with _process(argv, _echo_ready(target)) as pid:
-            results.append(measure(ECHO, pid, target, concurrency, requests))
+            results.append(measure(ECHO, pid, target, concurrency, requests, event_loop=event_loop))
         port = free_port()
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                "--variant", "fp32", "--log-level", "WARNING", *server_args]
+                "--variant", "fp32", "--log-level", "WARNING", "--event-loop", event_loop, *server_args]
         with _process(argv, lambda p: wait_until_serving(target, lambda: p.poll() is None)) as pid:
-            results.append(measure(SERVER, pid, target, concurrency, requests))
+            results.append(measure(SERVER, pid, target, concurrency, requests, event_loop=event_loop))
     return results
 
 
@@ -159,7 +163,7 @@ def report(results: list[HostCost], concurrency: int) -> str:
     lines = [f"host cost, near-free model (1 layer, 64 wide), {concurrency} callers, one text per request:"]
     for r in results:
         lines.append(f"  {r.name}: {r.cpu_us_per_request:,.0f} us CPU per request over {r.processes} process(es), "
-                     f"{r.requests_s:,.0f} req/s ({r.requests} requests, {r.errors} errors)")
+                     f"{r.requests_s:,.0f} req/s ({r.requests} requests, {r.errors} errors; {r.event_loop})")
     return "\n".join(lines)
 
 
@@ -168,8 +172,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p.add_argument("--concurrency", type=int, default=CONCURRENCY)
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--server-args", default="", help='more server flags, e.g. "--metrics-port 9100"')
+    p.add_argument("--event-loop", choices=CHOICES, default="auto", help="for the server and the echo alike")
     args = p.parse_args(argv)
-    results = run(args.concurrency, args.requests, shlex.split(args.server_args))
+    results = run(args.concurrency, args.requests, shlex.split(args.server_args), args.event_loop)
     print(report(results, args.concurrency))
     return [as_dict(r) for r in results]
 

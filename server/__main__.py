@@ -26,12 +26,14 @@ def _main(argv: list[str]) -> int:
     # torch and grpc take seconds to import: only once the flags are known good.
     from server.app import StoppedWhileStarting, exit_now, run
     from server.engine.batcher import MODEL_THREAD
+    from server.event_loop import loop_factory
     from server.model.library_logs import route_library_logs
 
     logs.configure(config.log_level, config.log_format)
     route_library_logs(progress_bars=config.log_format == "text")  # progress bars would break JSON lines
     try:
-        asyncio.run(run(config))
+        with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+            runner.run(run(config))
     except StartupError as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 2

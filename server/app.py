@@ -33,6 +33,7 @@ from server.engine.batcher import Batcher, BatchPolicy
 from server.engine.embedder import Embedder
 from server.engine.tokenization import TextTokenizer
 from server.errors import StartupError
+from server.event_loop import loop_name
 from server.model.buckets import Buckets
 from server.model.device import available_cpus, probe_device, set_threads
 from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
@@ -144,9 +145,9 @@ class App:
                 raise StartupError(f"cannot serve metrics on {c.host}:{c.metrics_port} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
         await self.grpc_server.start()
-        log.info("listening on %s:%d (%s%s); NOT_SERVING until the model is loaded", c.host, self.port,
+        log.info("listening on %s:%d (%s%s; %s); NOT_SERVING until the model is loaded", c.host, self.port,
                  "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
-                 f", {len(tokens)} bearer token(s)" if tokens else "")
+                 f", {len(tokens)} bearer token(s)" if tokens else "", loop_name(asyncio.get_running_loop()))
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
 

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
-from urllib.parse import urlsplit
 
 from quant.variants import VARIANTS
 from server.domain import MIN_MAX_TOKENS
 from server.engine.policy import BatchPolicy
+from server.flag_values import (
+    UINT32,
+    device,
+    event_loop,
+    integer,
+    memory,
+    number,
+    otlp_endpoint,
+    rotary_factor,
+    shown,
+    text,
+    zero_or_at_least,
+)
 from server.observability.logs import FORMATS, LEVELS
 from server.transport.security import AUTH_TOKENS_ENV, split_tokens
 
@@ -28,7 +38,6 @@ _OTHER_VARIABLES = frozenset({"NOMIC_EMBED_TARGET", "NOMIC_EMBED_TOKEN"})
 # A one-text request with its options takes a few dozen bytes: a smaller limit would refuse every request.
 MIN_REQUEST_BYTES = 1024
 MIN_GRAPH_TOKENS = 16  # the smallest CUDA graph's batch: one row of server.model.buckets.WIDTHS[0]
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 @dataclass(frozen=True)
@@ -71,12 +80,12 @@ class ServerConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # text, or json: one object per line
     access_log: bool = False  # one log line per RPC: method, status code, duration, request id
+    event_loop: str = "auto"  # uvloop when installed, else asyncio's (server.event_loop)
     # OTLP/gRPC collector for traces (http://host:4317); None = no tracing, and OpenTelemetry stays unloaded.
     otlp_endpoint: str | None = None
 
 
 # Upper bounds, where a larger value would break something rather than be merely unusual.
-_UINT32 = 2**32 - 1  # Info reports these limits as uint32
 _UINT64 = 2**64 - 1
 # grpc core takes message sizes as a C int, and its limit is set to twice this one (server.transport.options).
 _MAX_REQUEST_BYTES = (2**31 - 1) // 2
@@ -87,7 +96,6 @@ _MAX_GRACE_S = 86_400.0  # a day; the drain's waits also have to fit threading.T
 _MAX_BATCH_WAIT_MS = 60_000.0
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 _UNSET = object()  # not a string: argparse would run a string default through the flag's type
 
 
@@ -100,123 +108,24 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def parse_size(text: str) -> int:
-    """'1.5GiB' -> 1610612736; plain numbers are bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {_shown(text)} (examples: 800MiB, 1.5GiB, 2GB)")
-    size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-    if not math.isfinite(size):  # hundreds of digits
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is too large a size")
-    return int(size)
-
-
-def _shown(text: str) -> str:
-    """The value as quoted in a message: one line, at most ~40 characters."""
-    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
-
-
-def _integer(low: int, high: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{_shown(text)} is not an integer in {low}..{high}")
-        return value
-
-    return convert
-
-
-def _number(low: float, high: float, unit: str) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{_shown(text)} is not a finite number of {unit} in {low:g}..{high:.15g}")
-        return value
-
-    return convert
-
-
-def _rotary_factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and (value == 0 or value >= 1)):
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not 0 (off) or a finite number >= 1")
-    return value
-
-
-def _zero_or_at_least(low: int, zero: str, why: str) -> Callable[[str], int]:
-    """0 (meaning `zero`) or an integer in low..2**32-1, `why` being the reason for `low`."""
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value != 0 and not low <= value <= _UINT32:
-            raise argparse.ArgumentTypeError(f"{_shown(text)} is not 0 ({zero}) or an integer in {low}..{_UINT32} "
-                                             f"({why})")
-        return value
-
-    return convert
-
-
-def _memory(text: str) -> int:
-    size = parse_size(text)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not a positive size (examples: 800MiB, 1.5GiB, 2GB)")
-    return size
-
-
-def _text(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("empty value")
-    return text
-
-
-def _device(text: str) -> str:
-    if not _DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not auto, cpu, cuda or cuda:N")
-    return text
-
-
-def _otlp_endpoint(text: str) -> str:
-    parts = urlsplit(text)
-    try:
-        parts.port  # noqa: B018 - raises for a port that is not a number in 0..65535
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in text)
-    except ValueError:
-        valid = False
-    if not valid:
-        raise argparse.ArgumentTypeError(f"{_shown(text)} is not an http:// or https:// URL with a host "
-                                         "(e.g. http://collector:4317)")
-    return text
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m server", description="Serve text embeddings over gRPC.",
                 epilog=f"Each flag can also be set as {ENV_PREFIX}<FLAG> in the environment (e.g. "
                        f"{ENV_PREFIX}MAX_BATCH_TOKENS); a flag given on the command line wins.")
     d = ServerConfig()
-    tokens, count, port = _integer(1, _UINT32), _integer(1, _UINT32), _integer(0, 65535)
-    p.add_argument("--model", type=_text, default=d.model,
+    tokens, count, port = integer(1, UINT32), integer(1, UINT32), integer(0, 65535)
+    p.add_argument("--model", type=text, default=d.model,
                    help="hub id, local directory in the hub layout, or all-minilm-l6-v2 (bundled, works offline)")
-    p.add_argument("--revision", type=_text, default=None,
+    p.add_argument("--revision", type=text, default=None,
                    help="branch, tag or commit of the hub id to serve (default main); reported by Info")
-    p.add_argument("--host", type=_text, default=d.host)
+    p.add_argument("--host", type=text, default=d.host)
     p.add_argument("--port", type=port, default=d.port, help="0 picks a free port")
     p.add_argument("--variant", choices=("auto", *VARIANTS), default=d.variant,
                    help="auto, or a variant name (see quant.variants)")
-    p.add_argument("--device", type=_device, default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-memory", type=_memory, default=None, dest="max_memory_bytes",
+    p.add_argument("--device", type=device, default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-memory", type=memory, default=None, dest="max_memory_bytes",
                    help="cap on weights + workspace, e.g. 1.5GiB")
-    p.add_argument("--max-input-tokens", type=_zero_or_at_least(
+    p.add_argument("--max-input-tokens", type=zero_or_at_least(
                        MIN_MAX_TOKENS, "the model's limit", f"every request asks for at least {MIN_MAX_TOKENS} "
                        "tokens per text"), default=d.max_input_tokens,
                    help=f"tokens per text; 0 = the model's limit, else at least {MIN_MAX_TOKENS}")
@@ -228,45 +137,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-tokens", type=tokens, default=d.max_request_tokens,
                    help="tokens per request, all texts together (beyond it: INVALID_ARGUMENT); "
                         "at least --max-input-tokens")
-    p.add_argument("--max-request-bytes", type=_integer(MIN_REQUEST_BYTES, _MAX_REQUEST_BYTES),
+    p.add_argument("--max-request-bytes", type=integer(MIN_REQUEST_BYTES, _MAX_REQUEST_BYTES),
                    default=d.max_request_bytes,
                    help="serialized bytes per request (beyond it: INVALID_ARGUMENT)")
-    p.add_argument("--max-queue-tokens", type=_integer(1, _UINT64), default=d.max_queue_tokens,
+    p.add_argument("--max-queue-tokens", type=integer(1, _UINT64), default=d.max_queue_tokens,
                    help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED; "
                         "at least --max-request-tokens")
-    p.add_argument("--batch-wait-ms", type=_number(0, _MAX_BATCH_WAIT_MS, "milliseconds"), default=d.batch_wait_ms,
+    p.add_argument("--batch-wait-ms", type=number(0, _MAX_BATCH_WAIT_MS, "milliseconds"), default=d.batch_wait_ms,
                    help="how long an idle worker waits to fill a batch")
-    p.add_argument("--threads", type=_integer(0, _UINT32), default=d.threads,
+    p.add_argument("--threads", type=integer(0, UINT32), default=d.threads,
                    help="intra-op threads of the model; 0 = the CPUs this process may use, and no more (a batch "
                         "too small to share runs on one)")
-    p.add_argument("--cuda-graph-tokens", default=d.cuda_graph_tokens, type=_zero_or_at_least(
+    p.add_argument("--cuda-graph-tokens", default=d.cuda_graph_tokens, type=zero_or_at_least(
                    MIN_GRAPH_TOKENS, "no CUDA graphs", f"the smallest graph holds {MIN_GRAPH_TOKENS} tokens"),
                    help="CUDA: batches of up to this many padded tokens replay CUDA graphs captured at start; 0 = none")
-    p.add_argument("--rotary-scaling-factor", type=_rotary_factor, default=d.rotary_scaling_factor,
+    p.add_argument("--rotary-scaling-factor", type=rotary_factor, default=d.rotary_scaling_factor,
                    help="dynamic NTK factor for inputs beyond the trained positions: 1 or more; 0 disables")
-    p.add_argument("--grace", type=_number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",
+    p.add_argument("--grace", type=number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",
                    help="seconds admitted work may take to finish on shutdown")
-    age = _number(0, _MAX_CONNECTION_AGE_S, "seconds")
+    age = number(0, _MAX_CONNECTION_AGE_S, "seconds")
     p.add_argument("--max-connection-age", type=age, default=d.max_connection_age_s, dest="max_connection_age_s",
                    help="seconds before the server asks a client to reconnect (rebalancing over replicas); 0 = never")
     p.add_argument("--max-connection-age-grace", type=age, default=d.max_connection_age_grace_s,
                    dest="max_connection_age_grace_s", help="seconds calls in flight on an aged connection may take")
+    p.add_argument("--event-loop", type=event_loop, default=d.event_loop,
+                   help="auto (uvloop when installed), uvloop or asyncio")
     p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=d.log_level)
     p.add_argument("--log-format", choices=FORMATS, default=d.log_format,
                    help="json: one JSON object per line, with the request id of the call that wrote it")
     p.add_argument("--access-log", action="store_true", default=d.access_log,
                    help="log one line per RPC: method, status code, duration, request id (never texts); "
                         f"in the environment: true or false ({ENV_PREFIX}ACCESS_LOG=true)")
-    p.add_argument("--otlp-endpoint", type=_otlp_endpoint, default=None,
+    p.add_argument("--otlp-endpoint", type=otlp_endpoint, default=None,
                    help="send OpenTelemetry traces over OTLP/gRPC, e.g. http://collector:4317 (needs the "
                         "[tracing] extra); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
     p.add_argument("--metrics-port", type=port, default=None,
                    help="serve Prometheus metrics over HTTP on this port (on --host); off by default")
-    p.add_argument("--tls-cert", type=_text, default=None, help="PEM certificate chain; with --tls-key enables TLS")
-    p.add_argument("--tls-key", type=_text, default=None, help="PEM private key")
-    p.add_argument("--tls-client-ca", type=_text, default=None,
+    p.add_argument("--tls-cert", type=text, default=None, help="PEM certificate chain; with --tls-key enables TLS")
+    p.add_argument("--tls-key", type=text, default=None, help="PEM private key")
+    p.add_argument("--tls-client-ca", type=text, default=None,
                    help="PEM CA bundle; requires client certificates (mTLS)")
-    p.add_argument("--auth-token-file", type=_text, default=None,
+    p.add_argument("--auth-token-file", type=text, default=None,
                    help="file of bearer tokens, one per line; calls need 'authorization: Bearer <token>' "
                         f"(health checks stay open). {AUTH_TOKENS_ENV} adds comma-separated tokens")
     return p
@@ -344,7 +255,7 @@ def _from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: st
     if isinstance(action, argparse._StoreTrueAction):
         word = value.strip().lower()
         if word not in _TRUE | _FALSE:
-            raise ConfigError(f"argument {flag} (from {name}): {_shown(value)} is not a boolean; "
+            raise ConfigError(f"argument {flag} (from {name}): {shown(value)} is not a boolean; "
                               "use true or false (or 1/0, yes/no, on/off)")
         return word in _TRUE
     try:
@@ -371,8 +282,8 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
         return f"{flags[dest]} (from {sources[dest]})" if dest in sources else flags[dest]
 
     def setting(dest: str) -> str:
-        shown = f"{flags[dest]} {getattr(config, dest)}"
-        return f"{shown} (from {sources[dest]})" if dest in sources else shown
+        quoted = f"{flags[dest]} {getattr(config, dest)}"
+        return f"{quoted} (from {sources[dest]})" if dest in sources else quoted
 
     def refuse(dest: str, message: str) -> NoReturn:
         raise ConfigError(f"argument {flag(dest)}: {message}")

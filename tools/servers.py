@@ -24,6 +24,7 @@ from client import EmbedClient
 from server.__main__ import main as server_main
 from server.app import App
 from server.config import ServerConfig
+from server.event_loop import loop_factory
 from tools.ports import free_port  # re-exported: tests import it from here
 
 
@@ -57,7 +58,7 @@ def running_server(model: str, **overrides: object) -> Iterator[RunningServer]:
     # fp32 unless a test asks otherwise: `auto` depends on the host (bf16 on CPUs with native bf16).
     settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "threads": 1, "variant": "fp32", **overrides}
     config = ServerConfig(model=model, **settings)  # type: ignore[arg-type]
-    loop = asyncio.new_event_loop()
+    loop = loop_factory(config.event_loop)()
     thread = threading.Thread(target=loop.run_forever, name="server-loop", daemon=True)
     thread.start()
     app = App(config)

@@ -12,8 +12,8 @@ from server.config import (
     build_config,
     flag_environment,
     parse_args,
-    parse_size,
 )
+from server.flag_values import parse_size
 
 
 def test_defaults() -> None:
@@ -57,7 +57,7 @@ BAD_VALUES = [
     ("--batch-wait-ms", "nan"), ("--batch-wait-ms", "-0.5"), ("--batch-wait-ms", "1e300"),
     ("--max-connection-age", "nan"), ("--max-connection-age", "-inf"), ("--max-connection-age", "1e9"),
     ("--max-connection-age-grace", "inf"), ("--max-input-tokens", "8"), ("--max-input-tokens", "15"),
-    ("--max-input-tokens", "-1"), ("--threads", "-1"), ("--cuda-graph-tokens", "15"),
+    ("--max-input-tokens", "-1"), ("--threads", "-1"), ("--cuda-graph-tokens", "15"), ("--event-loop", "trio"),
     ("--cuda-graph-tokens", "-1"), ("--cuda-graph-tokens", "lots"), ("--max-memory", "0"), ("--max-memory", "9" * 400),
     ("--max-batch-tokens", "4294967296"), ("--max-request-bytes", "1073741824"), ("--model", ""),
     ("--tls-key", ""), ("--otlp-endpoint", "collector"), ("--otlp-endpoint", "http://a:99999"),

@@ -71,6 +71,7 @@ _GOOD: dict[str, st.SearchStrategy[str]] = {
     "--device": st.one_of(st.sampled_from(["auto", "cpu", "cuda"]), _ints(0, 16).map(lambda n: f"cuda:{n}")),
     "--log-level": st.sampled_from([*LEVELS, *(level.lower() for level in LEVELS)]),
     "--log-format": st.sampled_from(FORMATS),
+    "--event-loop": st.sampled_from(["auto", "uvloop", "asyncio"]),
     "--otlp-endpoint": st.tuples(st.sampled_from(["http", "https"]), st.from_regex(r"[a-z][a-z0-9.-]{0,12}",
                                                                                    fullmatch=True),
                                  _ints(1, 65535)).map(lambda t: f"{t[0]}://{t[1]}:{t[2]}"),
@@ -111,6 +112,7 @@ def _broken_rules(c: ServerConfig) -> list[str]:
         "memory": c.max_memory_bytes is None or (type(c.max_memory_bytes) is int and c.max_memory_bytes > 0),
         "names": all(v != "" for v in vars(c).values() if isinstance(v, str)),  # paths, hosts, names
         "choices": c.variant in ("auto", *VARIANTS) and c.log_level in LEVELS and c.log_format in FORMATS
+        and c.event_loop in ("auto", "uvloop", "asyncio")
         and bool(_DEVICE.fullmatch(c.device)),
         "tls": (c.tls_cert is None) == (c.tls_key is None) and (c.tls_client_ca is None or c.tls_cert is not None),
         "otlp": c.otlp_endpoint is None or c.otlp_endpoint.startswith(("http://", "https://")),

@@ -15,7 +15,8 @@ import yaml
 from nomic_embed.v1 import embed_pb2
 from quant.memory import ModelInfo, estimate
 from quant.variants import get_variant
-from server.config import ServerConfig, parse_args, parse_size
+from server.config import ServerConfig, parse_args
+from server.flag_values import parse_size
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROOT = DEPLOY.parent

@@ -1,0 +1,124 @@
+"""One flag value, from text to a checked value: each converter raises argparse.ArgumentTypeError with a
+one-line reason that quotes the value (server.config names the flag and the variable it came from)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+UINT32 = 2**32 - 1  # Info reports the limits as uint32
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def parse_size(text: str) -> int:
+    """'1.5GiB' -> 1610612736; plain numbers are bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {shown(text)} (examples: 800MiB, 1.5GiB, 2GB)")
+    size = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(size):  # hundreds of digits
+        raise argparse.ArgumentTypeError(f"{shown(text)} is too large a size")
+    return int(size)
+
+
+def shown(text: str) -> str:
+    """The value as quoted in a message: one line, at most ~40 characters."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer in {low}..{high}")
+        return value
+
+    return convert
+
+
+def number(low: float, high: float, unit: str) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a finite number of {unit} in {low:g}..{high:.15g}")
+        return value
+
+    return convert
+
+
+def rotary_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value == 0 or value >= 1)):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not 0 (off) or a finite number >= 1")
+    return value
+
+
+def zero_or_at_least(low: int, zero: str, why: str) -> Callable[[str], int]:
+    """0 (meaning `zero`) or an integer in low..2**32-1, `why` being the reason for `low`."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value != 0 and not low <= value <= UINT32:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not 0 ({zero}) or an integer in {low}..{UINT32} "
+                                             f"({why})")
+        return value
+
+    return convert
+
+
+def memory(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a positive size (examples: 800MiB, 1.5GiB, 2GB)")
+    return size
+
+
+def text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("empty value")
+    return text
+
+
+def device(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not auto, cpu, cuda or cuda:N")
+    return text
+
+
+def otlp_endpoint(text: str) -> str:
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0..65535
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in text)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an http:// or https:// URL with a host "
+                                         "(e.g. http://collector:4317)")
+    return text
+
+
+def event_loop(text: str) -> str:
+    from server.event_loop import CHOICES, uvloop_installed
+
+    if text not in CHOICES:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not one of {', '.join(CHOICES)}")
+    if text == "uvloop" and not uvloop_installed():
+        raise argparse.ArgumentTypeError("uvloop is not installed here (pip install uvloop), so only asyncio's own "
+                                         "loop can run: use auto or asyncio")
+    return text
