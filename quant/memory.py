@@ -7,6 +7,7 @@ the estimate's error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from quant.variants import Variant
@@ -17,6 +18,9 @@ MIB = 2**20
 RUNTIME_OVERHEAD = {"cpu": 64 * MIB, "cuda": 256 * MIB}
 # Part of a GPU's free memory left alone: other processes' growth and fragmentation.
 CUDA_HEADROOM = 0.10
+# CUDA graphs' batches (server.model.buckets): rows of at most this many tokens, at least this many tokens.
+GRAPH_MAX_WIDTH = 512
+MIN_GRAPH_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -76,23 +80,37 @@ def estimate(variant: Variant, model: ModelInfo, device_kind: str, tokens: int, 
              graph_tokens: int = 0) -> MemoryEstimate:
     """Bytes to serve batches of `tokens` padded tokens whose rows are at most `longest_row` long, with CUDA
     graphs of up to `graph_tokens` (never more than `tokens`) beside them: the eager batches' workspace and
-    the graphs' pool are two allocations, so both count."""
+    the graphs' pool are two allocations, so both count. Graphs hold rows of GRAPH_MAX_WIDTH tokens at most."""
     graphs = min(graph_tokens, tokens)
     return MemoryEstimate(weight_bytes(variant, model),
                           workspace_bytes(variant, model, device_kind, tokens, longest_row),
                           RUNTIME_OVERHEAD[device_kind],
-                          workspace_bytes(variant, model, device_kind, graphs, longest_row) if graphs else 0)
+                          workspace_bytes(variant, model, device_kind, graphs, min(longest_row, GRAPH_MAX_WIDTH))
+                          if graphs else 0)
 
 
 def tokens_that_fit(variant: Variant, model: ModelInfo, device_kind: str, available: int,
-                    longest_row: int, most: int, graph_tokens: int = 0) -> int:
+                    longest_row: int, most: int) -> int:
     """The largest batch token budget (at most `most`) whose estimate fits `available` bytes; 0 if none."""
-    if estimate(variant, model, device_kind, longest_row, longest_row, graph_tokens).total > available:
+    return _largest(longest_row, most, lambda t: estimate(variant, model, device_kind, t, longest_row).total
+                    <= available)
+
+
+def graph_tokens_that_fit(variant: Variant, model: ModelInfo, device_kind: str, available: int,
+                          batch_tokens: int, longest_row: int, most: int) -> int:
+    """The most CUDA graph tokens (at most `most`) that fit beside a batch budget of `batch_tokens`; 0 if
+    not even the smallest graph does. Graphs take what is left: they never cost a variant or batch tokens."""
+    return _largest(MIN_GRAPH_TOKENS, min(most, batch_tokens), lambda g: estimate(
+        variant, model, device_kind, batch_tokens, longest_row, g).total <= available)
+
+
+def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in lo..hi with fits(n), for a `fits` that holds up to some n and not beyond; 0 if none."""
+    if hi < lo or not fits(lo):
         return 0
-    lo, hi = longest_row, most
-    while lo < hi:  # the estimate grows with the budget: bisect for the largest that fits
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate(variant, model, device_kind, mid, longest_row, graph_tokens).total <= available:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1

@@ -6,6 +6,8 @@
   bf16 (less precise than fp16 at the same cost) are served on request only.
 - `auto` on a CPU: among the variants that fit, the best quality tier first (those within the lossless
   bar of fp32, then the 8-bit bar, then the 4-bit one), and within a tier the fastest on this CPU.
+- CUDA graphs (fp32, fp16, bf16 on CUDA) get what memory the variant and its batch budget leave, up to
+  `--cuda-graph-tokens`: they never cost precision or batch tokens.
 - The batch token budget is the requested one, lowered to what fits after the weights. A variant fits
   when one longest input fits. When nothing fits, the error says how much the smallest one needs.
 """
@@ -15,7 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quant.device import DeviceInfo
-from quant.memory import CUDA_HEADROOM, MemoryEstimate, ModelInfo, estimate, mib, tokens_that_fit
+from quant.memory import (
+    CUDA_HEADROOM,
+    MemoryEstimate,
+    ModelInfo,
+    estimate,
+    graph_tokens_that_fit,
+    mib,
+    tokens_that_fit,
+)
 from quant.variants import LOSSLESS_BAR, VARIANTS, Variant, get_variant
 
 __all__ = ["Decision", "ModelInfo", "NoVariantFits", "Request", "choose_variant"]
@@ -27,7 +37,9 @@ class Request:
     max_memory_bytes: int | None
     max_batch_tokens: int  # the budget asked for (--max-batch-tokens); lowered when memory is short
     longest_row: int  # tokens of the longest input a batch must be able to hold
-    graph_tokens: int = 0  # CUDA graphs asked for (--cuda-graph-tokens): their batches' padded tokens
+    # CUDA graphs asked for (--cuda-graph-tokens; 0 for a model they do not run): their batches' padded tokens,
+    # given whatever memory the variant and its batch budget leave.
+    graph_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,16 +68,14 @@ def choose_variant(device: DeviceInfo, model: ModelInfo, request: Request) -> De
             note = "; this CPU has no native bf16 matmul, so it runs emulated, slower than fp32"
         decision = _fit(variant, device, model, request, available, most)
         if decision is None:
-            need = estimate(variant, model, device.kind, request.longest_row, request.longest_row,
-                            _graph_tokens(variant, device, request))
+            need = estimate(variant, model, device.kind, request.longest_row, request.longest_row)
             raise NoVariantFits(_too_small(variant.name, need, request, budget_text))
         return _with_reason(decision, f"requested with --variant {variant.name}{note}; {budget_text}")
 
     runnable = _preference([v for v in VARIANTS.values() if device.kind in v.devices], device)
     fitting = [d for v in runnable if (d := _fit(v, device, model, request, available, most))]
     if not fitting:
-        needs = {v.name: estimate(v, model, device.kind, request.longest_row, request.longest_row,
-                                  _graph_tokens(v, device, request)) for v in runnable}
+        needs = {v.name: estimate(v, model, device.kind, request.longest_row, request.longest_row) for v in runnable}
         smallest = min(needs, key=lambda name: needs[name].total)
         raise NoVariantFits(_too_small(smallest, needs[smallest], request, budget_text, "no variant fits; "))
     chosen = fitting[0]
@@ -102,16 +112,13 @@ def _cpu_speed(variant: Variant, device: DeviceInfo) -> float:
 
 def _fit(variant: Variant, device: DeviceInfo, model: ModelInfo, request: Request, available: int,
          most: int) -> Decision | None:
-    graphs = _graph_tokens(variant, device, request)
-    tokens = tokens_that_fit(variant, model, device.kind, available, request.longest_row, most, graphs)
+    tokens = tokens_that_fit(variant, model, device.kind, available, request.longest_row, most)
     if not tokens:
         return None
+    wanted = request.graph_tokens if device.kind == "cuda" and variant.cuda_graphs else 0
+    graphs = graph_tokens_that_fit(variant, model, device.kind, available, tokens, request.longest_row, wanted)
     return Decision(variant, "", tokens, estimate(variant, model, device.kind, tokens, request.longest_row, graphs),
-                    min(graphs, tokens))
-
-
-def _graph_tokens(variant: Variant, device: DeviceInfo, request: Request) -> int:
-    return request.graph_tokens if device.kind == "cuda" and variant.cuda_graphs else 0
+                    graphs)
 
 
 def _with_reason(decision: Decision, reason: str) -> Decision:

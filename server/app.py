@@ -231,8 +231,9 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     tokenizer = TextTokenizer(*load_tokenizer(path))
     tokenizer.check(path, int(spec.config.vocab_size), spec.tokenizer_probe)
     # The batch token budget is the configured one, lowered by the policy to what fits in memory.
+    # CUDA graphs replay the NomicBERT forward (server.model.buckets): other models run eagerly, without their memory.
     request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input,
-                      graph_tokens=config.cuda_graph_tokens)
+                      graph_tokens=config.cuda_graph_tokens if facts.nomic else 0)
     try:
         decision = choose_variant(device, checkpoint_info(path, spec.config), request)
     except (NoVariantFits, ValueError, CheckpointMismatch) as exc:
@@ -247,11 +248,13 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
         install_per_row_rotary(loaded.model, PerRowNTKRotary(spec.rotary))
     runner = Runner(loaded.model, pooling=facts.pooling, pad_id=tokenizer.pad_id, device=device.torch_device,
                     per_row_rotary=spec.rotary is not None, compute_context=loaded.compute_context,
-                    threads=threads, buckets=Buckets(decision.graph_tokens, config.max_batch_rows)
+                    threads=threads, buckets=Buckets(decision.graph_tokens, config.max_batch_rows, max_input)
                     if decision.graph_tokens else None)
+    reason = decision.reason
     if runner.buckets is not None:
         enter("capturing CUDA graphs")
-        _capture_graphs(runner)
+        if not _capture_graphs(runner):
+            reason += "; CUDA graphs failed to capture, so every batch runs eagerly (their memory stays unused)"
     limits = Limits(
         max_texts_per_request=config.max_texts_per_request, max_input_tokens=max_input,
         max_text_chars=config.max_text_chars, max_batch_tokens=decision.batch_tokens,
@@ -264,7 +267,7 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     ))
     enter("warming up")
     _warm_up(batcher, tokenizer)
-    served = ServedModel(facts=facts, variant=decision.variant.name, variant_reason=decision.reason,
+    served = ServedModel(facts=facts, variant=decision.variant.name, variant_reason=reason,
                          device=device.describe(), weight_bytes=loaded.weight_bytes, server_version=server.__version__)
     embedder = Embedder(tokenizer, batcher, facts, max_request_tokens=limits.max_request_tokens)
     return Loaded(embedder, batcher, served, limits, runner)
@@ -286,14 +289,16 @@ def _input_limit(config: ServerConfig, facts: ModelFacts) -> int:
     return limit
 
 
-def _capture_graphs(runner: Runner) -> None:
+def _capture_graphs(runner: Runner) -> bool:
     """Capture the CUDA graphs; where capture fails, log why and serve every batch eagerly."""
     try:
         runner.capture_graphs()
+        return True
     except Exception as exc:  # a kernel that cannot be captured: slower without graphs, never wrong
         runner.buckets = None
         log.warning("serving without CUDA graphs: capturing them failed: %s: %s", type(exc).__name__,
                     " ".join(str(exc).split())[:300])
+        return False
 
 
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:

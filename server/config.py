@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from quant.memory import MIN_GRAPH_TOKENS
 from quant.variants import VARIANTS
 from server.domain import MIN_MAX_TOKENS
 from server.engine.policy import BatchPolicy
@@ -37,7 +38,6 @@ ENV_PREFIX = "NOMIC_EMBED_"
 _OTHER_VARIABLES = frozenset({"NOMIC_EMBED_TARGET", "NOMIC_EMBED_TOKEN"})
 # A one-text request with its options takes a few dozen bytes: a smaller limit would refuse every request.
 MIN_REQUEST_BYTES = 1024
-MIN_GRAPH_TOKENS = 16  # the smallest CUDA graph's batch: one row of server.model.buckets.WIDTHS[0]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto, or a variant name (see quant.variants)")
     p.add_argument("--device", type=device, default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-memory", type=memory, default=None, dest="max_memory_bytes",
-                   help="cap on weights + workspace, e.g. 1.5GiB")
+                   help="cap on weights + workspace (+ CUDA graphs), e.g. 1.5GiB")
     p.add_argument("--max-input-tokens", type=zero_or_at_least(
                        MIN_MAX_TOKENS, "the model's limit", f"every request asks for at least {MIN_MAX_TOKENS} "
                        "tokens per text"), default=d.max_input_tokens,
@@ -150,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                         "too small to share runs on one)")
     p.add_argument("--cuda-graph-tokens", default=d.cuda_graph_tokens, type=zero_or_at_least(
                    MIN_GRAPH_TOKENS, "no CUDA graphs", f"the smallest graph holds {MIN_GRAPH_TOKENS} tokens"),
-                   help="CUDA: batches of up to this many padded tokens replay CUDA graphs captured at start; 0 = none")
+                   help="CUDA: batches of up to this many padded tokens (default %(default)s) replay CUDA graphs "
+                        "captured at start, in the memory the batch budget leaves; 0 = none")
     p.add_argument("--rotary-scaling-factor", type=rotary_factor, default=d.rotary_scaling_factor,
                    help="dynamic NTK factor for inputs beyond the trained positions: 1 or more; 0 disables")
     p.add_argument("--grace", type=number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",

@@ -8,14 +8,18 @@ took 10-20% less server CPU with it, for this server and for a bare grpc.aio ech
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Callable
 
 CHOICES = ("auto", "uvloop", "asyncio")
 
 
 def uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
+    """Whether uvloop imports here (installed, and its compiled part loads)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:

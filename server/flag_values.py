@@ -119,6 +119,6 @@ def event_loop(text: str) -> str:
     if text not in CHOICES:
         raise argparse.ArgumentTypeError(f"{shown(text)} is not one of {', '.join(CHOICES)}")
     if text == "uvloop" and not uvloop_installed():
-        raise argparse.ArgumentTypeError("uvloop is not installed here (pip install uvloop), so only asyncio's own "
+        raise argparse.ArgumentTypeError("uvloop does not import here (pip install uvloop), so only asyncio's own "
                                          "loop can run: use auto or asyncio")
     return text

@@ -33,11 +33,14 @@ class Bucket:
 
 
 class Buckets:
-    """The buckets of at most `max_tokens` padded tokens and `max_rows` rows."""
+    """The buckets of at most `max_tokens` padded tokens and `max_rows` rows, no wider than needed for rows of
+    `longest` tokens (the input limit)."""
 
-    def __init__(self, max_tokens: int, max_rows: int, widths: Sequence[int] = WIDTHS,
+    def __init__(self, max_tokens: int, max_rows: int, longest: int | None = None, widths: Sequence[int] = WIDTHS,
                  rows: Sequence[int] = ROWS) -> None:
         self.widths = sorted(widths)
+        if longest is not None:
+            self.widths = self.widths[: bisect.bisect_left(self.widths, longest) + 1]
         self._rows = {w: [r for r in sorted(rows) if r <= max_rows and r * w <= max_tokens] for w in self.widths}
         self.widths = [w for w in self.widths if self._rows[w]]
 

@@ -44,33 +44,41 @@ class CudaGraphs:
     def capture(self, forward: Forward) -> None:
         """Capture every bucket, largest first, into one shared memory pool."""
         started = time.monotonic()
-        before = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        for bucket in self.buckets.all:
-            batch = torch.zeros(bucket.tokens + bucket.rows, dtype=torch.int64, device=self.device)
-            batch[bucket.tokens:] = 1  # one-token rows: a valid batch to warm up on
-            # Warm-up runs on a side stream first, as capture requires (cuBLAS sets up its handles there).
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                forward(batch, bucket)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                pooled = forward(batch, bucket)
-            self._graphs[bucket] = _Captured(graph, batch, pooled)
-        torch.cuda.synchronize(self.device)
-        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
-        log.info("captured %d CUDA graphs (up to %d rows x %d tokens) in %.1fs; they hold %.0f MiB",
-                 len(self._graphs), max(b.rows for b in self._graphs), max(b.width for b in self._graphs),
-                 time.monotonic() - started, self.pool_bytes / 2**20)
+        with torch.cuda.device(self.device):  # capture streams are made on the current device: make it ours
+            before = _reserved_after_emptying(self.device)
+            pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream(self.device)
+            for bucket in self.buckets.all:
+                batch = torch.zeros(bucket.tokens + bucket.rows, dtype=torch.int64, device=self.device)
+                batch[bucket.tokens:] = 1  # one-token rows: a valid batch to warm up on
+                # Warm-up runs on a side stream first, as capture requires (cuBLAS sets up its handles there).
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    forward(batch, bucket)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    pooled = forward(batch, bucket)
+                self._graphs[bucket] = _Captured(graph, batch, pooled)
+            # Graph pools outlive emptying the cache; the warm-ups' blocks do not.
+            self.pool_bytes = _reserved_after_emptying(self.device) - before
+        largest = self.buckets.all[0]
+        log.info("captured %d CUDA graphs (the largest %d rows x %d tokens) in %.1fs; they hold %.0f MiB",
+                 len(self._graphs), largest.rows, largest.width, time.monotonic() - started, self.pool_bytes / 2**20)
 
     def replay(self, batch: np.ndarray, bucket: Bucket, rows: int) -> torch.Tensor:
         """The first `rows` pooled rows of `batch` (fill's array for `bucket`), on the device."""
         captured = self._graphs[bucket]
-        captured.batch.copy_(torch.from_numpy(batch))
-        captured.graph.replay()
+        with torch.cuda.device(self.device):
+            captured.batch.copy_(torch.from_numpy(batch))
+            captured.graph.replay()
         return captured.pooled[:rows]
+
+
+def _reserved_after_emptying(device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device)
 
 
 def bucket_forward(encode: Callable[[torch.Tensor, Grid], torch.Tensor], pooling: str) -> Forward:

@@ -34,6 +34,6 @@ def test_auto_is_uvloop_where_it_is_installed() -> None:
 def test_uvloop_asked_for_where_it_is_missing_is_refused_naming_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(event_loop, "uvloop_installed", lambda: False)
     assert event_loop.resolved("auto") == "asyncio"
-    with pytest.raises(ConfigError, match=r"argument --event-loop: uvloop is not installed here"):
+    with pytest.raises(ConfigError, match=r"argument --event-loop: uvloop does not import here"):
         build_config(["--event-loop", "uvloop"], {})
     assert build_config(["--event-loop", "auto"], {}).event_loop == "auto"

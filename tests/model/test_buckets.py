@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from server.config import MIN_GRAPH_TOKENS
+from quant.memory import GRAPH_MAX_WIDTH, MIN_GRAPH_TOKENS
 from server.model.buckets import ROWS, WIDTHS, Bucket, Buckets, fill
 from server.model.rotary import PerRowNTKRotary
 from server.model.runner import Runner, install_per_row_rotary
@@ -74,5 +74,11 @@ def test_fill_lays_out_rows_then_lengths() -> None:
 
 
 def test_the_flag_floor_is_the_smallest_bucket() -> None:
-    assert min(WIDTHS) * min(ROWS) == MIN_GRAPH_TOKENS
+    assert min(WIDTHS) * min(ROWS) == MIN_GRAPH_TOKENS and max(WIDTHS) == GRAPH_MAX_WIDTH  # the memory model's
     assert Buckets(max_tokens=MIN_GRAPH_TOKENS, max_rows=128).all == [Bucket(1, min(WIDTHS))]
+
+
+def test_no_wider_than_the_input_limit_needs() -> None:
+    assert Buckets(max_tokens=16384, max_rows=128, longest=64).widths == [16, 32, 48, 64]
+    assert Buckets(max_tokens=16384, max_rows=128, longest=65).widths[-1] == 96
+    assert Buckets(max_tokens=16384, max_rows=128, longest=8192).widths == list(WIDTHS)

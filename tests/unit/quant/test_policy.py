@@ -166,9 +166,26 @@ def test_cuda_graphs_count_in_the_memory_and_only_for_variants_that_capture() ->
     assert choose_variant(cuda(80 * GIB), NOMIC, req(graph_tokens=10**6)).graph_tokens == BUDGET
 
 
-def test_cuda_graphs_shrink_the_batch_budget_where_memory_is_short() -> None:
-    cap = need("fp16", "cuda", 8192)
-    without = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=cap))
-    with_graphs = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=cap, graph_tokens=2048))
-    assert without.batch_tokens == 8192 and without.graph_tokens == 0
-    assert ROW <= with_graphs.batch_tokens < 8192 and with_graphs.memory.total <= cap
+def test_cuda_graphs_take_only_what_the_variant_and_its_budget_leave() -> None:
+    batch = need("fp16", "cuda", 8192)
+    room_for_graphs = estimate(VARIANTS["fp16"], NOMIC, "cuda", 1000, ROW).workspace
+    decision = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=batch + room_for_graphs,
+                                                         max_batch_tokens=8192, graph_tokens=16384))
+    assert decision.variant.name == "fp16" and decision.batch_tokens == 8192
+    assert 900 <= decision.graph_tokens <= 1000 and decision.memory.total <= batch + room_for_graphs
+    none_left = choose_variant(cuda(80 * GIB), NOMIC, req(max_memory_bytes=batch, max_batch_tokens=8192,
+                                                          graph_tokens=16384))
+    assert none_left.batch_tokens == 8192 and none_left.graph_tokens == 0 and none_left.memory.graphs == 0
+    assert "CUDA graphs" not in none_left.reason
+
+
+def test_cuda_graphs_never_lower_the_precision_or_refuse_a_start() -> None:
+    # One 8192-token input in fp16 just fits: graphs must not push auto to a 4-bit variant, nor refuse fp16.
+    cap = need("fp16", "cuda", 8192, 8192) + 50 * MIB
+    for variant in ("auto", "fp16"):
+        decision = choose_variant(cuda(80 * GIB), NOMIC, req(variant=variant, longest_row=8192, max_memory_bytes=cap,
+                                                             graph_tokens=16384))
+        assert decision.variant.name == "fp16" and decision.memory.total <= cap
+        # Graphs hold rows of up to 512 tokens, so their workspace is counted at that width, not 8192.
+        graphs = estimate(decision.variant, NOMIC, "cuda", decision.graph_tokens, 512).workspace
+        assert decision.memory.graphs == (graphs if decision.graph_tokens else 0)
