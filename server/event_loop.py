@@ -1,8 +1,8 @@
 """The event loop the server runs on: uvloop where it is installed, else asyncio's own.
 
 uvloop runs the same grpc.aio server for less CPU per call: on 2 cores, one-text calls from 64 callers
-took 10-20% less server CPU with it, for this server and for a bare grpc.aio echo alike
-(docs/benchmarks.md, "Host cost").
+took 7-11% less CPU in this server with it, and 15-24% less in a bare grpc.aio echo (docs/benchmarks.md,
+"Host cost").
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """New loops of the chosen kind; `auto` is uvloop when installed."""
     if choice not in CHOICES:
         raise ValueError(f"unknown event loop {choice!r}; choose one of {', '.join(CHOICES)}")
-    if choice == "asyncio" or (choice == "auto" and not uvloop_installed()):
+    if resolved(choice) == "asyncio":
         return asyncio.new_event_loop
     import uvloop
 

@@ -7,6 +7,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 UINT32 = 2**32 - 1  # Info reports the limits as uint32
@@ -30,55 +31,37 @@ def shown(text: str) -> str:
     return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
 
 
-def integer(low: int, high: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer in {low}..{high}")
-        return value
+_N = TypeVar("_N", int, float)
 
-    return convert
+
+def _checked(text: str, cast: Callable[[str], _N], ok: Callable[[_N], bool], wanted: str) -> _N:
+    """`text` as `cast` reads it, if `ok` holds for it; else the error saying it is not `wanted`."""
+    try:
+        value: _N | None = cast(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not {wanted}")
+    return value
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    return lambda text: _checked(text, int, lambda v: low <= v <= high, f"an integer in {low}..{high}")
 
 
 def number(low: float, high: float, unit: str) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{shown(text)} is not a finite number of {unit} in {low:g}..{high:.15g}")
-        return value
-
-    return convert
+    return lambda text: _checked(text, float, lambda v: math.isfinite(v) and low <= v <= high,
+                                 f"a finite number of {unit} in {low:g}..{high:.15g}")
 
 
 def rotary_factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and (value == 0 or value >= 1)):
-        raise argparse.ArgumentTypeError(f"{shown(text)} is not 0 (off) or a finite number >= 1")
-    return value
+    return _checked(text, float, lambda v: math.isfinite(v) and (v == 0 or v >= 1), "0 (off) or a finite number >= 1")
 
 
 def zero_or_at_least(low: int, zero: str, why: str) -> Callable[[str], int]:
     """0 (meaning `zero`) or an integer in low..2**32-1, `why` being the reason for `low`."""
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value != 0 and not low <= value <= UINT32:
-            raise argparse.ArgumentTypeError(f"{shown(text)} is not 0 ({zero}) or an integer in {low}..{UINT32} "
-                                             f"({why})")
-        return value
-
-    return convert
+    return lambda text: _checked(text, int, lambda v: v == 0 or low <= v <= UINT32,
+                                 f"0 ({zero}) or an integer in {low}..{UINT32} ({why})")
 
 
 def memory(text: str) -> int:
