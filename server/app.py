@@ -34,6 +34,7 @@ from server.engine.embedder import Embedder
 from server.engine.tokenization import TextTokenizer
 from server.errors import StartupError
 from server.event_loop import loop_name
+from server.heap import freeze_startup_objects, thaw
 from server.model.buckets import Buckets
 from server.model.device import available_cpus, probe_device, set_threads
 from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
@@ -94,6 +95,7 @@ class App:
         self._observe(self.loaded)
         self.loaded.batcher.start()
         self.service.attach(self.loaded.embedder, self.loaded.served, self.loaded.limits)
+        freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         s = self.loaded.served
         log.info("SERVING %s as %s on %s, port %d (ready in %.1fs; variant: %s)", s.facts.model_id, s.variant,
@@ -207,6 +209,7 @@ class App:
         self.metrics.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
+        thaw()
         log.info("stopped")
 
 
