@@ -6,7 +6,9 @@ server in processes of its own, load from another process (64 callers, one short
 the CPU time of every server process summed from /proc. A bare grpc.aio EmbedService answering a fixed
 vector (bench.echo) runs the same load beside it: the floor that gRPC itself sets on this host.
 
-`python -m bench.host_cost` prints both; `make bench` includes it.
+`python -m bench.host_cost` prints both; `make bench` includes it. `--ladder` also measures the echo's other
+levels (bench.echo), from gRPC alone up to a batching thread that runs the same model's forward: what each
+part of the server's structure costs, and what is left for the server's own handling of a call.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +37,9 @@ from tools.servers import wait_until_serving
 
 CONCURRENCY = 64
 SERVER, ECHO = "server", "bare grpc.aio echo"
+# bench.echo's levels, as the report names them
+LADDER = {"echo": ECHO, "queue": "echo + batching thread", "tokenize": "echo + batching thread + tokenizer",
+          "forward": "echo + batching thread + tokenizer + forward"}
 NEAR_FREE = {"hidden": 64, "layers": 1, "heads": 2, "inner": 128, "max_trained_positions": 2048}
 _SENTENCE = ("how do I read a large file line by line and strip the trailing newline characters from "
              "each one without loading everything")
@@ -141,15 +146,19 @@ def _echo_ready(target: str) -> Callable[[subprocess.Popen[bytes]], None]:
     return ready
 
 
-def run(concurrency: int, requests: int, server_args: list[str], event_loop: str = "auto") -> list[HostCost]:
+def run(concurrency: int, requests: int, server_args: list[str], event_loop: str = "auto",
+        levels: Sequence[str] = ("echo",)) -> list[HostCost]:
+    """The echo at each of `levels` (bench.echo.LEVELS), then the server, under the same load."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_nomic(Path(tmp) / "near-free", config_style="v5", **NEAR_FREE)
-        port = free_port()
-        target = f"127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "bench.echo", str(port), str(NEAR_FREE["hidden"]), event_loop]
-        with _process(argv, _echo_ready(target)) as pid:
-            results.append(measure(ECHO, pid, target, concurrency, requests, event_loop=event_loop))
+        for level in levels:
+            port = free_port()
+            target = f"127.0.0.1:{port}"
+            argv = [sys.executable, "-m", "bench.echo", "--port", str(port), "--width", str(NEAR_FREE["hidden"]),
+                    "--event-loop", event_loop, "--level", level, "--model", str(model)]
+            with _process(argv, _echo_ready(target)) as pid:
+                results.append(measure(LADDER[level], pid, target, concurrency, requests, event_loop=event_loop))
         port = free_port()
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
@@ -173,8 +182,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--server-args", default="", help='more server flags, e.g. "--metrics-port 9100"')
     p.add_argument("--event-loop", choices=CHOICES, default="auto", help="for the server and the echo alike")
+    p.add_argument("--ladder", action="store_true", help="every level of the echo (bench.echo), not only the bare one")
     args = p.parse_args(argv)
-    results = run(args.concurrency, args.requests, shlex.split(args.server_args), args.event_loop)
+    results = run(args.concurrency, args.requests, shlex.split(args.server_args), args.event_loop,
+                  tuple(LADDER) if args.ladder else ("echo",))
     print(report(results, args.concurrency))
     return [as_dict(r) for r in results]
 

@@ -20,6 +20,12 @@
    the idle 16-token query, the served vectors against sentence-transformers fp32; then the host cost.
    Goals: >= 250k tok/s one text per request, >= 600k tok/s batched, >= 2x sentence-transformers at the
    same variant, idle query p50 <= 3 ms.
+7. Replicas (`replicas`): whole servers side by side on the device, 1, 2 and 4 of them (`--replicas`), each
+   capped to its share of the free memory (--max-memory) and on a port of its own, one text per request at
+   a total concurrency of 256 spread evenly over them: tok/s, p50/p99, and the CPU of all of them per
+   request. One of the two designs for taking the model off the transport's interpreter lock (several server
+   processes per device, against one model process fed by several transport processes), measured before
+   either is built: if 2 and 4 replicas serve far more than 1, the transport's lock is what limits the device.
 Prints one table per part (`--parts` picks some). Exits with "no CUDA device" where there is none.
 """
 
@@ -57,10 +63,11 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=300)
     p.add_argument("--max-input", type=int, default=8192, help="longest input for the --max-memory part")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu for a (slow) dry run of the script")
-    p.add_argument("--parts", default="graphs,variants,caps,oom,published,serve",
+    p.add_argument("--parts", default="graphs,variants,caps,oom,published,serve,replicas",
                    help="comma-separated parts to run")
     p.add_argument("--serve-texts", type=int, default=8192, help="docstrings per run of the serve part")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants for the variants part")
+    p.add_argument("--replicas", default="1,2,4", help="comma-separated server counts for the replicas part")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -81,6 +88,9 @@ def main() -> None:
             oom_check(model)
         if "published" in parts:
             published_check(Path(tmp), args.device)
+        if "replicas" in parts:
+            replicas_check(model, args.device, _docstrings(args.serve_texts),
+                           [int(n) for n in args.replicas.split(",")], Path(tmp))
     if "serve" in parts:
         serve_check(args.device, args.serve_texts)
 
@@ -317,6 +327,51 @@ def serve_check(device: str, texts: int) -> None:
               f"{idle['server_p50_ms']:.2f} ms (goal <= 3: {'met' if idle['server_p50_ms'] <= 3 else 'NOT met'})",
               flush=True)
         _release()
+
+
+def replicas_check(model: Path, device: str, texts: list[str], counts: list[int], tmp: Path,
+                   concurrency: int = 256) -> None:
+    """N whole servers on the device, each with 1/N of its free memory, the load spread evenly over them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.host_cost import tree_cpu_s
+    from bench.load import LoadResult, drive_from_another_process
+    from tools.servers import server_processes
+
+    free = probe_device(device).free_bytes
+    print("\n| servers | memory each | tok/s | texts/s | p50 ms | p99 ms | errors | server CPU us/text |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|", flush=True)
+    for count in counts:
+        share = int(free * 0.9 / count)
+        with server_processes(str(model), count, tmp, "--device", device, "--variant", "auto",
+                              "--max-memory", f"{share // MIB}MiB") as servers:
+            shares = [[[t] for t in texts[i::count]] for i in range(count)]
+
+            def drive(job: tuple[str, int, list[list[str]]]) -> LoadResult:
+                return drive_from_another_process(job[0], "unary", job[1], job[2])
+
+            with ThreadPoolExecutor(count) as pool:
+                each = max(1, concurrency // count)
+                list(pool.map(drive, [(s.target, each, r[:200]) for s, r in zip(servers, shares, strict=True)]))
+                before = sum(tree_cpu_s(s.process.pid)[0] for s in servers)  # type: ignore[arg-type]
+                loads = list(pool.map(drive, [(s.target, each, r) for s, r in zip(servers, shares, strict=True)]))
+                cpu = sum(tree_cpu_s(s.process.pid)[0] for s in servers) - before  # type: ignore[arg-type]
+        wall = max(load.wall_s for load in loads)
+        done = sum(load.texts for load in loads)
+        latencies = np.sort(np.concatenate([load.latencies_s for load in loads]))
+        p50, p99 = (float(latencies[int(q * (len(latencies) - 1))]) * 1e3 if len(latencies) else float("nan")
+                    for q in (0.5, 0.99))
+        tokens, errors = sum(load.tokens for load in loads), sum(len(load.errors) for load in loads)
+        print(f"| {count} | {share // MIB:,} MiB | {tokens / wall:,.0f} | {done / wall:,.0f} | {p50:.1f} | {p99:.1f} "
+              f"| {errors} | {cpu / max(done, 1) * 1e6:,.0f} |", flush=True)
+        _release()
+
+
+def _docstrings(count: int) -> list[str]:
+    """`count` standard-library docstrings of up to 1,500 characters (as many as there are, if fewer)."""
+    from bench.corpus import stdlib_docstrings
+
+    return [t for t in stdlib_docstrings() if len(t) <= 1500][:count]
 
 
 def _release() -> None:
