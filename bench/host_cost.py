@@ -99,11 +99,11 @@ def tree_cpu_s(root: int) -> tuple[float, int]:
 
 
 def measure(name: str, pid: int, target: str, concurrency: int, requests: int, warm_up: int = 200,
-            event_loop: str = "auto") -> HostCost:
+            event_loop: str = "auto", channels: int = 1) -> HostCost:
     texts = short_texts(requests)
-    drive_from_another_process(target, "unary", concurrency, [[t] for t in texts[:warm_up]])
+    drive_from_another_process(target, "unary", concurrency, [[t] for t in texts[:warm_up]], channels)
     before, _ = tree_cpu_s(pid)
-    load = drive_from_another_process(target, "unary", concurrency, [[t] for t in texts])
+    load = drive_from_another_process(target, "unary", concurrency, [[t] for t in texts], channels)
     after, processes = tree_cpu_s(pid)
     return HostCost(name, len(load.latencies_s), len(load.errors), after - before, load.wall_s, processes,
                     resolved(event_loop))
@@ -147,8 +147,9 @@ def _echo_ready(target: str) -> Callable[[subprocess.Popen[bytes]], None]:
 
 
 def run(concurrency: int, requests: int, server_args: list[str], event_loop: str = "auto",
-        levels: Sequence[str] = ("echo",)) -> list[HostCost]:
-    """The echo at each of `levels` (bench.echo.LEVELS), then the server, under the same load."""
+        levels: Sequence[str] = ("echo",), channels: int = 1) -> list[HostCost]:
+    """The echo at each of `levels` (bench.echo.LEVELS), then the server, under the same load (its callers
+    over `channels` connections)."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_nomic(Path(tmp) / "near-free", config_style="v5", **NEAR_FREE)
@@ -158,13 +159,15 @@ def run(concurrency: int, requests: int, server_args: list[str], event_loop: str
             argv = [sys.executable, "-m", "bench.echo", "--port", str(port), "--width", str(NEAR_FREE["hidden"]),
                     "--event-loop", event_loop, "--level", level, "--model", str(model)]
             with _process(argv, _echo_ready(target)) as pid:
-                results.append(measure(LADDER[level], pid, target, concurrency, requests, event_loop=event_loop))
+                results.append(measure(LADDER[level], pid, target, concurrency, requests, event_loop=event_loop,
+                                       channels=channels))
         port = free_port()
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                 "--variant", "fp32", "--log-level", "WARNING", "--event-loop", event_loop, *server_args]
         with _process(argv, lambda p: wait_until_serving(target, lambda: p.poll() is None)) as pid:
-            results.append(measure(SERVER, pid, target, concurrency, requests, event_loop=event_loop))
+            results.append(measure(SERVER, pid, target, concurrency, requests, event_loop=event_loop,
+                                   channels=channels))
     return results
 
 
@@ -183,9 +186,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p.add_argument("--server-args", default="", help='more server flags, e.g. "--metrics-port 9100"')
     p.add_argument("--event-loop", choices=CHOICES, default="auto", help="for the server and the echo alike")
     p.add_argument("--ladder", action="store_true", help="every level of the echo (bench.echo), not only the bare one")
+    p.add_argument("--channels", type=int, default=1,
+                   help="connections the callers take turns over (a server with --workers spreads connections)")
     args = p.parse_args(argv)
     results = run(args.concurrency, args.requests, shlex.split(args.server_args), args.event_loop,
-                  tuple(LADDER) if args.ladder else ("echo",))
+                  tuple(LADDER) if args.ladder else ("echo",), args.channels)
     print(report(results, args.concurrency))
     return [as_dict(r) for r in results]
 

@@ -2,12 +2,14 @@
 
 Run as its own process (`python -m bench.load IN.json OUT.json`) so that the client's Python does not
 share an interpreter lock with the server under test. IN holds the target, the mode, the concurrency
-and the requests (lists of texts); OUT gets wall time, per-request latencies, tokens and errors.
+and the requests (lists of texts), optionally the channels (1 by default); OUT gets wall time, per-request
+latencies, tokens and errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import subprocess
@@ -101,19 +103,25 @@ async def _stream(stub: embed_pb2_grpc.EmbedServiceStub, work: Iterator[tuple[in
 
 
 async def drive(target: str, mode: str, concurrency: int, requests: list[list[str]],
-                timeout: float = 600.0) -> LoadResult:
+                timeout: float = 600.0, channels: int = 1) -> LoadResult:
+    """Callers take turns over `channels` channels, each with a connection of its own (a server with --workers
+    spreads connections over its workers, not calls)."""
     result = LoadResult()
     recorder = _Recorder(result)
     work = iter(enumerate(requests))  # shared: each caller takes the next request when it is free
-    async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = embed_pb2_grpc.EmbedServiceStub(channel)
+    options = [*_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = []
+        for _ in range(channels):
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target, options=options))
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stubs.append(embed_pb2_grpc.EmbedServiceStub(channel))
         started = time.perf_counter()
         if mode == "unary":
-            callers = [_unary(stub, work, recorder, timeout) for _ in range(concurrency)]
+            callers = [_unary(stubs[i % channels], work, recorder, timeout) for i in range(concurrency)]
         elif mode == "stream":
             streams, window = stream_layout(concurrency)
-            callers = [_stream(stub, work, recorder, window, timeout) for _ in range(streams)]
+            callers = [_stream(stubs[i % channels], work, recorder, window, timeout) for i in range(streams)]
         else:
             raise ValueError(f"mode must be unary or stream, not {mode!r}")
         await asyncio.gather(*callers)
@@ -121,13 +129,14 @@ async def drive(target: str, mode: str, concurrency: int, requests: list[list[st
     return result
 
 
-def drive_from_another_process(target: str, mode: str, concurrency: int, requests: list[list[str]]) -> LoadResult:
+def drive_from_another_process(target: str, mode: str, concurrency: int, requests: list[list[str]],
+                               channels: int = 1) -> LoadResult:
     """`drive` in a process of its own (`python -m bench.load`), so that its Python shares no interpreter lock
     and no CPU time with the process measured."""
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "in.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"target": target, "mode": mode, "concurrency": concurrency,
-                                    "requests": requests}), encoding="utf-8")
+                                    "requests": requests, "channels": channels}), encoding="utf-8")
         subprocess.run([sys.executable, "-m", "bench.load", str(spec), str(out)], check=True)
         return LoadResult(**json.loads(out.read_text(encoding="utf-8")))
 
@@ -136,7 +145,8 @@ def main(argv: list[str]) -> None:
     source, destination = argv
     with open(source, encoding="utf-8") as f:
         spec = json.load(f)
-    result = asyncio.run(drive(spec["target"], spec["mode"], spec["concurrency"], spec["requests"]))
+    result = asyncio.run(drive(spec["target"], spec["mode"], spec["concurrency"], spec["requests"],
+                               channels=spec.get("channels", 1)))
     with open(destination, "w", encoding="utf-8") as f:
         json.dump(asdict(result), f)
 

@@ -40,6 +40,8 @@ class Request:
     # CUDA graphs asked for (--cuda-graph-tokens; 0 for a model they do not run): their batches' padded tokens,
     # given whatever memory the variant and its batch budget leave.
     graph_tokens: int = 0
+    # Where max_memory_bytes came from, as the reason and errors name it (a worker's share, for --workers).
+    memory_source: str = "--max-memory"
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def _available(device: DeviceInfo, request: Request) -> tuple[int, str]:
         usable = device.free_bytes
         text = f"{mib(usable)} of host memory available"
     if request.max_memory_bytes is not None and request.max_memory_bytes < usable:
-        return request.max_memory_bytes, f"--max-memory {mib(request.max_memory_bytes)} ({text})"
+        return request.max_memory_bytes, f"{request.memory_source} {mib(request.max_memory_bytes)} ({text})"
     return usable, text
 
 

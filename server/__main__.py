@@ -23,17 +23,22 @@ def _main(argv: list[str]) -> int:
     from server.observability import logs
 
     config = parse_args(argv)  # a bad value exits 2 here, at once
+    if config.workers > 1 and config.worker_index is None:  # the supervisor: no torch, no grpc
+        from server.supervisor import supervise
+
+        logs.configure(config.log_level, config.log_format)
+        return supervise(config, argv)
     # torch and grpc take seconds to import: only once the flags are known good.
     from server.app import StoppedWhileStarting, exit_now, run
     from server.engine.batcher import MODEL_THREAD
     from server.event_loop import loop_factory
     from server.model.library_logs import route_library_logs
 
-    logs.configure(config.log_level, config.log_format)
+    logs.configure(config.log_level, config.log_format, worker=config.worker_index)
     route_library_logs(progress_bars=config.log_format == "text")  # progress bars would break JSON lines
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-            runner.run(run(config))
+            runner.run(run(config, on_serving=lambda: _tell_supervisor(config.ready_fd)))
     except StartupError as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 2
@@ -44,6 +49,15 @@ def _main(argv: list[str]) -> int:
         # aborts the process (std::terminate), so leave without finalizing; the callers were answered.
         exit_now(0)
     return 0
+
+
+def _tell_supervisor(ready_fd: int | None) -> None:
+    """A worker of --workers is SERVING: one byte on the pipe its supervisor waits on."""
+    import os
+
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,13 @@ admitted work -> stop the worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -28,6 +25,7 @@ import server
 from nomic_embed.v1 import embed_pb2
 from quant.policy import NoVariantFits, Request, choose_variant
 from server.config import ServerConfig
+from server.daemon_thread import in_daemon_thread
 from server.domain import MIN_MAX_TOKENS, EmbedResult, Limits, ModelFacts, Task
 from server.engine.batcher import Batcher, BatchPolicy
 from server.engine.embedder import Embedder
@@ -44,6 +42,7 @@ from server.model.source import resolve_model
 from server.model.spec import read_model_spec
 from server.model.tokenizer import load_tokenizer
 from server.observability.metrics import Metrics
+from server.supervisor import worker_memory
 from server.transport.metrics_hooks import MetricsHooks
 from server.transport.options import grpc_options
 from server.transport.request_ids import RequestIdHooks
@@ -88,10 +87,17 @@ class App:
         log.info("start-up: %s", phase)
 
     async def start(self) -> int:
-        """Bind, load and warm up; returns the bound port once SERVING."""
-        await self._bind()
+        """Bind, load and warm up; returns the bound port once SERVING.
+
+        A worker of --workers binds only once loaded: the port is shared, and the kernel would hand it
+        connections it cannot serve yet while the other workers can (its supervisor checked the port)."""
+        late = self.config.workers > 1
+        if not late:
+            await self._bind()
         started = time.monotonic()
         self.loaded = await in_daemon_thread(load, self.config, self._enter)
+        if late:
+            await self._bind()
         self._observe(self.loaded)
         self.loaded.batcher.start()
         self.service.attach(self.loaded.embedder, self.loaded.served, self.loaded.limits)
@@ -142,9 +148,9 @@ class App:
         if c.metrics_port is not None:
             # Bound now, not after loading: a port that is taken fails the start in seconds, not minutes.
             try:
-                self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+                self.metrics_port = self.metrics.serve(c.host, port := c.metrics_port + (c.worker_index or 0))
             except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {c.host}:{c.metrics_port} (--metrics-port): "
+                raise StartupError(f"cannot serve metrics on {c.host}:{port} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
         await self.grpc_server.start()
         log.info("listening on %s:%d (%s%s; %s); NOT_SERVING until the model is loaded", c.host, self.port,
@@ -215,7 +221,7 @@ class App:
 
 def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None) -> Loaded:
     """Probe, choose, load and warm up (blocking: runs off the event loop). `enter` hears each phase."""
-    threads = config.threads or available_cpus()
+    threads = config.threads or max(1, available_cpus() // config.workers)  # --workers share the CPUs
     set_threads(threads)
     enter("probing the device")
     try:
@@ -235,8 +241,9 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     tokenizer.check(path, int(spec.config.vocab_size), spec.tokenizer_probe)
     # The batch token budget is the configured one, lowered by the policy to what fits in memory.
     # CUDA graphs replay the NomicBERT forward (server.model.buckets): other models run eagerly, without their memory.
-    request = Request(config.variant, config.max_memory_bytes, config.max_batch_tokens, longest_row=max_input,
-                      graph_tokens=config.cuda_graph_tokens if facts.nomic else 0)
+    cap, source = worker_memory(config, device.free_bytes)
+    request = Request(config.variant, cap, config.max_batch_tokens, longest_row=max_input,
+                      graph_tokens=config.cuda_graph_tokens if facts.nomic else 0, memory_source=source)
     try:
         decision = choose_variant(device, checkpoint_info(path, spec.config), request)
     except (NoVariantFits, ValueError, CheckpointMismatch) as exc:
@@ -314,44 +321,12 @@ def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
     log.info("warm-up took %.2fs", time.monotonic() - started)
 
 
-_T = TypeVar("_T")
-LOADER_THREAD = "model-loader"
-
-
 class StoppedWhileStarting(Exception):
     """A stop signal came before the model was served; the loader thread may still be inside torch."""
 
 
-async def in_daemon_thread(fn: Callable[..., _T], *args: object) -> _T:
-    """Run `fn` on a daemon thread: unlike asyncio.to_thread, nothing waits for it when the process exits.
-
-    Loading cannot be interrupted inside a download or torch, and a stop must not wait for it to finish.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(result: _T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as exc:
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for this result any more
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=target, name=LOADER_THREAD, daemon=True).start()
-    return await future
-
-
-async def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain. A second signal exits at once.
+async def run(config: ServerConfig, on_serving: Callable[[], None] = lambda: None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; `on_serving` hears of SERVING. A second signal exits at once.
 
     Raises StoppedWhileStarting when the signal comes before SERVING: the caller leaves without waiting
     for the loader thread.
@@ -383,6 +358,7 @@ async def run(config: ServerConfig) -> None:
             log.info("stop requested while %s: exiting without serving", app.phase)
             raise StoppedWhileStarting(app.phase)
         start.result()  # raises StartupError
+        on_serving()
         await waiter
         log.info("shutting down: draining admitted work (grace %gs)", config.grace_s)
     finally:

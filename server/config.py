@@ -83,6 +83,11 @@ class ServerConfig:
     event_loop: str = "auto"  # uvloop when installed, else asyncio's (server.event_loop)
     # OTLP/gRPC collector for traces (http://host:4317); None = no tracing, and OpenTelemetry stays unloaded.
     otlp_endpoint: str | None = None
+    workers: int = 1  # server processes sharing the port (server.supervisor)
+    # Set by the supervisor on each of its workers, never by hand: which one it is, and the pipe it tells
+    # that it is SERVING on.
+    worker_index: int | None = None
+    ready_fd: int | None = None
 
 
 # Upper bounds, where a larger value would break something rather than be merely unusual.
@@ -94,6 +99,7 @@ _MAX_CONNECTION_AGE_S = float((2**31 - 1) // 1000)
 _MAX_GRACE_S = 86_400.0  # a day; the drain's waits also have to fit threading.TIMEOUT_MAX
 # Rows wait this long for company only while a batch is not full; a minute outlasts any sensible deadline.
 _MAX_BATCH_WAIT_MS = 60_000.0
+MAX_WORKERS = 64
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _UNSET = object()  # not a string: argparse would run a string default through the flag's type
@@ -173,7 +179,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="send OpenTelemetry traces over OTLP/gRPC, e.g. http://collector:4317 (needs the "
                         "[tracing] extra); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
     p.add_argument("--metrics-port", type=port, default=None,
-                   help="serve Prometheus metrics over HTTP on this port (on --host); off by default")
+                   help="serve Prometheus metrics over HTTP on this port (on --host); off by default; with "
+                        "--workers N, worker i serves them on this port + i")
+    p.add_argument("--workers", type=integer(1, MAX_WORKERS), default=d.workers,
+                   help="server processes sharing --port, each with a model of its own, started one after "
+                        "another, each within its share of the memory (default 1)")
+    internal = integer(0, UINT32)
+    p.add_argument("--worker-index", type=internal, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=internal, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tls-cert", type=text, default=None, help="PEM certificate chain; with --tls-key enables TLS")
     p.add_argument("--tls-key", type=text, default=None, help="PEM private key")
     p.add_argument("--tls-client-ca", type=text, default=None,
@@ -185,7 +198,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    """The flags a user sets, each also from the environment (not the supervisor's own, which it passes)."""
+    return [a for a in parser._actions if a.option_strings and a.dest != "help" and a.help is not argparse.SUPPRESS]
 
 
 def flag_environment() -> dict[str, str]:
@@ -310,3 +324,15 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
         refuse(given, f"TLS needs {missing} too")
     if c.tls_client_ca is not None and c.tls_cert is None:
         refuse("tls_client_ca", "client certificates need TLS: give --tls-cert and --tls-key too")
+    if c.workers > 1:
+        if c.port == 0:
+            refuse("workers", f"{c.workers} workers share one port, so --port must name it (not 0)")
+        if c.metrics_port == 0:
+            refuse("workers", f"{c.workers} workers serve metrics on --metrics-port + their index, so "
+                   "--metrics-port must name a port (not 0)")
+        if c.metrics_port is not None and c.metrics_port + c.workers - 1 > 65535:
+            refuse("workers", f"{c.workers} workers need metrics ports {c.metrics_port} to "
+                   f"{c.metrics_port + c.workers - 1}, beyond 65535; lower --metrics-port")
+        if c.metrics_port is not None and c.metrics_port <= c.port < c.metrics_port + c.workers:
+            refuse("workers", f"{c.workers} workers serve metrics on ports {c.metrics_port} to "
+                   f"{c.metrics_port + c.workers - 1}, which include the gRPC port ({setting('port')})")

@@ -17,10 +17,12 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message`, with ` [request_id=...]` inside a request."""
+    """`time LEVEL logger: message`, with ` [request_id=...]` inside a request; a worker of --workers says
+    which it is: `time LEVEL worker N logger: message`."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, worker: int | None = None) -> None:
+        tag = "" if worker is None else f"worker {worker} "
+        super().__init__(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -30,7 +32,12 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: timestamp (UTC, ISO 8601), level, logger, message, request_id inside a
-    request, the `fields` a caller passed as `extra={"fields": {...}}`, and exception text if any."""
+    request, the `fields` a caller passed as `extra={"fields": {...}}`, and exception text if any; `worker` in
+    a worker of --workers."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -39,6 +46,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         request_id = REQUEST_ID.get()
         if request_id is not None:
             entry["request_id"] = request_id
@@ -52,11 +61,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> None:
+def configure(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None,
+              worker: int | None = None) -> None:
     """Route every logger (and Python warnings) to one stderr handler in the chosen format."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {FORMATS}, not {fmt!r}")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # library warnings become log lines too, in the same format

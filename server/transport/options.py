@@ -31,7 +31,9 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     # grpc core refuses larger messages with RESOURCE_EXHAUSTED: keep it above the app's own limit, which
     # answers INVALID_ARGUMENT naming the field.
     core_max = max(64 * 2**20, 2 * config.max_request_bytes)
-    options = [(k, core_max if k == "grpc.max_receive_message_length" else v) for k, v in _GRPC_OPTIONS]
+    # --workers share the port: SO_REUSEPORT then, and only then (else a taken port would not fail the start).
+    chosen = {"grpc.max_receive_message_length": core_max, "grpc.so_reuseport": int(config.workers > 1)}
+    options = [(k, chosen.get(k, v)) for k, v in _GRPC_OPTIONS]
     if config.max_connection_age_s <= 0:
         return options
     return [*options, ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),

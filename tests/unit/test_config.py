@@ -177,7 +177,8 @@ def test_sizes_too_large_for_a_float_are_refused() -> None:
 def test_every_flag_has_its_variable() -> None:
     names = flag_environment()
     assert names["--max-batch-tokens"] == "NOMIC_EMBED_MAX_BATCH_TOKENS" and names["--grace"] == "NOMIC_EMBED_GRACE"
-    assert len(names) == len(ServerConfig.__dataclass_fields__) - 1  # all but auth_tokens_env
+    # All but auth_tokens_env, and the two the --workers supervisor passes its workers (never a user's)
+    assert len(names) == len(ServerConfig.__dataclass_fields__) - 3
 
 
 def test_the_load_test_starts_its_server_with_flags_the_server_accepts() -> None:
