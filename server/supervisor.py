@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from server.config import ServerConfig
 
@@ -109,7 +109,7 @@ def _start(argv: Sequence[str], index: int) -> tuple[subprocess.Popen[bytes], in
     return worker, read
 
 
-def _die_with_parent(parent: int):  # type: ignore[no-untyped-def]
+def _die_with_parent(parent: int) -> Callable[[], None]:
     """In the worker, before it runs: SIGTERM when this process dies (Linux), as if the supervisor had sent it."""
     def prepare() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
