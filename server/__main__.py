@@ -56,8 +56,11 @@ def _tell_supervisor(ready_fd: int | None) -> None:
     import os
 
     if ready_fd is not None:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        try:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        except OSError:  # the supervisor stopped waiting (a stop came meanwhile): the signal stops us too
+            pass
 
 
 if __name__ == "__main__":

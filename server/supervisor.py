@@ -64,7 +64,8 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
         code = _run(config, argv, workers, signals)
     except _Stop:
         log.info("stop requested while starting: stopping %d workers", len(workers))
-        code = 0
+        _stop_all(workers, config.grace_s + _KILL_AFTER_S)
+        return 0  # a worker still importing has no handler yet and dies of the SIGTERM: as asked
     _stop_all(workers, config.grace_s + _KILL_AFTER_S)
     failed = [w for w in workers if w.returncode != 0]
     return code or (1 if failed else 0)
