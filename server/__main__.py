@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -53,8 +54,6 @@ def _main(argv: list[str]) -> int:
 
 def _tell_supervisor(ready_fd: int | None) -> None:
     """A worker of --workers is SERVING: one byte on the pipe its supervisor waits on."""
-    import os
-
     if ready_fd is not None:
         try:
             os.write(ready_fd, b"1")

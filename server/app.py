@@ -146,16 +146,18 @@ class App:
             raise StartupError(f"cannot listen on {address} (is the port already in use, or the host not an "
                                "address of this machine?)")
         if c.metrics_port is not None:
-            # Bound now, not after loading: a port that is taken fails the start in seconds, not minutes.
+            # Bound with the gRPC port, before loading (but for a worker of --workers): a port that is taken
+            # fails the start in seconds, not minutes.
             try:
                 self.metrics_port = self.metrics.serve(c.host, port := c.metrics_port + (c.worker_index or 0))
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {c.host}:{port} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
         await self.grpc_server.start()
-        log.info("listening on %s:%d (%s%s; %s); NOT_SERVING until the model is loaded", c.host, self.port,
+        log.info("listening on %s:%d (%s%s; %s)%s", c.host, self.port,
                  "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
-                 f", {len(tokens)} bearer token(s)" if tokens else "", loop_name(asyncio.get_running_loop()))
+                 f", {len(tokens)} bearer token(s)" if tokens else "", loop_name(asyncio.get_running_loop()),
+                 "" if self.loaded else "; NOT_SERVING until the model is loaded")
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
 
