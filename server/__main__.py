@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
+from collections.abc import Callable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,7 @@ def _main(argv: list[str]) -> int:
     route_library_logs(progress_bars=config.log_format == "text")  # progress bars would break JSON lines
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-            runner.run(run(config, on_serving=lambda: _tell_supervisor(config.ready_fd)))
+            runner.run(run(config, on_serving=_on_serving(config.ready_fd)))
     except StartupError as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 2
@@ -52,14 +52,13 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _tell_supervisor(ready_fd: int | None) -> None:
-    """A worker of --workers is SERVING: one byte on the pipe its supervisor waits on."""
-    if ready_fd is not None:
-        try:
-            os.write(ready_fd, b"1")
-            os.close(ready_fd)
-        except OSError:  # the supervisor stopped waiting (a stop came meanwhile): the signal stops us too
-            pass
+def _on_serving(ready_fd: int | None) -> Callable[[], None]:
+    """What a server does once SERVING: a worker of --workers starts telling its supervisor, on its pipe."""
+    if ready_fd is None:
+        return lambda: None
+    from server.supervisor import tell_supervisor
+
+    return lambda: tell_supervisor(ready_fd)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ class App:
         self.metrics_port: int | None = None
         self.phase = "starting"  # what start-up is doing now, for the log of a stop that comes meanwhile
         self._stopping = False  # stop() began: health stays NOT_SERVING
+        self._tokens = 0  # bearer tokens accepted (0: no authentication)
 
     def _enter(self, phase: str) -> None:
         self.phase = phase
@@ -91,13 +92,14 @@ class App:
 
         A worker of --workers binds only once loaded: the port is shared, and the kernel would hand it
         connections it cannot serve yet while the other workers can (its supervisor checked the port)."""
+        credentials = self._prepare()  # files and facts the flags name: refused before anything loads
         late = self.config.workers > 1
         if not late:
-            await self._bind()
+            await self._listen(credentials)
         started = time.monotonic()
         self.loaded = await in_daemon_thread(load, self.config, self._enter)
         if late:
-            await self._bind()
+            await self._listen(credentials)
         self._observe(self.loaded)
         self.loaded.batcher.start()
         self.service.attach(self.loaded.embedder, self.loaded.served, self.loaded.limits)
@@ -108,9 +110,10 @@ class App:
                  s.device, self.port, time.monotonic() - started, s.variant_reason)
         return self.port
 
-    async def _bind(self) -> None:
+    def _prepare(self) -> grpc.ServerCredentials | None:
+        """The grpc server with its services, from the facts of this host and the files the config names (each
+        checked here, before anything binds or loads); returns its TLS credentials, or None for plaintext."""
         c = self.config
-        # Facts of this host and files the config names, checked before anything binds or loads.
         cpus = available_cpus()
         if c.threads > cpus:
             raise StartupError(f"--threads {c.threads} is more than the {cpus} CPU(s) this process may use (its "
@@ -132,8 +135,14 @@ class App:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server
         )
+        self._tokens = len(tokens)
+        return credentials
+
+    async def _listen(self, credentials: grpc.ServerCredentials | None) -> None:
+        c = self.config
+        assert self.grpc_server is not None
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.config.host}:{self.config.port}"
+        address = c.address(c.port)
         try:
             if credentials is None:
                 self.port = self.grpc_server.add_insecure_port(address)
@@ -151,15 +160,15 @@ class App:
             try:
                 self.metrics_port = self.metrics.serve(c.host, port := c.metrics_port + (c.worker_index or 0))
             except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {c.host}:{port} (--metrics-port): "
+                raise StartupError(f"cannot serve metrics on {c.address(port)} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
         await self.grpc_server.start()
-        log.info("listening on %s:%d (%s%s; %s)%s", c.host, self.port,
+        log.info("listening on %s (%s%s; %s)%s", c.address(self.port),
                  "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
-                 f", {len(tokens)} bearer token(s)" if tokens else "", loop_name(asyncio.get_running_loop()),
+                 f", {self._tokens} bearer token(s)" if self._tokens else "", loop_name(asyncio.get_running_loop()),
                  "" if self.loaded else "; NOT_SERVING until the model is loaded")
         if self.metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
+            log.info("metrics on http://%s/metrics", c.address(self.metrics_port))
 
     def _observe(self, loaded: Loaded) -> None:
         s, m = loaded.served, self.metrics
@@ -218,7 +227,8 @@ class App:
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
         thaw()
-        log.info("stopped")
+        if self.port or self.loaded:  # a start refused before either has only its refusal to say
+            log.info("stopped")
 
 
 def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None) -> Loaded:

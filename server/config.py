@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from server.flag_values import (
     device,
     event_loop,
     integer,
+    listen_host,
     memory,
     number,
     otlp_endpoint,
@@ -84,10 +86,16 @@ class ServerConfig:
     # OTLP/gRPC collector for traces (http://host:4317); None = no tracing, and OpenTelemetry stays unloaded.
     otlp_endpoint: str | None = None
     workers: int = 1  # server processes sharing the port (server.supervisor)
+    # A worker whose event loop has not told its supervisor it is alive for this long is killed (hung or stopped).
+    worker_timeout_s: float = 30.0
     # Set by the supervisor on each of its workers, never by hand: which one it is, and the pipe it tells
     # that it is SERVING on.
     worker_index: int | None = None
     ready_fd: int | None = None
+
+    def address(self, port: int) -> str:
+        """host:port as grpc and logs write it, an IPv6 address bracketed ([::1]:50051)."""
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
 
 # Upper bounds, where a larger value would break something rather than be merely unusual.
@@ -124,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="hub id, local directory in the hub layout, or all-minilm-l6-v2 (bundled, works offline)")
     p.add_argument("--revision", type=text, default=None,
                    help="branch, tag or commit of the hub id to serve (default main); reported by Info")
-    p.add_argument("--host", type=text, default=d.host)
+    p.add_argument("--host", type=listen_host, default=d.host,
+                   help="address to listen on (default 0.0.0.0; :: for IPv6 and IPv4)")
     p.add_argument("--port", type=port, default=d.port, help="0 picks a free port")
     p.add_argument("--variant", choices=("auto", *VARIANTS), default=d.variant,
                    help="auto, or a variant name (see quant.variants)")
@@ -184,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=integer(1, MAX_WORKERS), default=d.workers,
                    help="server processes sharing --port, each with a model of its own, started one after "
                         "another, each within its share of the memory (default 1)")
+    p.add_argument("--worker-timeout", type=number(1, _MAX_GRACE_S, "seconds"), default=d.worker_timeout_s,
+                   dest="worker_timeout_s",
+                   help="with --workers: a worker whose event loop has been silent this long (hung, or stopped) is "
+                        "killed and the others stopped, for the process manager to restart the whole "
+                        "(default %(default)g)")
     internal = integer(0, UINT32)
     p.add_argument("--worker-index", type=internal, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=internal, default=None, help=argparse.SUPPRESS)
@@ -324,6 +338,7 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
         refuse(given, f"TLS needs {missing} too")
     if c.tls_client_ca is not None and c.tls_cert is None:
         refuse("tls_client_ca", "client certificates need TLS: give --tls-cert and --tls-key too")
+    _check_worker(c)
     if c.workers > 1:
         if c.port == 0:
             refuse("workers", f"{c.workers} workers share one port, so --port must name it (not 0)")
@@ -336,3 +351,23 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
         if c.metrics_port is not None and c.metrics_port <= c.port < c.metrics_port + c.workers:
             refuse("workers", f"{c.workers} workers serve metrics on ports {c.metrics_port} to "
                    f"{c.metrics_port + c.workers - 1}, which include the gRPC port ({setting('port')})")
+
+
+def _check_worker(c: ServerConfig) -> None:
+    """The flags a supervisor gives each worker (never a user): a wrong one would size the memory share wrong
+    or leave the supervisor waiting."""
+    if c.worker_index is None:
+        if c.ready_fd is not None:
+            raise ConfigError("argument --ready-fd: only with --worker-index (both are set by --workers' supervisor)")
+        return
+    if not c.worker_index < c.workers:
+        raise ConfigError(f"argument --worker-index: {c.worker_index} is not below --workers {c.workers} (it is "
+                          "set by --workers' supervisor, not by hand)")
+    if c.ready_fd is not None:
+        try:
+            is_pipe = c.ready_fd > 2 and stat.S_ISFIFO(os.fstat(c.ready_fd).st_mode)
+        except OSError:
+            is_pipe = False
+        if not is_pipe:
+            raise ConfigError(f"argument --ready-fd: {c.ready_fd} is not an open pipe of this process (it is set by "
+                              "--workers' supervisor, not by hand)")

@@ -4,6 +4,7 @@ one-line reason that quotes the value (server.config names the flag and the vari
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit
 UINT32 = 2**32 - 1  # Info reports the limits as uint32
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# Dot-separated labels of letters, digits, '-' and '_' (container and cluster names use '_').
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +78,24 @@ def text(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("empty value")
     return text
+
+
+def listen_host(text: str) -> str:
+    """An IP address or a host name to listen on. IPv6 addresses may come bracketed as in URLs ([::1]) and are
+    kept bare: sockets take them so, and ServerConfig.address brackets them again for grpc."""
+    bracketed = text.startswith("[") and text.endswith("]")
+    bare = text[1:-1] if bracketed else text
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        address = None
+    if bracketed and not isinstance(address, ipaddress.IPv6Address):
+        raise argparse.ArgumentTypeError(f"{shown(text)}: brackets are for IPv6 addresses only (e.g. [::1])")
+    if address is None and not HOST_NAME.fullmatch(bare):
+        port = "; the port goes in --port" if ":" in bare else ""
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an IP address or a host name (e.g. 0.0.0.0, "
+                                         f"::, 127.0.0.1, [::1], localhost){port}")
+    return bare
 
 
 def device(text: str) -> str:

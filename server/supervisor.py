@@ -12,11 +12,15 @@ each with a model of its own. It imports neither torch nor grpc and serves nothi
   Ctrl-C in a terminal reaches them only through here; they get SIGTERM if this process dies.
 - A worker that fails to start stops the others, and this process exits with its status (2 for bad start-up
   input, which the worker has already explained in one line). A worker that exits while serving stops the
-  others too, and this process exits 1, for the process manager to restart the whole.
+  others too, and this process exits 1, for the process manager to restart the whole; so does one whose event
+  loop stops telling this process it is alive (a byte a second on its pipe) for --worker-timeout.
+- This process holds the port from before the first worker starts until it exits (_claim_port), so a second
+  server cannot take it meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -35,6 +39,7 @@ log = logging.getLogger("server.supervisor")
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.2
+_BEAT_S = 1.0  # how often a serving worker tells this process it is alive
 _KILL_AFTER_S = 30.0  # beyond the grace period, for a worker that does not finish draining
 
 
@@ -43,13 +48,17 @@ class _Stop(Exception):
 
 
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
-    """Run `config.workers` servers on `config.port` until a signal or a worker's exit; returns the exit status."""
-    problem = _ports_in_use(config)
-    if problem:
-        log.error("cannot start: %s", problem)
+    """Run `config.workers` servers on `config.port` until a signal or a worker's exit; returns the exit status:
+    0 after a requested stop, 128 + the signal when a second one cut the drain short (as a single server
+    exits), 2 when a worker could not start, 1 when one failed while serving."""
+    try:
+        held = _claim_port(config)
+    except _Refused as exc:
+        log.error("cannot start: %s", exc)
         return 2
     signals: list[int] = []
     workers: list[subprocess.Popen[bytes]] = []
+    pipes: list[int] = []
 
     def on_signal(sig: int, _frame: object) -> None:
         signals.append(sig)
@@ -61,35 +70,60 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        code = _run(config, argv, workers, signals)
+        code = _run(config, argv, workers, pipes, signals)
     except _Stop:
         log.info("stop requested while starting: stopping %d workers", len(workers))
-        _stop_all(workers, config.grace_s + _KILL_AFTER_S)
-        return 0  # a worker still importing has no handler yet and dies of the SIGTERM: as asked
+        code = 0  # a worker still importing has no handler yet and dies of the SIGTERM: as asked
+    finally:
+        for fd in pipes:
+            os.close(fd)
     _stop_all(workers, config.grace_s + _KILL_AFTER_S)
-    failed = [w for w in workers if w.returncode != 0]
-    return code or (1 if failed else 0)
+    for sock in held:
+        sock.close()
+    if len(signals) > 1:
+        return 128 + signals[-1]
+    if code or signals:
+        return code
+    return 1 if any(w.returncode != 0 for w in workers) else 0
 
 
-def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Popen[bytes]],
+def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Popen[bytes]], pipes: list[int],
          signals: list[int]) -> int:
-    """Start the workers into `workers`, then watch them until a signal (0) or a worker's exit (its code)."""
+    """Start the workers into `workers` (their pipes into `pipes`), then watch them until a signal (0) or a
+    worker's exit or silence (1). Raises _Stop on a signal while starting."""
     for index in range(config.workers):
-        worker, ready = _start(argv, index)
+        worker, pipe = _start(argv, index)
         workers.append(worker)
-        status = _wait_ready(worker, ready, index, signals)
+        pipes.append(pipe)
+        status = _wait_ready(worker, pipe, index, signals)
         if status is not None:
             log.error("worker %d exited with status %d while starting; stopping the others", index, status)
             return 2 if status == 2 else 1
-    log.info("%d workers SERVING on %s:%d (pids %s)", len(workers), config.host, config.port,
+    log.info("%d workers SERVING on %s (pids %s)", len(workers), config.address(config.port),
              ", ".join(str(w.pid) for w in workers))
-    while not signals:
-        for index, worker in enumerate(workers):
-            if (status := worker.poll()) is not None:
-                log.error("worker %d (pid %d) exited with status %d while serving; stopping the others",
-                          index, worker.pid, status)
-                return 1
-        time.sleep(_POLL_S)
+    heard = [time.monotonic()] * len(workers)
+    with selectors.DefaultSelector() as selector:
+        for index, pipe in enumerate(pipes):
+            selector.register(pipe, selectors.EVENT_READ, index)
+        while not signals:
+            for key, _ in selector.select(_POLL_S):
+                if os.read(key.fd, 4096):
+                    heard[key.data] = time.monotonic()
+                else:  # the worker closed its end: it is ending, and poll() says so in a moment
+                    selector.unregister(key.fd)
+            for index, worker in enumerate(workers):
+                if signals:
+                    break  # a stop: workers end now as asked, not as failures
+                if (status := worker.poll()) is not None:
+                    log.error("worker %d (pid %d) exited with status %d while serving; stopping the others",
+                              index, worker.pid, status)
+                    return 1
+                if (silent := time.monotonic() - heard[index]) > config.worker_timeout_s:
+                    log.error("worker %d (pid %d) has been silent for %.0fs (hung or stopped; --worker-timeout "
+                              "%g): killing it and stopping the others", index, worker.pid, silent,
+                              config.worker_timeout_s)
+                    worker.kill()
+                    return 1
     log.info("%s: stopping %d workers (each drains, grace %gs)", signal.Signals(signals[0]).name, len(workers),
              config.grace_s)
     return 0
@@ -125,19 +159,38 @@ def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int, signals:
     """None once the worker says it is SERVING; its exit status if it exits first. Raises _Stop on a signal."""
     with selectors.DefaultSelector() as selector:
         selector.register(read, selectors.EVENT_READ)
-        try:
-            while True:
-                if signals:
+        while True:
+            if signals:
+                raise _Stop
+            if selector.select(_POLL_S):
+                if os.read(read, 1):
+                    log.info("worker %d (pid %d) SERVING", index, worker.pid)
+                    return None
+                status = worker.wait()  # the pipe closed unwritten: the worker ended
+            else:
+                status = worker.poll()
+            if status is not None:
+                if signals:  # it ended of the stop that came meanwhile
                     raise _Stop
-                if selector.select(_POLL_S):
-                    if os.read(read, 1):
-                        log.info("worker %d (pid %d) SERVING", index, worker.pid)
-                        return None
-                    return worker.wait()  # the pipe closed unwritten: the worker ended
-                if (status := worker.poll()) is not None:
-                    return status
-        finally:
-            os.close(read)
+                return status
+
+
+def tell_supervisor(ready_fd: int) -> None:
+    """In a worker, on its event loop, once SERVING: a byte on the supervisor's pipe now and every _BEAT_S
+    while the loop runs. The first says SERVING; a worker whose bytes stop is hung or stopped."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(ready_fd, False)
+
+    def beat() -> None:
+        try:
+            os.write(ready_fd, b"1")
+        except BlockingIOError:  # the supervisor is not reading (stopped itself): never block the loop
+            pass
+        except OSError:  # the supervisor has gone; its death signal stops this process too
+            return
+        loop.call_later(_BEAT_S, beat)
+
+    beat()
 
 
 def _stop_all(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -170,27 +223,60 @@ def worker_memory(config: ServerConfig, free_bytes: int) -> tuple[int | None, st
     return free_bytes // left, f"{share} the free memory, 1/{left}:"
 
 
-def _ports_in_use(config: ServerConfig) -> str | None:
-    """Why the workers could not have their ports to themselves, or None.
-
-    Workers share the gRPC port with SO_REUSEPORT, which would as gladly share it with another program of
-    the same user that set it too: so the port must be free before they start (a bind of its own says so)."""
-    ports = [("--port", config.port)]
-    if config.metrics_port is not None:
-        ports += [("--metrics-port", config.metrics_port + i) for i in range(config.workers)]
-    for flag, port in ports:
-        try:
-            addresses = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            return f"cannot listen on {config.host}:{port} ({flag}): {exc.strerror}"
-        for family, kind, proto, _, address in addresses:
-            with socket.socket(family, kind, proto) as probe:
-                try:
-                    probe.bind(address)
-                except OSError as exc:
-                    why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                    return f"cannot listen on {config.host}:{port} ({flag}): {why}"
-    return None
+class _Refused(Exception):
+    """The port cannot be the workers' own: the message says why, in one line."""
 
 
-__all__ = ["supervise", "worker_memory"]
+def _claim_port(config: ServerConfig) -> list[socket.socket]:
+    """Sockets bound to --port, held until the workers are done; raises _Refused if a port is taken.
+
+    Workers share the port with SO_REUSEPORT, which would as gladly share it with any other socket of the
+    same user that sets it too. So the port must be free now (a bind of its own says so), and this process
+    then binds it with SO_REUSEPORT, without listening: its workers can join it, connections go only to
+    sockets that listen, and a second supervisor's check, or a server binding without SO_REUSEPORT, fails
+    while this one runs. The metrics ports are only checked: their servers bind without SO_REUSEPORT."""
+    held: list[socket.socket] = []
+    try:
+        for address in _addresses(config, config.port, "--port"):
+            _check_free(config, address, config.port, "--port")
+            sock = socket.socket(address[0], address[1], address[2])
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            _bind(sock, config, address, config.port, "--port")
+        if config.metrics_port is not None:
+            for index in range(config.workers):
+                port = config.metrics_port + index
+                for address in _addresses(config, port, "--metrics-port"):
+                    _check_free(config, address, port, "--metrics-port")
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+    return held
+
+
+_Address = tuple[int, int, int, tuple[object, ...]]  # family, type, protocol, socket address
+
+
+def _addresses(config: ServerConfig, port: int, flag: str) -> list[_Address]:
+    try:
+        found = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise _Refused(f"cannot listen on {config.address(port)} ({flag}): {exc.strerror}") from None
+    return [(family, kind, proto, address) for family, kind, proto, _, address in found]
+
+
+def _check_free(config: ServerConfig, address: _Address, port: int, flag: str) -> None:
+    with socket.socket(address[0], address[1], address[2]) as probe:
+        _bind(probe, config, address, port, flag)
+
+
+def _bind(sock: socket.socket, config: ServerConfig, address: _Address, port: int, flag: str) -> None:
+    try:
+        sock.bind(address[3])
+    except OSError as exc:
+        why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise _Refused(f"cannot listen on {config.address(port)} ({flag}): {why}") from None
+
+
+__all__ = ["supervise", "tell_supervisor", "worker_memory"]

@@ -36,7 +36,7 @@ class RunningServer:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.app.config.address(self.port)
 
     def client(self, timeout: float = 60.0) -> EmbedClient:
         return EmbedClient(self.target, timeout=timeout)
@@ -45,9 +45,9 @@ class RunningServer:
         return grpc.insecure_channel(self.target)
 
 
-def scrape_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample at http://127.0.0.1:PORT/metrics, keyed by name and sorted labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample at http://HOST:PORT/metrics (an IPv6 host bracketed), keyed by name and sorted labels."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}

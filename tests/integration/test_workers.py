@@ -44,12 +44,13 @@ class Supervised:
 
 
 @contextmanager
-def supervised(model: Path, tmp: Path, *args: str, workers: int = 2) -> Iterator[Supervised]:
+def supervised(model: Path, tmp: Path, *args: str, workers: int = 2, host: str = "127.0.0.1",
+               name: str = "supervisor") -> Iterator[Supervised]:
     port, metrics_port = free_port(), _free_port_pair()
-    log = tmp / "supervisor.log"
+    log = tmp / f"{name}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "server", "--model", str(model), "--host", host, "--port", str(port),
              "--metrics-port", str(metrics_port), "--variant", "fp32", "--workers", str(workers), *args],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
     running = Supervised(process, log, port, metrics_port)
@@ -88,19 +89,19 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def _embed_over_many_connections(port: int, connections: int) -> list[np.ndarray]:
+def _embed_over_many_connections(port: int, connections: int, host: str = "127.0.0.1") -> list[np.ndarray]:
     vectors = []
     for _ in range(connections):
         # A subchannel pool of its own: a connection of its own, which the kernel gives to either worker.
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             reply = embed_pb2_grpc.EmbedServiceStub(channel).Embed(
                 pb.EmbedRequest(texts=["the same text"], task=pb.TASK_SEARCH_QUERY), timeout=60)
             vectors.append(np.array(reply.embeddings[0].values))
     return vectors
 
 
-def _answered(metrics_port: int) -> float:
-    samples = scrape_metrics(metrics_port)
+def _answered(metrics_port: int, host: str = "127.0.0.1") -> float:
+    samples = scrape_metrics(metrics_port, host)
     return sum(v for (name, labels), v in samples.items()
                if name == "nomic_embed_requests_total" and ("method", "Embed") in labels)
 
@@ -133,6 +134,75 @@ def test_a_worker_that_dies_stops_the_others_and_the_supervisor_exits_1(tiny_ori
     assert "worker 1 (pid" in run.text() and "exited with status -9 while serving" in run.text()
 
 
+def test_a_silent_worker_is_killed_and_the_supervisor_exits_1(tiny_original: Path, tmp_path: Path) -> None:
+    with supervised(tiny_original, tmp_path, "--worker-timeout", "2") as run:
+        run.wait_serving()
+        os.kill(run.pids[0], signal.SIGSTOP)  # alive to poll(), silent on its pipe: as a hung event loop
+        assert run.process.wait(90) == 1, run.text()
+        assert all(_gone(pid, timeout=10) for pid in run.pids)
+    assert "worker 0 (pid" in run.text() and "(hung or stopped; --worker-timeout 2): killing it" in run.text()
+
+
+def test_a_second_signal_cuts_the_drain_short_and_exits_128_plus_it(tiny_original: Path, tmp_path: Path) -> None:
+    with supervised(tiny_original, tmp_path) as run:
+        run.wait_serving()
+        run.process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        run.process.send_signal(signal.SIGINT)
+        assert run.process.wait(90) == 128 + signal.SIGINT, run.text()
+        assert all(_gone(pid, timeout=10) for pid in run.pids)
+    assert "SIGTERM again: exiting now" in run.text() and "while serving" not in run.text()
+
+
+def test_the_port_is_held_from_the_start_against_a_second_server(tiny_original: Path, tmp_path: Path) -> None:
+    with supervised(tiny_original, tmp_path) as run:
+        deadline = time.monotonic() + 60
+        while _bindable(run.port):  # held by the supervisor before its first worker even imports torch
+            assert run.process.poll() is None and time.monotonic() < deadline, run.text()
+            time.sleep(0.02)
+        assert "listening" not in run.text()
+        for extra in (["--workers", "2"], []):  # another supervisor, then a single server, while the workers load
+            second = subprocess.run(
+                [sys.executable, "-m", "server", "--model", str(tiny_original), "--host", "127.0.0.1", "--port",
+                 str(run.port), *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2 and "cannot listen on 127.0.0.1" in second.stderr, second.stderr
+        run.wait_serving()
+        assert len(_embed_over_many_connections(run.port, 4)) == 4
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(90) == 0, run.text()
+    assert _bindable(run.port)  # and given back
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_workers_serve_an_ipv6_host(tiny_original: Path, tmp_path: Path) -> None:
+    with supervised(tiny_original, tmp_path, host="[::1]") as run:
+        run.wait_serving()
+        vectors = _embed_over_many_connections(run.port, 4, host="[::1]")
+        assert all(np.array_equal(v, vectors[0]) for v in vectors)
+        assert _answered(run.metrics_port, "[::1]") + _answered(run.metrics_port + 1, "[::1]") == 4
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(90) == 0, run.text()
+    assert f"workers SERVING on [::1]:{run.port}" in run.text()
+
+
 def test_workers_are_not_orphaned_when_the_supervisor_is_killed(tiny_original: Path, tmp_path: Path) -> None:
     with supervised(tiny_original, tmp_path) as run:
         run.wait_serving()
@@ -149,6 +219,14 @@ def test_a_worker_that_cannot_start_fails_the_start_with_status_2(tmp_path: Path
     text = run.text()
     assert "worker 0 server: cannot start:" in text and "worker 0 exited with status 2 while starting" in text
     assert "worker 1" not in text  # the next one never started
+
+
+def test_a_bad_file_fails_the_start_before_the_model_loads(tiny_original: Path, tmp_path: Path) -> None:
+    with supervised(tiny_original, tmp_path, "--tls-cert", str(tmp_path / "none.pem"), "--tls-key",
+                    str(tmp_path / "none.key")) as run:
+        assert run.process.wait(120) == 2, run.text()
+    text = run.text()
+    assert "worker 0 server: cannot start: cannot read the TLS" in text and "start-up:" not in text
 
 
 def test_a_port_in_use_fails_before_any_worker_starts(tiny_original: Path) -> None:
@@ -173,6 +251,18 @@ def test_a_port_in_use_fails_before_any_worker_starts(tiny_original: Path) -> No
     (["--workers", "3", "--port", "9001", "--metrics-port", "9000"], "include the gRPC port"),
 ])
 def test_worker_settings_that_cannot_work_are_refused_naming_the_flag(argv: list[str], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        build_config(argv, env={})
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--workers", "2", "--worker-index", "2"], "--worker-index: 2 is not below --workers 2"),
+    (["--ready-fd", "5"], "--ready-fd: only with --worker-index"),
+    (["--workers", "2", "--worker-index", "1", "--ready-fd", "2"], "--ready-fd: 2 is not an open pipe"),
+    (["--workers", "2", "--worker-index", "1", "--ready-fd", "999"], "--ready-fd: 999 is not an open pipe"),
+    (["--worker-timeout", "0.5"], "--worker-timeout"),
+])
+def test_the_supervisors_flags_to_its_workers_are_checked(argv: list[str], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):
         build_config(argv, env={})
 

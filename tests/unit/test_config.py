@@ -61,6 +61,7 @@ BAD_VALUES = [
     ("--cuda-graph-tokens", "-1"), ("--cuda-graph-tokens", "lots"), ("--max-memory", "0"), ("--max-memory", "9" * 400),
     ("--max-batch-tokens", "4294967296"), ("--max-request-bytes", "1073741824"), ("--model", ""),
     ("--tls-key", ""), ("--otlp-endpoint", "collector"), ("--otlp-endpoint", "http://a:99999"),
+    ("--host", "[localhost]"), ("--host", "10.0.0.1:50051"), ("--host", "a b"), ("--worker-timeout", "0"),
 ]
 
 
@@ -75,7 +76,7 @@ def test_a_bad_value_is_refused_alike_as_flag_and_as_environment(flag: str, valu
 
 def test_every_float_flag_refuses_non_finite_values() -> None:
     floats = [a.option_strings[0] for a in _actions() if a.default is not None and isinstance(a.default, float)]
-    assert len(floats) == 5
+    assert len(floats) == 6
     for flag in floats:
         for value in ("nan", "inf", "-inf", "1e400"):
             assert _refusal([flag, value]).startswith(f"argument {flag}: ")

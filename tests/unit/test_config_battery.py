@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import math
 import os
 import re
@@ -76,6 +77,9 @@ _GOOD: dict[str, st.SearchStrategy[str]] = {
                                                                                    fullmatch=True),
                                  _ints(1, 65535)).map(lambda t: f"{t[0]}://{t[1]}:{t[2]}"),
     "--access-log": st.sampled_from(["true", "false", "1", "0", "yes", "no", "on", "off", "TRUE", " On "]),
+    "--host": st.sampled_from(["0.0.0.0", "::", "[::]", "127.0.0.1", "::1", "[::1]", "localhost", "fe80::1%eth0",
+                               "embed-0.embed.svc.cluster.local", "[localhost]", "host:50051", "a b", "::1]"]),
+    "--worker-timeout": _floats(1, 86_400),
 }
 
 
@@ -89,6 +93,15 @@ def _values(flag: str, good_in_10: int = 0) -> st.SearchStrategy[str]:
 # -- the rules a config must keep ---------------------------------------------------------------------------
 _COUNTS = ("max_texts_per_request", "max_text_chars", "max_batch_tokens", "max_batch_rows", "max_request_tokens")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def _listenable(host: str) -> bool:
+    """An IP address without brackets, or a DNS name of letters, digits, '-', '_' and dots."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", host) is not None and ".." not in host
 
 
 def _broken_rules(c: ServerConfig) -> list[str]:
@@ -117,6 +130,8 @@ def _broken_rules(c: ServerConfig) -> list[str]:
         "tls": (c.tls_cert is None) == (c.tls_key is None) and (c.tls_client_ca is None or c.tls_cert is not None),
         "otlp": c.otlp_endpoint is None or c.otlp_endpoint.startswith(("http://", "https://")),
         "access log": type(c.access_log) is bool,
+        "host": _listenable(c.host),
+        "workers": 1 <= c.workers <= 64 and 1 <= c.worker_timeout_s <= 86_400 and c.worker_index is None,
     }
     return [name for name, kept in rules.items() if not kept]
 
