@@ -104,6 +104,9 @@ _UINT64 = 2**64 - 1
 _MAX_REQUEST_BYTES = (2**31 - 1) // 2
 # grpc core takes connection ages in milliseconds as a C int (about 24.8 days).
 _MAX_CONNECTION_AGE_S = float((2**31 - 1) // 1000)
+# Workers say they are alive once a second (server.supervisor): a shorter timeout would take a moment's lag
+# under load for a hang.
+_MIN_WORKER_TIMEOUT_S = 5.0
 _MAX_GRACE_S = 86_400.0  # a day; the drain's waits also have to fit threading.TIMEOUT_MAX
 # Rows wait this long for company only while a batch is not full; a minute outlasts any sensible deadline.
 _MAX_BATCH_WAIT_MS = 60_000.0
@@ -193,8 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=integer(1, MAX_WORKERS), default=d.workers,
                    help="server processes sharing --port, each with a model of its own, started one after "
                         "another, each within its share of the memory (default 1)")
-    p.add_argument("--worker-timeout", type=number(1, _MAX_GRACE_S, "seconds"), default=d.worker_timeout_s,
-                   dest="worker_timeout_s",
+    p.add_argument("--worker-timeout", type=number(_MIN_WORKER_TIMEOUT_S, _MAX_GRACE_S, "seconds"),
+                   default=d.worker_timeout_s, dest="worker_timeout_s",
                    help="with --workers: a worker whose event loop has been silent this long (hung, or stopped) is "
                         "killed and the others stopped, for the process manager to restart the whole "
                         "(default %(default)g)")
@@ -356,18 +359,19 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
 def _check_worker(c: ServerConfig) -> None:
     """The flags a supervisor gives each worker (never a user): a wrong one would size the memory share wrong
     or leave the supervisor waiting."""
-    if c.worker_index is None:
-        if c.ready_fd is not None:
-            raise ConfigError("argument --ready-fd: only with --worker-index (both are set by --workers' supervisor)")
+    if (c.worker_index is None) != (c.ready_fd is None):
+        pair = ["--worker-index", "--ready-fd"]
+        given, missing = pair if c.ready_fd is None else pair[::-1]
+        raise ConfigError(f"argument {given}: only with {missing} (both are set by --workers' supervisor, not by hand)")
+    if c.worker_index is None or c.ready_fd is None:
         return
     if not c.worker_index < c.workers:
         raise ConfigError(f"argument --worker-index: {c.worker_index} is not below --workers {c.workers} (it is "
                           "set by --workers' supervisor, not by hand)")
-    if c.ready_fd is not None:
-        try:
-            is_pipe = c.ready_fd > 2 and stat.S_ISFIFO(os.fstat(c.ready_fd).st_mode)
-        except OSError:
-            is_pipe = False
-        if not is_pipe:
-            raise ConfigError(f"argument --ready-fd: {c.ready_fd} is not an open pipe of this process (it is set by "
-                              "--workers' supervisor, not by hand)")
+    try:
+        is_pipe = c.ready_fd > 2 and stat.S_ISFIFO(os.fstat(c.ready_fd).st_mode)
+    except OSError:
+        is_pipe = False
+    if not is_pipe:
+        raise ConfigError(f"argument --ready-fd: {c.ready_fd} is not an open pipe of this process (it is set by "
+                          "--workers' supervisor, not by hand)")

@@ -92,10 +92,19 @@ def listen_host(text: str) -> str:
     if bracketed and not isinstance(address, ipaddress.IPv6Address):
         raise argparse.ArgumentTypeError(f"{shown(text)}: brackets are for IPv6 addresses only (e.g. [::1])")
     if address is None and not HOST_NAME.fullmatch(bare):
-        port = "; the port goes in --port" if ":" in bare else ""
+        head, _, tail = text.rpartition(":")
+        port = "; the port goes in --port" if tail.isdigit() and _is_host(head) else ""
         raise argparse.ArgumentTypeError(f"{shown(text)} is not an IP address or a host name (e.g. 0.0.0.0, "
                                          f"::, 127.0.0.1, [::1], localhost){port}")
     return bare
+
+
+def _is_host(text: str) -> bool:
+    try:
+        listen_host(text)
+        return True
+    except argparse.ArgumentTypeError:
+        return False
 
 
 def device(text: str) -> str:

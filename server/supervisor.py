@@ -107,10 +107,10 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
             selector.register(pipe, selectors.EVENT_READ, index)
         while not signals:
             for key, _ in selector.select(_POLL_S):
-                if os.read(key.fd, 4096):
-                    heard[key.data] = time.monotonic()
-                else:  # the worker closed its end: it is ending, and poll() says so in a moment
+                if (got := _heard(key.fd)) is False:  # the worker closed its end: it is ending, as poll() says soon
                     selector.unregister(key.fd)
+                elif got:
+                    heard[key.data] = time.monotonic()
             for index, worker in enumerate(workers):
                 if signals:
                     break  # a stop: workers end now as asked, not as failures
@@ -118,6 +118,10 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
                     log.error("worker %d (pid %d) exited with status %d while serving; stopping the others",
                               index, worker.pid, status)
                     return 1
+                if time.monotonic() - heard[index] > config.worker_timeout_s and _heard(pipes[index]):
+                    # Its bytes wait in the pipe: this process was the one not running (stopped, or not
+                    # scheduled), or select missed them; the worker was not silent.
+                    heard[index] = time.monotonic()
                 if (silent := time.monotonic() - heard[index]) > config.worker_timeout_s:
                     log.error("worker %d (pid %d) has been silent for %.0fs (hung or stopped; --worker-timeout "
                               "%g): killing it and stopping the others", index, worker.pid, silent,
@@ -155,6 +159,15 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return prepare
 
 
+def _heard(pipe: int) -> bool | None:
+    """True if a worker's pipe held bytes (read now, without waiting), None if it was empty, False once the
+    worker closed it."""
+    try:
+        return len(os.read(pipe, 4096)) > 0
+    except BlockingIOError:
+        return None
+
+
 def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int, signals: list[int]) -> int | None:
     """None once the worker says it is SERVING; its exit status if it exits first. Raises _Stop on a signal."""
     with selectors.DefaultSelector() as selector:
@@ -165,6 +178,7 @@ def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int, signals:
             if selector.select(_POLL_S):
                 if os.read(read, 1):
                     log.info("worker %d (pid %d) SERVING", index, worker.pid)
+                    os.set_blocking(read, False)  # from now on read without waiting (_heard)
                     return None
                 status = worker.wait()  # the pipe closed unwritten: the worker ended
             else:
@@ -234,15 +248,25 @@ def _claim_port(config: ServerConfig) -> list[socket.socket]:
     same user that sets it too. So the port must be free now (a bind of its own says so), and this process
     then binds it with SO_REUSEPORT, without listening: its workers can join it, connections go only to
     sockets that listen, and a second supervisor's check, or a server binding without SO_REUSEPORT, fails
-    while this one runs. The metrics ports are only checked: their servers bind without SO_REUSEPORT."""
+    while this one runs. The metrics ports are only checked: their servers bind without SO_REUSEPORT.
+
+    The hold cannot set SO_REUSEADDR (the checks, which do, would pass beside it), so connections a server
+    without SO_REUSEPORT left in TIME_WAIT on the port keep it from binding for up to a minute; then nothing
+    holds the port until the workers bind, and the log says so."""
     held: list[socket.socket] = []
     try:
         for address in _addresses(config, config.port, "--port"):
             _check_free(config, address, config.port, "--port")
             sock = socket.socket(address[0], address[1], address[2])
-            held.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            _bind(sock, config, address, config.port, "--port")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address[3])
+                held.append(sock)
+            except OSError as exc:
+                sock.close()
+                log.warning("%s (--port) is free but cannot be held until the workers bind (%s: connections "
+                            "of an earlier server in TIME_WAIT); a second server could take it meanwhile",
+                            config.address(config.port), exc.strerror)
         if config.metrics_port is not None:
             for index in range(config.workers):
                 port = config.metrics_port + index
@@ -268,6 +292,9 @@ def _addresses(config: ServerConfig, port: int, flag: str) -> list[_Address]:
 
 def _check_free(config: ServerConfig, address: _Address, port: int, flag: str) -> None:
     with socket.socket(address[0], address[1], address[2]) as probe:
+        # As servers bind: the connections of a server that stopped a moment ago, in TIME_WAIT, do not
+        # count, and a socket that listens does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _bind(probe, config, address, port, flag)
 
 
