@@ -52,13 +52,13 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _on_serving(ready_fd: int | None) -> Callable[[], None]:
+def _on_serving(ready_fd: int | None) -> Callable[[int | None], None]:
     """What a server does once SERVING: a worker of --workers starts telling its supervisor, on its pipe."""
     if ready_fd is None:
-        return lambda: None
+        return lambda metrics_port: None
     from server.supervisor import tell_supervisor
 
-    return lambda: tell_supervisor(ready_fd)
+    return lambda metrics_port: tell_supervisor(ready_fd, metrics_port)
 
 
 if __name__ == "__main__":

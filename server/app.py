@@ -47,8 +47,9 @@ from server.transport.metrics_hooks import MetricsHooks
 from server.transport.options import grpc_options
 from server.transport.request_ids import RequestIdHooks
 from server.transport.rpc_hooks import HookInterceptor
-from server.transport.security import BearerTokenAuth, load_tokens, server_credentials
+from server.transport.security import BearerTokenAuth, server_credentials
 from server.transport.service import EmbedService, ServedModel
+from server.transport.tokens import load_tokens
 from server.transport.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,12 @@ class App:
             raise StartupError(f"cannot listen on {address} (is the port already in use, or the host not an "
                                "address of this machine?)")
         if c.metrics_port is not None:
-            # Bound with the gRPC port, before loading (but for a worker of --workers): a port that is taken
-            # fails the start in seconds, not minutes.
+            # Bound with the gRPC port, before loading: a port that is taken fails the start in seconds, not
+            # minutes. A worker of --workers serves on a loopback port of its own, which its supervisor reads
+            # and serves at --metrics-port with the other workers' (server.observability.workers).
+            host, port = ("127.0.0.1", 0) if c.worker_index is not None else (c.host, c.metrics_port)
             try:
-                self.metrics_port = self.metrics.serve(c.host, port := c.metrics_port + (c.worker_index or 0))
+                self.metrics_port = self.metrics.serve(host, port)
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {c.address(port)} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
@@ -168,7 +171,8 @@ class App:
                  f", {self._tokens} bearer token(s)" if self._tokens else "", loop_name(asyncio.get_running_loop()),
                  "" if self.loaded else "; NOT_SERVING until the model is loaded")
         if self.metrics_port is not None:
-            log.info("metrics on http://%s/metrics", c.address(self.metrics_port))
+            log.info("metrics on http://%s/metrics%s", c.address(self.metrics_port) if c.worker_index is None
+                     else f"127.0.0.1:{self.metrics_port}", "" if c.worker_index is None else " (for the supervisor)")
 
     def _observe(self, loaded: Loaded) -> None:
         s, m = loaded.served, self.metrics
@@ -337,8 +341,9 @@ class StoppedWhileStarting(Exception):
     """A stop signal came before the model was served; the loader thread may still be inside torch."""
 
 
-async def run(config: ServerConfig, on_serving: Callable[[], None] = lambda: None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; `on_serving` hears of SERVING. A second signal exits at once.
+async def run(config: ServerConfig, on_serving: Callable[[int | None], None] = lambda metrics_port: None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; `on_serving` hears of SERVING, with the metrics port (None:
+    no metrics). A second signal exits at once.
 
     Raises StoppedWhileStarting when the signal comes before SERVING: the caller leaves without waiting
     for the loader thread.
@@ -370,7 +375,7 @@ async def run(config: ServerConfig, on_serving: Callable[[], None] = lambda: Non
             log.info("stop requested while %s: exiting without serving", app.phase)
             raise StoppedWhileStarting(app.phase)
         start.result()  # raises StartupError
-        on_serving()
+        on_serving(app.metrics_port)
         await waiter
         log.info("shutting down: draining admitted work (grace %gs)", config.grace_s)
     finally:

@@ -30,7 +30,7 @@ from server.flag_values import (
     zero_or_at_least,
 )
 from server.observability.logs import FORMATS, LEVELS
-from server.transport.security import AUTH_TOKENS_ENV, split_tokens
+from server.transport.tokens import AUTH_TOKENS_ENV, split_tokens
 
 DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v1.5"
 DEFAULT_PORT = 50051
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
                         "[tracing] extra); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT")
     p.add_argument("--metrics-port", type=port, default=None,
                    help="serve Prometheus metrics over HTTP on this port (on --host); off by default; with "
-                        "--workers N, worker i serves them on this port + i")
+                        "--workers, every worker's, labelled worker=\"i\"")
     p.add_argument("--workers", type=integer(1, MAX_WORKERS), default=d.workers,
                    help="server processes sharing --port, each with a model of its own, started one after "
                         "another, each within its share of the memory (default 1)")
@@ -342,18 +342,8 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
     if c.tls_client_ca is not None and c.tls_cert is None:
         refuse("tls_client_ca", "client certificates need TLS: give --tls-cert and --tls-key too")
     _check_worker(c)
-    if c.workers > 1:
-        if c.port == 0:
-            refuse("workers", f"{c.workers} workers share one port, so --port must name it (not 0)")
-        if c.metrics_port == 0:
-            refuse("workers", f"{c.workers} workers serve metrics on --metrics-port + their index, so "
-                   "--metrics-port must name a port (not 0)")
-        if c.metrics_port is not None and c.metrics_port + c.workers - 1 > 65535:
-            refuse("workers", f"{c.workers} workers need metrics ports {c.metrics_port} to "
-                   f"{c.metrics_port + c.workers - 1}, beyond 65535; lower --metrics-port")
-        if c.metrics_port is not None and c.metrics_port <= c.port < c.metrics_port + c.workers:
-            refuse("workers", f"{c.workers} workers serve metrics on ports {c.metrics_port} to "
-                   f"{c.metrics_port + c.workers - 1}, which include the gRPC port ({setting('port')})")
+    if c.workers > 1 and c.port == 0:
+        refuse("workers", f"{c.workers} workers share one port, so --port must name it (not 0)")
 
 
 def _check_worker(c: ServerConfig) -> None:

@@ -15,7 +15,8 @@ each with a model of its own. It imports neither torch nor grpc and serves nothi
   others too, and this process exits 1, for the process manager to restart the whole; so does one whose event
   loop stops telling this process it is alive (a byte a second on its pipe) for --worker-timeout.
 - This process holds the port from before the first worker starts until it exits (_claim_port), so a second
-  server cannot take it meanwhile.
+  server cannot take it meanwhile. It serves --metrics-port itself: every worker's metrics, labelled with
+  the worker (server.observability.workers).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from server.config import ServerConfig
+from server.observability.workers import WorkerMetrics, WorkerMetricsServer
 
 log = logging.getLogger("server.supervisor")
 
@@ -56,6 +58,15 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     except _Refused as exc:
         log.error("cannot start: %s", exc)
         return 2
+    metrics: WorkerMetricsServer | None = None
+    if config.metrics_port is not None:
+        try:
+            metrics = WorkerMetricsServer(config.host, config.metrics_port)
+        except OSError as exc:
+            log.error("cannot start: cannot serve metrics on %s (--metrics-port): %s",
+                      config.address(config.metrics_port), exc.strerror or exc)
+            return 2
+        log.info("metrics of every worker on http://%s/metrics", config.address(metrics.port))
     signals: list[int] = []
     workers: list[subprocess.Popen[bytes]] = []
     pipes: list[int] = []
@@ -70,7 +81,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        code = _run(config, argv, workers, pipes, signals)
+        code = _run(config, argv, workers, pipes, signals, metrics.workers if metrics else None)
     except _Stop:
         log.info("stop requested while starting: stopping %d workers", len(workers))
         code = 0  # a worker still importing has no handler yet and dies of the SIGTERM: as asked
@@ -80,6 +91,8 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     _stop_all(workers, config.grace_s + _KILL_AFTER_S)
     for sock in held:
         sock.close()
+    if metrics is not None:
+        metrics.close()
     if len(signals) > 1:
         return 128 + signals[-1]
     if code or signals:
@@ -88,17 +101,19 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
 
 
 def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Popen[bytes]], pipes: list[int],
-         signals: list[int]) -> int:
+         signals: list[int], metrics: WorkerMetrics | None) -> int:
     """Start the workers into `workers` (their pipes into `pipes`), then watch them until a signal (0) or a
     worker's exit or silence (1). Raises _Stop on a signal while starting."""
     for index in range(config.workers):
         worker, pipe = _start(argv, index)
         workers.append(worker)
         pipes.append(pipe)
-        status = _wait_ready(worker, pipe, index, signals)
+        status, metrics_port = _wait_ready(worker, pipe, index, signals)
         if status is not None:
             log.error("worker %d exited with status %d while starting; stopping the others", index, status)
             return 2 if status == 2 else 1
+        if metrics is not None and metrics_port:
+            metrics.add(index, metrics_port)
     log.info("%d workers SERVING on %s (pids %s)", len(workers), config.address(config.port),
              ", ".join(str(w.pid) for w in workers))
     heard = [time.monotonic()] * len(workers)
@@ -168,43 +183,51 @@ def _heard(pipe: int) -> bool | None:
         return None
 
 
-def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int, signals: list[int]) -> int | None:
-    """None once the worker says it is SERVING; its exit status if it exits first. Raises _Stop on a signal."""
+def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int,
+                signals: list[int]) -> tuple[int | None, int]:
+    """(None, its metrics port or 0) once the worker says it is SERVING; (its exit status, 0) if it exits
+    first. Raises _Stop on a signal."""
+    said = b""
     with selectors.DefaultSelector() as selector:
         selector.register(read, selectors.EVENT_READ)
         while True:
             if signals:
                 raise _Stop
             if selector.select(_POLL_S):
-                if os.read(read, 1):
-                    log.info("worker %d (pid %d) SERVING", index, worker.pid)
-                    os.set_blocking(read, False)  # from now on read without waiting (_heard)
-                    return None
-                status = worker.wait()  # the pipe closed unwritten: the worker ended
+                if chunk := os.read(read, 64):
+                    said += chunk
+                    if b"\n" in said:  # "<metrics port>\n": SERVING
+                        log.info("worker %d (pid %d) SERVING", index, worker.pid)
+                        os.set_blocking(read, False)  # from now on read without waiting (_heard)
+                        line = said.split(b"\n", 1)[0]
+                        return None, int(line) if line.isdigit() else 0
+                    continue
+                status = worker.wait()  # the pipe closed before the line: the worker ended
             else:
                 status = worker.poll()
             if status is not None:
                 if signals:  # it ended of the stop that came meanwhile
                     raise _Stop
-                return status
+                return status, 0
 
 
-def tell_supervisor(ready_fd: int) -> None:
-    """In a worker, on its event loop, once SERVING: a byte on the supervisor's pipe now and every _BEAT_S
-    while the loop runs. The first says SERVING; a worker whose bytes stop is hung or stopped."""
+def tell_supervisor(ready_fd: int, metrics_port: int | None) -> None:
+    """In a worker, on its event loop, once SERVING: a line with its metrics port (0: none) on the supervisor's
+    pipe, which says SERVING, then a byte every _BEAT_S while the loop runs: a worker whose bytes stop is hung
+    or stopped."""
     loop = asyncio.get_running_loop()
     os.set_blocking(ready_fd, False)
 
-    def beat() -> None:
+    def say(message: bytes) -> None:
         try:
-            os.write(ready_fd, b"1")
+            os.write(ready_fd, message)  # fewer bytes than PIPE_BUF: written whole, or not at all
         except BlockingIOError:  # the supervisor is not reading (stopped itself): never block the loop
             pass
-        except OSError:  # the supervisor has gone; its death signal stops this process too
+        except OSError:  # the supervisor has gone, or stopped waiting (a stop came): its signal stops us too
             return
-        loop.call_later(_BEAT_S, beat)
+        loop.call_later(_BEAT_S, say, b"1")
 
-    beat()
+    say(f"{metrics_port or 0}\n".encode())
 
 
 def _stop_all(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -248,7 +271,7 @@ def _claim_port(config: ServerConfig) -> list[socket.socket]:
     same user that sets it too. So the port must be free now (a bind of its own says so), and this process
     then binds it with SO_REUSEPORT, without listening: its workers can join it, connections go only to
     sockets that listen, and a second supervisor's check, or a server binding without SO_REUSEPORT, fails
-    while this one runs. The metrics ports are only checked: their servers bind without SO_REUSEPORT.
+    while this one runs.
 
     The hold cannot set SO_REUSEADDR (the checks, which do, would pass beside it), so connections a server
     without SO_REUSEPORT left in TIME_WAIT on the port keep it from binding for up to a minute; then nothing
@@ -267,11 +290,6 @@ def _claim_port(config: ServerConfig) -> list[socket.socket]:
                 log.warning("%s (--port) is free but cannot be held until the workers bind (%s: connections "
                             "of an earlier server in TIME_WAIT); a second server could take it meanwhile",
                             config.address(config.port), exc.strerror)
-        if config.metrics_port is not None:
-            for index in range(config.workers):
-                port = config.metrics_port + index
-                for address in _addresses(config, port, "--metrics-port"):
-                    _check_free(config, address, port, "--metrics-port")
     except BaseException:
         for sock in held:
             sock.close()

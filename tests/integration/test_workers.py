@@ -46,7 +46,7 @@ class Supervised:
 @contextmanager
 def supervised(model: Path, tmp: Path, *args: str, workers: int = 2, host: str = "127.0.0.1",
                name: str = "supervisor", port: int | None = None) -> Iterator[Supervised]:
-    port, metrics_port = port or free_port(), _free_port_pair()
+    port, metrics_port = port or free_port(), free_port()
     log = tmp / f"{name}.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -62,19 +62,6 @@ def supervised(model: Path, tmp: Path, *args: str, workers: int = 2, host: str =
             process.wait()
         for pid in running.pids:  # nothing left behind, whatever the test did
             _gone(pid, timeout=60)
-
-
-def _free_port_pair() -> int:
-    """A port P with P + 1 free too (worker i serves metrics on P + i)."""
-    while True:
-        port = free_port()
-        if port < 65535:
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
 
 
 def _gone(pid: int, timeout: float) -> bool:
@@ -100,10 +87,12 @@ def _embed_over_many_connections(port: int, connections: int, host: str = "127.0
     return vectors
 
 
-def _answered(metrics_port: int, host: str = "127.0.0.1") -> float:
+def _answered(metrics_port: int, host: str = "127.0.0.1") -> list[float]:
+    """Embed calls answered by each worker, from the supervisor's --metrics-port."""
     samples = scrape_metrics(metrics_port, host)
-    return sum(v for (name, labels), v in samples.items()
-               if name == "nomic_embed_requests_total" and ("method", "Embed") in labels)
+    workers = sorted(dict(labels)["worker"] for name, labels in samples if name == "nomic_embed_worker_up")
+    return [sum(v for (name, labels), v in samples.items() if name == "nomic_embed_requests_total"
+                and ("method", "Embed") in labels and ("worker", worker) in labels) for worker in workers]
 
 
 def test_two_workers_share_the_port_answer_alike_and_stop_together(tiny_original: Path, tmp_path: Path) -> None:
@@ -112,10 +101,10 @@ def test_two_workers_share_the_port_answer_alike_and_stop_together(tiny_original
         assert len(run.pids) == 2 and run.process.pid not in run.pids
         vectors = _embed_over_many_connections(run.port, 24)
         assert all(np.array_equal(v, vectors[0]) for v in vectors)
-        # Each worker serves its metrics on --metrics-port + its index; connections went to both (all 24 to one
-        # of them has a chance of 2 in 2**24).
-        per_worker = [_answered(run.metrics_port), _answered(run.metrics_port + 1)]
-        assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker
+        # --metrics-port serves every worker's metrics, each labelled with its worker; connections went to
+        # both (all 24 to one of them has a chance of 2 in 2**24).
+        per_worker = _answered(run.metrics_port)
+        assert len(per_worker) == 2 and sum(per_worker) == 24 and min(per_worker) > 0, per_worker
         run.process.send_signal(signal.SIGTERM)
         assert run.process.wait(90) == 0, run.text()
         assert all(_gone(pid, timeout=10) for pid in run.pids)
@@ -138,6 +127,9 @@ def test_a_silent_worker_is_killed_and_the_supervisor_exits_1(tiny_original: Pat
     with supervised(tiny_original, tmp_path, "--worker-timeout", "5") as run:
         run.wait_serving()
         os.kill(run.pids[0], signal.SIGSTOP)  # alive to poll(), silent on its pipe: as a hung event loop
+        up = {dict(labels)["worker"]: v for (name, labels), v in scrape_metrics(run.metrics_port).items()
+              if name == "nomic_embed_worker_up"}
+        assert up == {"0": 0.0, "1": 1.0}  # the scrape still answers, with what the others have
         assert run.process.wait(90) == 1, run.text()
         assert all(_gone(pid, timeout=10) for pid in run.pids)
     assert "worker 0 (pid" in run.text() and "(hung or stopped; --worker-timeout 5): killing it" in run.text()
@@ -219,7 +211,7 @@ def test_workers_serve_an_ipv6_host(tiny_original: Path, tmp_path: Path) -> None
         run.wait_serving()
         vectors = _embed_over_many_connections(run.port, 4, host="[::1]")
         assert all(np.array_equal(v, vectors[0]) for v in vectors)
-        assert _answered(run.metrics_port, "[::1]") + _answered(run.metrics_port + 1, "[::1]") == 4
+        assert sum(_answered(run.metrics_port, "[::1]")) == 4
         run.process.send_signal(signal.SIGTERM)
         assert run.process.wait(90) == 0, run.text()
     assert f"workers SERVING on [::1]:{run.port}" in run.text()
@@ -251,26 +243,27 @@ def test_a_bad_file_fails_the_start_before_the_model_loads(tiny_original: Path, 
     assert "worker 0 server: cannot start: cannot read the TLS" in text and "start-up:" not in text
 
 
-def test_a_port_in_use_fails_before_any_worker_starts(tiny_original: Path) -> None:
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_fails_before_any_worker_starts(tiny_original: Path, flag: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {"--port": str(free_port()), "--metrics-port": str(free_port()), flag: str(port)}
         result = subprocess.run(
-            [sys.executable, "-m", "server", "--model", str(tiny_original), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            [sys.executable, "-m", "server", "--model", str(tiny_original), "--host", "127.0.0.1", "--workers", "2",
+             *(word for pair in ports.items() for word in pair)], cwd=ROOT, capture_output=True, text=True,
+            timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port} (--port): the port is in use" in lines[0]
+    why = "the port is in use" if flag == "--port" else "Address already in use"
+    assert len(lines) == 1 and f"127.0.0.1:{port} ({flag}): {why}" in lines[0], lines
 
 
 @pytest.mark.parametrize(("argv", "words"), [
     (["--workers", "0"], "--workers"),
     (["--workers", "65"], "--workers"),
     (["--workers", "2", "--port", "0"], "--port must name it"),
-    (["--workers", "2", "--metrics-port", "0"], "--metrics-port must name a port"),
-    (["--workers", "3", "--metrics-port", "65534"], "beyond 65535"),
-    (["--workers", "3", "--port", "9001", "--metrics-port", "9000"], "include the gRPC port"),
 ])
 def test_worker_settings_that_cannot_work_are_refused_naming_the_flag(argv: list[str], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):

@@ -8,6 +8,8 @@ place that wires everything) and server/__main__.py may import anything. Imports
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,14 @@ def test_only_one_layer_of_the_server_imports_each_library(library: set[str], ho
                if not path.is_relative_to(ROOT / home) and str(path.relative_to(ROOT)) not in WIRING
                for module in sorted(_imports(path)) if _hits(module, library)]
     assert outside == []
+
+
+def test_the_supervisor_loads_neither_grpc_nor_torch() -> None:
+    """--workers' supervisor, with the configuration it reads, imports nothing heavy, even indirectly."""
+    roots = sorted({name.split(".")[0] for name in GRPC | TORCH})
+    code = f"import sys, server.supervisor; print(sorted(m for m in sys.modules if m.split('.')[0] in {roots!r}))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
 
 
 def test_the_contract_sees_imports() -> None:
