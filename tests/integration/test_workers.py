@@ -96,19 +96,21 @@ def _answered(metrics_port: int, host: str = "127.0.0.1") -> list[float]:
 
 
 def test_two_workers_share_the_port_answer_alike_and_stop_together(tiny_original: Path, tmp_path: Path) -> None:
-    with supervised(tiny_original, tmp_path) as run:
+    host = "[::1]" if _ipv6_loopback() else "127.0.0.1"  # IPv6 where the host has it: bracketed, as in URLs
+    with supervised(tiny_original, tmp_path, host=host) as run:
         run.wait_serving()
         assert len(run.pids) == 2 and run.process.pid not in run.pids
-        vectors = _embed_over_many_connections(run.port, 24)
+        vectors = _embed_over_many_connections(run.port, 24, host)
         assert all(np.array_equal(v, vectors[0]) for v in vectors)
         # --metrics-port serves every worker's metrics, each labelled with its worker; connections went to
         # both (all 24 to one of them has a chance of 2 in 2**24).
-        per_worker = _answered(run.metrics_port)
+        per_worker = _answered(run.metrics_port, host)
         assert len(per_worker) == 2 and sum(per_worker) == 24 and min(per_worker) > 0, per_worker
         run.process.send_signal(signal.SIGTERM)
         assert run.process.wait(90) == 0, run.text()
         assert all(_gone(pid, timeout=10) for pid in run.pids)
     text = run.text()
+    assert f"workers SERVING on {host}:{run.port}" in text
     assert "worker 0 server.app: SERVING" in text and "worker 1 server.app: SERVING" in text
     assert text.count("server.app: stopped") == 2 and "Traceback" not in text
 
@@ -135,19 +137,10 @@ def test_a_silent_worker_is_killed_and_the_supervisor_exits_1(tiny_original: Pat
     assert "worker 0 (pid" in run.text() and "(hung or stopped; --worker-timeout 5): killing it" in run.text()
 
 
-def test_a_second_signal_cuts_the_drain_short_and_exits_128_plus_it(tiny_original: Path, tmp_path: Path) -> None:
-    with supervised(tiny_original, tmp_path) as run:
-        run.wait_serving()
-        run.process.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        run.process.send_signal(signal.SIGINT)
-        assert run.process.wait(90) == 128 + signal.SIGINT, run.text()
-        assert all(_gone(pid, timeout=10) for pid in run.pids)
-    assert "SIGTERM again: exiting now" in run.text() and "while serving" not in run.text()
-
-
 def test_the_port_is_held_from_the_start_against_a_second_server(tiny_original: Path, tmp_path: Path) -> None:
-    with supervised(tiny_original, tmp_path) as run:
+    # Restarted a moment after workers served on the port: their connections are still in TIME_WAIT.
+    port = _port_in_time_wait(reuseport=True)
+    with supervised(tiny_original, tmp_path, port=port) as run:
         deadline = time.monotonic() + 60
         while _bindable(run.port):  # held by the supervisor before its first worker even imports torch
             assert run.process.poll() is None and time.monotonic() < deadline, run.text()
@@ -160,35 +153,46 @@ def test_the_port_is_held_from_the_start_against_a_second_server(tiny_original: 
             assert second.returncode == 2 and "cannot listen on 127.0.0.1" in second.stderr, second.stderr
         run.wait_serving()
         assert len(_embed_over_many_connections(run.port, 4)) == 4
-        run.process.send_signal(signal.SIGTERM)
-        assert run.process.wait(90) == 0, run.text()
+        # A second signal cuts the drain short: every worker exits at once, the supervisor with 128 + it.
+        run.process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        run.process.send_signal(signal.SIGINT)
+        assert run.process.wait(90) == 128 + signal.SIGINT, run.text()
+        assert all(_gone(pid, timeout=10) for pid in run.pids)
+    text = run.text()
+    assert "SIGTERM again: exiting now" in text and "while serving" not in text and "cannot be held" not in text
     assert _bindable(run.port)  # and given back
 
 
-@pytest.mark.parametrize("earlier", ["a single server", "workers"])
-def test_connections_left_in_time_wait_do_not_refuse_the_port(tiny_original: Path, tmp_path: Path,
-                                                              earlier: str) -> None:
-    with socket.socket() as listener:  # a server that served a connection and closed it first, then stopped
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc sets it
-        if earlier == "workers":
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+def test_a_port_left_in_time_wait_by_a_single_server_is_not_refused(tiny_original: Path, tmp_path: Path) -> None:
+    """Its connections lack SO_REUSEPORT, so the supervisor cannot hold the port beside them: it says so."""
+    with supervised(tiny_original, tmp_path, port=_port_in_time_wait(reuseport=False)) as run:
+        run.wait_serving()
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(90) == 0, run.text()
+    assert "cannot be held until the workers bind" in run.text()
+
+
+def _port_in_time_wait(*, reuseport: bool) -> int:
+    """A port a server (grpc's socket options, SO_REUSEPORT as workers set it) served a connection on and
+    closed it first, then stopped: the side that closes first keeps the port in TIME_WAIT for a minute."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as client:
             served, _ = listener.accept()
-            served.close()  # the side that closes first keeps the port in TIME_WAIT for a minute
+            served.close()
             client.recv(1)
-    with supervised(tiny_original, tmp_path, port=port) as run:
-        run.wait_serving()
-        run.process.send_signal(signal.SIGTERM)
-        assert run.process.wait(90) == 0, run.text()
-    # Held unless the connections lack SO_REUSEPORT, which the hold sets and they would have to share.
-    assert ("cannot be held until the workers bind" in run.text()) == (earlier == "a single server"), run.text()
+    return port
 
 
 def _bindable(port: int) -> bool:
+    """Whether a server could bind the port (connections left in TIME_WAIT do not stop it)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
             return True
@@ -203,18 +207,6 @@ def _ipv6_loopback() -> bool:
             return True
     except OSError:
         return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
-def test_workers_serve_an_ipv6_host(tiny_original: Path, tmp_path: Path) -> None:
-    with supervised(tiny_original, tmp_path, host="[::1]") as run:
-        run.wait_serving()
-        vectors = _embed_over_many_connections(run.port, 4, host="[::1]")
-        assert all(np.array_equal(v, vectors[0]) for v in vectors)
-        assert sum(_answered(run.metrics_port, "[::1]")) == 4
-        run.process.send_signal(signal.SIGTERM)
-        assert run.process.wait(90) == 0, run.text()
-    assert f"workers SERVING on [::1]:{run.port}" in run.text()
 
 
 def test_workers_are_not_orphaned_when_the_supervisor_is_killed(tiny_original: Path, tmp_path: Path) -> None:
