@@ -276,14 +276,27 @@ def _claim_port(config: ServerConfig) -> list[socket.socket]:
     The hold cannot set SO_REUSEADDR (the checks, which do, would pass beside it), so connections a server
     without SO_REUSEPORT left in TIME_WAIT on the port keep it from binding for up to a minute; then nothing
     holds the port until the workers bind, and the log says so."""
+    where = f"cannot listen on {config.address(config.port)} (--port)"
+    try:
+        found = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise _Refused(f"{where}: {exc.strerror}") from None
     held: list[socket.socket] = []
     try:
-        for address in _addresses(config, config.port, "--port"):
-            _check_free(config, address, config.port, "--port")
-            sock = socket.socket(address[0], address[1], address[2])
+        for family, kind, proto, _, address in found:
+            with socket.socket(family, kind, proto) as probe:
+                # As servers bind: connections of a server that stopped a moment ago, in TIME_WAIT, do not
+                # count; a socket that listens does.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                    raise _Refused(f"{where}: {why}") from None
+            sock = socket.socket(family, kind, proto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(address[3])
+                sock.bind(address)
                 held.append(sock)
             except OSError as exc:
                 sock.close()
@@ -295,33 +308,6 @@ def _claim_port(config: ServerConfig) -> list[socket.socket]:
             sock.close()
         raise
     return held
-
-
-_Address = tuple[int, int, int, tuple[object, ...]]  # family, type, protocol, socket address
-
-
-def _addresses(config: ServerConfig, port: int, flag: str) -> list[_Address]:
-    try:
-        found = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise _Refused(f"cannot listen on {config.address(port)} ({flag}): {exc.strerror}") from None
-    return [(family, kind, proto, address) for family, kind, proto, _, address in found]
-
-
-def _check_free(config: ServerConfig, address: _Address, port: int, flag: str) -> None:
-    with socket.socket(address[0], address[1], address[2]) as probe:
-        # As servers bind: the connections of a server that stopped a moment ago, in TIME_WAIT, do not
-        # count, and a socket that listens does.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _bind(probe, config, address, port, flag)
-
-
-def _bind(sock: socket.socket, config: ServerConfig, address: _Address, port: int, flag: str) -> None:
-    try:
-        sock.bind(address[3])
-    except OSError as exc:
-        why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise _Refused(f"cannot listen on {config.address(port)} ({flag}): {why}") from None
 
 
 __all__ = ["supervise", "tell_supervisor", "worker_memory"]
