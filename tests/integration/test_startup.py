@@ -23,6 +23,7 @@ from server.errors import StartupError
 from server.model.device import available_cpus
 from tests.conftest import TINY
 from tools.checkpoint import write_tiny_nomic
+from tools.ports import ipv6_loopback
 from tools.servers import RunningServer, free_port, running_server, scrape_metrics, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,16 +124,7 @@ def test_a_taken_metrics_port_exits_2_with_one_error_line(tmp_path: Path) -> Non
     assert len(errors) == 1 and "--metrics-port" in errors[0] and "no-model" not in out, out
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-            return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback")
+@pytest.mark.skipif(not ipv6_loopback(), reason="this host has no IPv6 loopback")
 def test_an_ipv6_host_serves_grpc_and_metrics(tiny_original: Path) -> None:
     with running_server(str(tiny_original), host="::1", metrics_port=0) as running:
         assert running.target == f"[::1]:{running.port}"

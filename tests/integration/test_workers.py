@@ -21,6 +21,7 @@ from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.config import ConfigError, ServerConfig, build_config
 from server.supervisor import worker_memory
+from tools.ports import ipv6_loopback
 from tools.servers import free_port, scrape_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ def _answered(metrics_port: int, host: str = "127.0.0.1") -> list[float]:
 
 
 def test_two_workers_share_the_port_answer_alike_and_stop_together(tiny_original: Path, tmp_path: Path) -> None:
-    host = "[::1]" if _ipv6_loopback() else "127.0.0.1"  # IPv6 where the host has it: bracketed, as in URLs
+    host = "[::1]" if ipv6_loopback() else "127.0.0.1"  # IPv6 where the host has it: bracketed, as in URLs
     with supervised(tiny_original, tmp_path, host=host) as run:
         run.wait_serving()
         assert len(run.pids) == 2 and run.process.pid not in run.pids
@@ -198,15 +199,6 @@ def _bindable(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-            return True
-    except OSError:
-        return False
 
 
 def test_workers_are_not_orphaned_when_the_supervisor_is_killed(tiny_original: Path, tmp_path: Path) -> None:
