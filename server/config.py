@@ -168,8 +168,8 @@ def _parser() -> argparse.ArgumentParser:
                         "too small to share runs on one)")
     p.add_argument("--cuda-graph-tokens", default=d.cuda_graph_tokens, type=zero_or_at_least(
                    MIN_GRAPH_TOKENS, "no CUDA graphs", f"the smallest graph holds {MIN_GRAPH_TOKENS} tokens"),
-                   help="CUDA: batches of up to this many padded tokens (default %(default)s) replay CUDA graphs "
-                        "captured at start, in the memory the batch budget leaves; 0 = none")
+                   help=f"CUDA: batches of up to this many padded tokens (default {d.cuda_graph_tokens}) replay "
+                        "CUDA graphs captured at start, in the memory the batch budget leaves; 0 = none")
     p.add_argument("--rotary-scaling-factor", type=rotary_factor, default=d.rotary_scaling_factor,
                    help="dynamic NTK factor for inputs beyond the trained positions: 1 or more; 0 disables")
     p.add_argument("--grace", type=number(0, _MAX_GRACE_S, "seconds"), default=d.grace_s, dest="grace_s",
@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                    default=d.worker_timeout_s, dest="worker_timeout_s",
                    help="with --workers: a worker whose event loop has been silent this long (hung, or stopped) is "
                         "killed and the others stopped, for the process manager to restart the whole "
-                        "(default %(default)g)")
+                        f"(default {d.worker_timeout_s:g})")
     internal = integer(0, UINT32)
     p.add_argument("--worker-index", type=internal, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=internal, default=None, help=argparse.SUPPRESS)

@@ -61,7 +61,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     metrics: WorkerMetricsServer | None = None
     if config.metrics_port is not None:
         try:
-            metrics = WorkerMetricsServer(config.host, config.metrics_port)
+            metrics = WorkerMetricsServer(config.host, config.metrics_port, config.workers)
         except OSError as exc:
             log.error("cannot start: cannot serve metrics on %s (--metrics-port): %s",
                       config.address(config.metrics_port), exc.strerror or exc)

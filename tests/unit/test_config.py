@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,8 @@ from server.config import (
     parse_args,
 )
 from server.flag_values import parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults() -> None:
@@ -211,3 +217,12 @@ def test_a_size_that_overflows_with_its_unit_is_refused(value: str) -> None:
 def test_a_request_byte_limit_no_request_fits_is_refused() -> None:
     with pytest.raises(ConfigError, match="1024"):
         build_config(["--max-request-bytes", "5"], {})
+
+
+def test_help_lists_every_flag_with_true_defaults() -> None:
+    """--help goes through the parser that marks defaults for build_config: each flag, and no marker shown."""
+    shown = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "COLUMNS": "1000"})  # no wrapping inside a phrase
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    assert all(flag in shown.stdout for flag in flag_environment()) and "object at 0x" not in shown.stdout
+    assert "(default 16384)" in shown.stdout and "(default 30)" in shown.stdout
