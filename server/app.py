@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 import server
 from nomic_embed.v1 import embed_pb2
 from quant.policy import NoVariantFits, Request, choose_variant
-from server.config import ServerConfig
+from server.config import ServerConfig, host_port
 from server.daemon_thread import in_daemon_thread
 from server.domain import MIN_MAX_TOKENS, EmbedResult, Limits, ModelFacts, Task
 from server.engine.batcher import Batcher, BatchPolicy
@@ -163,16 +163,15 @@ class App:
             try:
                 self.metrics_port = self.metrics.serve(host, port)
             except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {c.address(port)} (--metrics-port): "
+                raise StartupError(f"cannot serve metrics on {host_port(host, port)} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
+            log.info("metrics on http://%s/metrics%s", host_port(host, self.metrics_port),
+                     "" if c.worker_index is None else " (read by the supervisor)")
         await self.grpc_server.start()
         log.info("listening on %s (%s%s; %s)%s", c.address(self.port),
                  "mTLS" if c.tls_client_ca else "TLS" if credentials else "plaintext",
                  f", {self._tokens} bearer token(s)" if self._tokens else "", loop_name(asyncio.get_running_loop()),
                  "" if self.loaded else "; NOT_SERVING until the model is loaded")
-        if self.metrics_port is not None:
-            log.info("metrics on http://%s/metrics%s", c.address(self.metrics_port) if c.worker_index is None
-                     else f"127.0.0.1:{self.metrics_port}", "" if c.worker_index is None else " (for the supervisor)")
 
     def _observe(self, loaded: Loaded) -> None:
         s, m = loaded.served, self.metrics

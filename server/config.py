@@ -94,8 +94,13 @@ class ServerConfig:
     ready_fd: int | None = None
 
     def address(self, port: int) -> str:
-        """host:port as grpc and logs write it, an IPv6 address bracketed ([::1]:50051)."""
-        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+        """--host with `port`, as grpc and logs write it."""
+        return host_port(self.host, port)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, an IPv6 address bracketed ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # Upper bounds, where a larger value would break something rather than be merely unusual.
