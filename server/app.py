@@ -344,26 +344,32 @@ async def run(config: ServerConfig, on_serving: Callable[[int | None], None] = l
     """Serve until SIGTERM or SIGINT, then drain; `on_serving` hears of SERVING, with the metrics port (None:
     no metrics). A second signal exits at once.
 
+    A worker of --workers hears a stop from several senders at once (its supervisor; the kernel when the
+    supervisor dies, once per thread of it; a process manager signalling the whole group), so it takes every
+    SIGTERM or SIGINT as that one stop, and exits at once on SIGQUIT, which only its supervisor sends.
+
     Raises StoppedWhileStarting when the signal comes before SERVING: the caller leaves without waiting
     for the loader thread.
     """
     app = App(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    worker = config.worker_index is not None
     signals = 0
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals
         signals += 1
-        if signals == 1:
+        at_once = sig == signal.SIGQUIT or (signals > 1 and not worker)
+        if not at_once or app.loaded is None:  # before SERVING every stop is at once: the start is abandoned
             stop.set()
-        elif app.loaded is not None:
-            requests, rows = app.loaded.batcher.pending()
-            log.warning("%s again: exiting now, dropping %d admitted requests (%d rows uncomputed)",
-                        sig.name, requests, rows)
-            exit_now(128 + sig)
+            return
+        requests, rows = app.loaded.batcher.pending()
+        log.warning("%s%s: exiting now, dropping %d admitted requests (%d rows uncomputed)", sig.name,
+                    "" if sig == signal.SIGQUIT else " again", requests, rows)
+        exit_now(128 + sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, *((signal.SIGQUIT,) if worker else ())):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         start = asyncio.ensure_future(app.start())

@@ -8,8 +8,9 @@ each with a model of its own. It imports neither torch nor grpc and serves nothi
 - Workers start one at a time, each once the one before is SERVING, so each sizes its model and batch budget
   from the memory the ones before left it (a share of it: server.app.worker_memory).
 - SIGTERM or SIGINT here reaches every worker as SIGTERM: each drains as a single server does, and a second
-  signal makes each exit at once, as it would a single server. Workers run in sessions of their own, so a
-  Ctrl-C in a terminal reaches them only through here; they get SIGTERM if this process dies.
+  signal makes each exit at once (SIGQUIT: a worker takes further SIGTERMs as the same stop, since it may
+  get one from a process manager too). Workers run in sessions of their own, so a Ctrl-C in a terminal
+  reaches them only through here; they get SIGTERM if this process dies.
 - A worker that fails to start stops the others, and this process exits with its status (2 for bad start-up
   input, which the worker has already explained in one line). A worker that exits while serving stops the
   others too, and this process exits 1, for the process manager to restart the whole; so does one whose event
@@ -73,10 +74,10 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
 
     def on_signal(sig: int, _frame: object) -> None:
         signals.append(sig)
-        if len(signals) > 1:  # again, while they drain: each worker hears it again, and exits at once
+        if len(signals) > 1:  # again, while they drain: each worker exits at once (SIGTERM would only stop it)
             for worker in workers:
                 if worker.poll() is None:
-                    worker.send_signal(signal.SIGTERM)
+                    worker.send_signal(signal.SIGQUIT)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
