@@ -103,7 +103,9 @@ class WorkerMetricsServer:
 
     def __init__(self, host: str, port: int, workers: int) -> None:
         self.workers = WorkerMetrics(workers)
-        registry = CollectorRegistry(auto_describe=False)
+        # The workers' metric names are known only once they are read: a collector without names is still
+        # collected, and filtered by name when a scrape asks (?name[]=...).
+        registry = CollectorRegistry(support_collectors_without_names=True)
         registry.register(self.workers)
         self._http, _ = start_http_server(port, addr=host, registry=registry)
         self.port = int(self._http.server_port)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from server.observability.metrics import Metrics
-from server.observability.workers import WorkerMetrics
+from server.observability.workers import WorkerMetricsServer
 
 
 @contextmanager
@@ -57,20 +58,28 @@ def _unused_port() -> int:
         return probe.getsockname()[1]
 
 
+def _scrape(port: int, query: str = "", openmetrics: bool = False) -> str:
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0"} if openmetrics else {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(f"http://127.0.0.1:{port}/metrics{query}", headers=accept)) as reply:
+        return reply.read().decode()
+
+
 def test_every_worker_is_labelled_and_the_broken_ones_are_down(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_unused_port()}")  # loopback goes direct regardless
     exposition = _worker_exposition()
     with _serving(exposition) as good, _serving(exposition[:200], declared_length=len(exposition)) as cut:
-        collector = WorkerMetrics(workers=4)  # worker 3 has not reported yet
-        collector.add(0, good)
-        collector.add(1, cut)  # killed while answering
-        collector.add(2, _unused_port())  # gone
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(collector)
-        # The supervisor's answer parses strictly, in both formats Prometheus asks for.
-        families = {f.name: f for f in text_string_to_metric_families(generate_openmetrics(registry).decode())}
-        text = generate_latest(registry).decode()
-        collector.close()
+        server = WorkerMetricsServer("127.0.0.1", 0, workers=4)  # worker 3 has not reported yet
+        try:
+            server.workers.add(0, good)
+            server.workers.add(1, cut)  # killed while answering
+            server.workers.add(2, _unused_port())  # gone
+            # The answer parses strictly, in both formats Prometheus asks for.
+            families = {f.name: f for f in text_string_to_metric_families(_scrape(server.port, openmetrics=True))}
+            text = _scrape(server.port)
+            only_up = _scrape(server.port, "?name[]=nomic_embed_worker_up")
+        finally:
+            server.close()
     up = {s.labels["worker"]: s.value for s in families["nomic_embed_worker_up"].samples}
     assert up == {"0": 1.0, "1": 0.0, "2": 0.0, "3": 0.0}
     requests = families["nomic_embed_requests"]
@@ -78,3 +87,4 @@ def test_every_worker_is_labelled_and_the_broken_ones_are_down(monkeypatch: pyte
         ("nomic_embed_requests_total", "0"), ("nomic_embed_requests_created", "0")}
     assert families["nomic_embed_model"].type == "info"
     assert 'nomic_embed_requests_total{code="OK",method="Embed",worker="0"} 3.0' in text
+    assert "nomic_embed_worker_up{" in only_up and "nomic_embed_requests" not in only_up  # as ?name[]= asks
