@@ -62,7 +62,7 @@ class WorkerMetrics(Collector):
                     merged = families.setdefault(family.name, Metric(family.name, family.documentation,
                                                                      family.type, family.unit))
                     for sample in family.samples:
-                        merged.add_sample(sample.name, {**sample.labels, "worker": str(worker)}, sample.value,
+                        merged.add_sample(sample.name, _labelled(sample.labels, worker), sample.value,
                                           sample.timestamp, sample.exemplar)
         yield up
         yield from families.values()
@@ -79,6 +79,13 @@ class WorkerMetrics(Collector):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _labelled(labels: dict[str, str], worker: int) -> dict[str, str]:
+    """The sample's labels and its worker's; a `worker` label of its own becomes `exported_worker`, as
+    Prometheus renames a target's label that clashes with one it attaches."""
+    own = {("exported_worker" if name == "worker" else name): value for name, value in labels.items()}
+    return {**own, "worker": str(worker)}
 
 
 def _fetch(port: int) -> str | Exception:

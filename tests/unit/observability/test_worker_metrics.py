@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
@@ -49,6 +49,8 @@ def _worker_exposition() -> bytes:
     metrics = Metrics(CollectorRegistry())
     metrics.requests.labels(method="Embed", code="OK").inc(3)
     metrics.describe_model(model_id="m", variant="fp32", device="cpu", reason="r")
+    Gauge("own_worker_label", "a metric with a worker label of its own", ["worker"],
+          registry=metrics.registry).labels(worker="w").set(1)
     return generate_openmetrics(metrics.registry)
 
 
@@ -88,3 +90,4 @@ def test_every_worker_is_labelled_and_the_broken_ones_are_down(monkeypatch: pyte
     assert families["nomic_embed_model"].type == "info"
     assert 'nomic_embed_requests_total{code="OK",method="Embed",worker="0"} 3.0' in text
     assert "nomic_embed_worker_up{" in only_up and "nomic_embed_requests" not in only_up  # as ?name[]= asks
+    assert 'own_worker_label{exported_worker="w",worker="0"} 1.0' in text  # its own label kept, renamed
