@@ -351,22 +351,24 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
         refuse("workers", f"{c.workers} workers share one port, so --port must name it (not 0)")
 
 
+_BY_SUPERVISOR = "set by --workers' supervisor, not by hand"
+
+
 def _check_worker(c: ServerConfig) -> None:
     """The flags a supervisor gives each worker (never a user): a wrong one would size the memory share wrong
     or leave the supervisor waiting."""
     if (c.worker_index is None) != (c.ready_fd is None):
         pair = ["--worker-index", "--ready-fd"]
         given, missing = pair if c.ready_fd is None else pair[::-1]
-        raise ConfigError(f"argument {given}: only with {missing} (both are set by --workers' supervisor, not by hand)")
+        raise ConfigError(f"argument {given}: only with {missing} ({_BY_SUPERVISOR})")
     if c.worker_index is None or c.ready_fd is None:
         return
     if not c.worker_index < c.workers:
-        raise ConfigError(f"argument --worker-index: {c.worker_index} is not below --workers {c.workers} (it is "
-                          "set by --workers' supervisor, not by hand)")
+        raise ConfigError(f"argument --worker-index: {c.worker_index} is not below --workers {c.workers} "
+                          f"({_BY_SUPERVISOR})")
     try:
         is_pipe = c.ready_fd > 2 and stat.S_ISFIFO(os.fstat(c.ready_fd).st_mode)
     except OSError:
         is_pipe = False
     if not is_pipe:
-        raise ConfigError(f"argument --ready-fd: {c.ready_fd} is not an open pipe of this process (it is set by "
-                          "--workers' supervisor, not by hand)")
+        raise ConfigError(f"argument --ready-fd: {c.ready_fd} is not an open pipe of this process ({_BY_SUPERVISOR})")

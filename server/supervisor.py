@@ -118,32 +118,25 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
     log.info("%d workers SERVING on %s (pids %s)", len(workers), config.address(config.port),
              ", ".join(str(w.pid) for w in workers))
     heard = [time.monotonic()] * len(workers)
-    with selectors.DefaultSelector() as selector:
-        for index, pipe in enumerate(pipes):
-            selector.register(pipe, selectors.EVENT_READ, index)
-        while not signals:
-            for key, _ in selector.select(_POLL_S):
-                if (got := _heard(key.fd)) is False:  # the worker closed its end: it is ending, as poll() says soon
-                    selector.unregister(key.fd)
-                elif got:
-                    heard[key.data] = time.monotonic()
-            for index, worker in enumerate(workers):
-                if signals:
-                    break  # a stop: workers end now as asked, not as failures
-                if (status := worker.poll()) is not None:
-                    log.error("worker %d (pid %d) exited with status %d while serving; stopping the others",
-                              index, worker.pid, status)
-                    return 1
-                if time.monotonic() - heard[index] > config.worker_timeout_s and _heard(pipes[index]):
-                    # Its bytes wait in the pipe: this process was the one not running (stopped, or not
-                    # scheduled), or select missed them; the worker was not silent.
-                    heard[index] = time.monotonic()
-                if (silent := time.monotonic() - heard[index]) > config.worker_timeout_s:
-                    log.error("worker %d (pid %d) has been silent for %.0fs (hung or stopped; --worker-timeout "
-                              "%g): killing it and stopping the others", index, worker.pid, silent,
-                              config.worker_timeout_s)
-                    worker.kill()
-                    return 1
+    while not signals:
+        time.sleep(_POLL_S)
+        for index, worker in enumerate(workers):
+            if signals:
+                break  # a stop: workers end now as asked, not as failures
+            if (status := worker.poll()) is not None:
+                log.error("worker %d (pid %d) exited with status %d while serving; stopping the others",
+                          index, worker.pid, status)
+                return 1
+            # Read now, whatever select would say: bytes that waited while this process was not running
+            # (stopped, not scheduled) count, and the worker was not silent.
+            if _heard(pipes[index]):
+                heard[index] = time.monotonic()
+            if (silent := time.monotonic() - heard[index]) > config.worker_timeout_s:
+                log.error("worker %d (pid %d) has been silent for %.0fs (hung or stopped; --worker-timeout "
+                          "%g): killing it and stopping the others", index, worker.pid, silent,
+                          config.worker_timeout_s)
+                worker.kill()
+                return 1
     log.info("%s: stopping %d workers (each drains, grace %gs)", signal.Signals(signals[0]).name, len(workers),
              config.grace_s)
     return 0
@@ -175,13 +168,13 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return prepare
 
 
-def _heard(pipe: int) -> bool | None:
-    """True if a worker's pipe held bytes (read now, without waiting), None if it was empty, False once the
-    worker closed it."""
+def _heard(pipe: int) -> bool:
+    """Whether a worker's pipe held bytes, read now without waiting (empty, or closed by a worker that is
+    ending: False)."""
     try:
         return len(os.read(pipe, 4096)) > 0
     except BlockingIOError:
-        return None
+        return False
 
 
 def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int,

@@ -48,13 +48,12 @@ class WorkerMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             ports = dict(self._ports)
-        texts = dict(zip(ports, self._pool.map(_fetch, ports.values()), strict=True))
+        read = dict(zip(ports, self._pool.map(_read, ports.values()), strict=True))
         up = GaugeMetricFamily("nomic_embed_worker_up", "1 if the worker's metrics came with this scrape, else 0 "
                                "(not started yet, stopped, or hung)", labels=["worker"])
         families: dict[str, Metric] = {}
         for worker in range(self._workers):
-            text = texts.get(worker)
-            parsed = _parse(text) if isinstance(text, str) else text
+            parsed = read.get(worker)  # None: the worker has not reported its port yet
             self._note(worker, ports.get(worker), parsed)
             up.add_metric([str(worker)], 0 if parsed is None or isinstance(parsed, Exception) else 1)
             if isinstance(parsed, list):
@@ -88,20 +87,13 @@ def _labelled(labels: dict[str, str], worker: int) -> dict[str, str]:
     return {**own, "worker": str(worker)}
 
 
-def _fetch(port: int) -> str | Exception:
-    """The worker's metrics in the OpenMetrics text format, or why they did not come."""
+def _read(port: int) -> list[Metric] | Exception:
+    """The worker's metrics, read in the OpenMetrics text format, or why they did not come."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": _ACCEPT})
     try:
         with _OPENER.open(request, timeout=_SCRAPE_TIMEOUT_S) as reply:
-            return reply.read().decode("utf-8")
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, cut short, not UTF-8
-        return exc
-
-
-def _parse(text: str) -> list[Metric] | Exception:
-    try:
-        return list(text_string_to_metric_families(text))
-    except ValueError as exc:
+            return list(text_string_to_metric_families(reply.read().decode("utf-8")))
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, cut short, unparsable
         return exc
 
 
