@@ -62,9 +62,9 @@ def _torchao(built: Built, compiled: bool) -> None:
                 module.forward = lambda x, m=module: linear(x, m.weight, m.bias)  # type: ignore[method-assign]
 
 
-def _ours(alpha: float | None, compiled: bool) -> Callable[[Built, Path], None]:
+def _ours(alpha: float | None, compiled: bool, kernel: str = "int_mm") -> Callable[[Built, Path], None]:
     def apply(built: Built, path: Path) -> None:
-        layers = int8.quantize_int8(built.loaded.model, int8.calibration_rows(path), alpha=alpha)
+        layers = int8.quantize_int8(built.loaded.model, int8.calibration_rows(path), alpha=alpha, kernel=kernel)
         if compiled:
             int8.compile_kernels(layers)
     return apply
@@ -77,6 +77,7 @@ METHODS: dict[str, Callable[[Built, Path], None]] = {
     "int8 per-token compiled": _ours(None, True),
     "int8 per-token + smooth 0.5 eager": _ours(0.5, False),
     "int8 per-token + smooth 0.8 compiled": _ours(0.8, True),
+    "int8 per-token + smooth 0.5 fbgemm": _ours(0.5, False, "fbgemm"),
 }
 
 

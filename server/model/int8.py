@@ -9,26 +9,40 @@ LayerNorm output feeding a projection also feeds the residual stream and cannot 
 explicit multiply on the projection's input, folded into the pass that quantizes it. Each projection has its
 own s (query, key and value read the same input but get one each: measured no slower, slightly more precise).
 
-The kernel is compiled (torch.compile, dynamic in the token count) at load, which fuses the smoothing and the
-per-token quantization into one pass and the dequantization into another around the int8 matmul; where
-compiling fails (no C++ compiler) the same function runs eagerly, slower.
+Two kernels, chosen by the CPU at load (`kernel_for`):
+- `int_mm`, on CPUs with int8 dot-product instructions (VNNI, AMX) or not x86: torch._int_mm (oneDNN),
+  compiled (torch.compile, dynamic in the token count) at load, which fuses the smoothing and the per-token
+  quantization into one pass and the dequantization into another around the int8 matmul; where compiling fails
+  (no C++ compiler) the same function runs eagerly, slower.
+- `fbgemm`, on x86 CPUs without them (AVX2): torch._int_mm has no fast path there (measured ~50x slower than
+  float32 on an AVX2 EPYC), while fbgemm's dynamic int8 Linear is ~2x faster than float32. That kernel takes one
+  activation range per call, so each token is first divided by its absolute max (every row then spans at most
+  [-1, 1]) and one constant row holding 1 and -1 is appended: the call's range is always exactly [-1, 1],
+  whatever the batch, and each token's result is multiplied back by its own scale. fbgemm quantizes
+  activations to 7 bits on x86 (`reduce_range`: its AVX2 kernel sums pairs of products in 16 bits), so a
+  token gets 127 steps over [-amax, amax] where `int_mm` has 255: slightly less precise (docs/quantization.md).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from server.model.device import cpu_flags
 from server.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SMOOTHING_ALPHA = 0.5  # migrates half of the outliers' range (in log scale) into the weights
+# x86 instructions that give torch._int_mm a fast int8 dot product (oneDNN's VNNI and AMX kernels).
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+KERNELS = ("int_mm", "fbgemm")
 
 # Calibration input: varied prose, code, numbers and a list, as a served corpus might hold.
 CALIBRATION_TEXTS = (
@@ -54,11 +68,20 @@ CALIBRATION_TEXTS = (
 )
 
 
+def kernel_for(flags: Set[str]) -> str:
+    """The int8 kernel to run on a CPU with these feature flags (see the module's docstring)."""
+    x86_without_dot = "avx2" in flags and not flags & INT8_DOT_FLAGS
+    return "fbgemm" if x86_without_dot and "fbgemm" in torch.backends.quantized.supported_engines else "int_mm"
+
+
 class Int8Linear(nn.Module):
     """A Linear layer as int8 weights (one scale per output channel), run on per-token int8 activations."""
 
-    def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None, alpha: float = SMOOTHING_ALPHA) -> None:
+    def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None, alpha: float = SMOOTHING_ALPHA,
+                 kernel: str = "int_mm") -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown int8 kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
         weight = linear.weight.detach().float()  # [out, in]
         inv_smooth = None
         if input_max is not None:
@@ -68,7 +91,9 @@ class Int8Linear(nn.Module):
             inv_smooth = 1 / smooth
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_t", quantized.t().contiguous())  # [in, out], as the int8 matmul takes it
+        self.packed = _fbgemm_pack(quantized, scale) if kernel == "fbgemm" else None
+        # [in, out], as the int8 matmul takes it; fbgemm keeps its own packed copy instead.
+        self.register_buffer("weight_t", None if self.packed is not None else quantized.t().contiguous())
         self.register_buffer("weight_scale", scale)
         self.register_buffer("inv_smooth", inv_smooth)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
@@ -77,8 +102,40 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = self.kernel(flat, self.weight_t, self.weight_scale, self.inv_smooth, self.bias)
+        if self.packed is not None:
+            out = fbgemm_linear(flat, self.packed, self.inv_smooth, self.bias)
+        else:
+            out = self.kernel(flat, self.weight_t, self.weight_scale, self.inv_smooth, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def _fbgemm_pack(quantized: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """The int8 weight [out, in] and its per-channel scales as fbgemm's packed Linear weight."""
+    with warnings.catch_warnings():  # torch marks its quantized tensors deprecated in favour of torchao
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(
+            quantized, scale.double(), torch.zeros(quantized.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject, inv_smooth: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] float32 -> [T, out] float32 through fbgemm's int8 Linear, one scale per row of x."""
+    tokens = x.shape[0]
+    normalized = torch.empty(tokens + 1, x.shape[1])
+    rows = normalized[:tokens]
+    if inv_smooth is not None:
+        torch.mul(x, inv_smooth, out=rows)
+    else:
+        rows.copy_(x)
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+    rows.div_(scale)
+    if not torch.isfinite(scale).all():  # zeros in the call, so that the range stays [-1, 1] for the other rows;
+        rows.nan_to_num_(0.0, 0.0, 0.0)  # multiplied back by its non-finite scale, the row stays non-finite
+    normalized[tokens].zero_()  # the range row: the call's range is [-1, 1]
+    normalized[tokens, 0], normalized[tokens, 1] = 1.0, -1.0
+    out = torch.ops.quantized.linear_dynamic(normalized, packed, True)[:tokens].mul_(scale)
+    return out.add_(bias) if bias is not None else out
 
 
 def int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
@@ -121,16 +178,17 @@ def input_maxima(model: nn.Module, rows: Sequence[Sequence[int]]) -> dict[str, t
     return maxima
 
 
-def quantize_int8(model: nn.Module, rows: Sequence[Sequence[int]], alpha: float | None = SMOOTHING_ALPHA
-                  ) -> list[Int8Linear]:
-    """Replace every Linear layer of `model` with an `Int8Linear`, smoothed with `alpha` (None: not smoothed)."""
+def quantize_int8(model: nn.Module, rows: Sequence[Sequence[int]], alpha: float | None = SMOOTHING_ALPHA,
+                  kernel: str = "int_mm") -> list[Int8Linear]:
+    """Replace every Linear layer of `model` with an `Int8Linear` run by `kernel`, smoothed with `alpha` (None:
+    not smoothed)."""
     maxima = input_maxima(model, rows) if alpha is not None else {}
     modules = dict(model.named_modules())
     built = []
     for name, module in list(modules.items()):
         if not isinstance(module, nn.Linear):
             continue
-        layer = Int8Linear(module, maxima.get(name), alpha or 0.0)
+        layer = Int8Linear(module, maxima.get(name), alpha or 0.0, kernel)
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent] if parent else model, attr, layer)
         built.append(layer)
@@ -148,17 +206,21 @@ def compile_kernels(layers: Sequence[Int8Linear]) -> None:
                 layer(torch.zeros(tokens, layer.in_features))
 
 
-def quantize_int8_token(model: nn.Module, model_dir: Path) -> None:
-    """The `int8-token` variant: calibrate on the built-in texts, quantize every Linear layer, compile."""
+def quantize_int8_token(model: nn.Module, model_dir: Path, kernel: str | None = None) -> None:
+    """The `int8-token` variant: calibrate on the built-in texts, quantize every Linear layer for `kernel` (by
+    default the one for this CPU), compile where the kernel is compiled."""
+    kernel = kernel or kernel_for(cpu_flags())
     started = time.monotonic()
-    layers = quantize_int8(model, calibration_rows(model_dir))
+    layers = quantize_int8(model, calibration_rows(model_dir), kernel=kernel)
     calibrated = time.monotonic()
-    try:
-        compile_kernels(layers)
-    except Exception as exc:  # no C++ toolchain, an unsupported platform: the same arithmetic, eagerly
-        for layer in layers:
-            layer.kernel = int8_linear
-        log.warning("int8-token: compiling the int8 kernel failed (%s: %s); running it eagerly, slower",
-                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-    log.info("int8-token: calibrated and quantized %d Linear layers in %.1fs, compiled in %.1fs", len(layers),
-             calibrated - started, time.monotonic() - calibrated)
+    if kernel == "int_mm":
+        try:
+            compile_kernels(layers)
+        except Exception as exc:  # no C++ toolchain, an unsupported platform: the same arithmetic, eagerly
+            for layer in layers:
+                layer.kernel = int8_linear
+            log.warning("int8-token: compiling the int8 kernel failed (%s: %s); running it eagerly, slower",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+    log.info("int8-token: calibrated and quantized %d Linear layers for the %s kernel in %.1fs%s", len(layers),
+             kernel, calibrated - started,
+             f", compiled in {time.monotonic() - calibrated:.1f}s" if kernel == "int_mm" else "")
