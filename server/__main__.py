@@ -24,10 +24,19 @@ def _main(argv: list[str]) -> int:
     from server.observability import logs
 
     config = parse_args(argv)  # a bad value exits 2 here, at once
-    if config.workers > 1 and config.worker_index is None:  # the supervisor: no torch, no grpc
+    supervisor = config.workers > 1 and config.worker_index is None
+    logs.configure(config.log_level, config.log_format, worker=config.worker_index)
+    if config.worker_index is None:  # a model that cannot be found is told before the imports (seconds) or workers
+        from server.model.source import refuse_early
+
+        try:
+            refuse_early(config.model, config.revision)
+        except StartupError as exc:
+            logging.getLogger("server").error("cannot start: %s", exc)
+            return 2
+    if supervisor:  # no torch, no grpc
         from server.supervisor import supervise
 
-        logs.configure(config.log_level, config.log_format)
         return supervise(config, argv)
     # torch and grpc take seconds to import: only once the flags are known good.
     from server.app import StoppedWhileStarting, exit_now, run
@@ -35,7 +44,6 @@ def _main(argv: list[str]) -> int:
     from server.event_loop import loop_factory
     from server.model.library_logs import route_library_logs
 
-    logs.configure(config.log_level, config.log_format, worker=config.worker_index)
     route_library_logs(progress_bars=config.log_format == "text")  # progress bars would break JSON lines
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:

@@ -48,10 +48,18 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
         raise StartupError(f"model directory {model!r} does not exist (or is not a directory)")
     local = _from_hub(model, _cached_commit(model, revision))
     _require_files(local, model)
-    # A snapshot folder is named by its commit.
-    commit = local.name if _COMMIT.fullmatch(local.name) else (revision or "")
-    log.info("model %s at revision %s: %s", model, commit or "main", local)
-    return ModelSource(local, commit)
+    # A snapshot folder is named by its commit (the start-up log names it with the checkpoint).
+    return ModelSource(local, local.name if _COMMIT.fullmatch(local.name) else (revision or ""))
+
+
+def refuse_early(model: str, revision: str | None = None) -> None:
+    """Raise the StartupError that resolving `model` would raise, where finding out needs no download: a bundled
+    name, a local path, or any model while downloads are off (HF_HUB_OFFLINE). The server calls it before it
+    imports torch, so that such a mistake is told in a second rather than after the imports; a model to download
+    is resolved later, with the port already answering health checks."""
+    if (model.lower() in BUNDLED or Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+            or constants.HF_HUB_OFFLINE):
+        resolve_model(model, revision)
 
 
 def _from_hub(model: str, revision: str | None) -> Path:

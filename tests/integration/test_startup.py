@@ -94,6 +94,7 @@ def test_missing_directory_is_reported(tmp_path: Path) -> None:
     proc = _run_server("--model", str(tmp_path / "nope"), "--port", "0")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "does not exist" in out and "Traceback" not in out
+    assert "listening" not in out  # told before the imports and the port, as a flag's bad value is
 
 
 def test_port_in_use_fails_at_start(tiny_server: RunningServer, tiny_original: Path) -> None:
@@ -111,17 +112,17 @@ def test_a_taken_metrics_port_fails_the_start_before_the_model_loads(tmp_path: P
     assert message.startswith(f"cannot serve metrics on 127.0.0.1:{port} (--metrics-port): "), message
 
 
-def test_a_taken_metrics_port_exits_2_with_one_error_line(tmp_path: Path) -> None:
+def test_a_taken_metrics_port_exits_2_with_one_error_line(tiny_original: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = _run_server("--model", str(tmp_path / "no-model"), "--host", "127.0.0.1", "--port", "0",
+        proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", "0",
                            "--metrics-port", str(port))
         out, _ = proc.communicate(timeout=120)
     errors = [line for line in out.splitlines() if " ERROR " in line]
     assert proc.returncode == 2 and "Traceback" not in out, out
-    assert len(errors) == 1 and "--metrics-port" in errors[0] and "no-model" not in out, out
+    assert len(errors) == 1 and "--metrics-port" in errors[0] and "SERVING" not in out, out
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="this host has no IPv6 loopback")

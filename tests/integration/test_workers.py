@@ -120,11 +120,14 @@ def test_two_workers_share_the_port_answer_alike_and_stop_together(tiny_original
 
 def test_a_worker_that_dies_stops_the_others_and_the_supervisor_exits_1(tiny_original: Path,
                                                                         tmp_path: Path) -> None:
-    with supervised(tiny_original, tmp_path) as run:
+    # On a port a single server's connections left in TIME_WAIT: they lack SO_REUSEPORT, so the supervisor cannot
+    # hold the port beside them; it says so and starts all the same.
+    with supervised(tiny_original, tmp_path, port=_port_in_time_wait(reuseport=False)) as run:
         run.wait_serving()
         os.kill(run.pids[1], signal.SIGKILL)
         assert run.process.wait(90) == 1, run.text()
         assert _gone(run.pids[0], timeout=10)
+    assert "cannot be held until the workers bind" in run.text()
     assert "worker 1 (pid" in run.text() and "exited with status -9 while serving" in run.text()
 
 
@@ -167,15 +170,6 @@ def test_the_port_is_held_from_the_start_against_a_second_server(tiny_original: 
     assert _bindable(run.port)  # and given back
 
 
-def test_a_port_left_in_time_wait_by_a_single_server_is_not_refused(tiny_original: Path, tmp_path: Path) -> None:
-    """Its connections lack SO_REUSEPORT, so the supervisor cannot hold the port beside them: it says so."""
-    with supervised(tiny_original, tmp_path, port=_port_in_time_wait(reuseport=False)) as run:
-        run.wait_serving()
-        run.process.send_signal(signal.SIGTERM)
-        assert run.process.wait(90) == 0, run.text()
-    assert "cannot be held until the workers bind" in run.text()
-
-
 def _port_in_time_wait(*, reuseport: bool) -> int:
     """A port a server (grpc's socket options, SO_REUSEPORT as workers set it) served a connection on and
     closed it first, then stopped: the side that closes first keeps the port in TIME_WAIT for a minute."""
@@ -214,13 +208,22 @@ def test_workers_are_not_orphaned_when_the_supervisor_is_killed(tiny_original: P
 
 
 def test_a_worker_that_cannot_start_fails_the_start_with_status_2(tmp_path: Path) -> None:
-    empty = tmp_path / "no-model"
-    empty.mkdir()
-    with supervised(empty, tmp_path) as run:
+    broken = tmp_path / "broken-model"  # the files are there (the supervisor looks no further), config.json is cut
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": ')
+    (broken / "model.safetensors").write_bytes(b"")
+    with supervised(broken, tmp_path) as run:
         assert run.process.wait(120) == 2, run.text()
     text = run.text()
     assert "worker 0 server: cannot start:" in text and "worker 0 exited with status 2 while starting" in text
     assert "worker 1" not in text  # the next one never started
+
+
+def test_a_missing_model_fails_the_start_before_any_worker_starts(tmp_path: Path) -> None:
+    with supervised(tmp_path / "no-model", tmp_path) as run:
+        assert run.process.wait(30) == 2, run.text()
+    text = run.text()
+    assert "cannot start: model directory" in text and "does not exist" in text and "worker 0" not in text
 
 
 def test_a_bad_file_fails_the_start_before_the_model_loads(tiny_original: Path, tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def _settings(examples: int) -> settings:
 def test_each_flag_alone_as_flag_and_from_the_environment() -> None:
     counts: Counter[str] = Counter()
 
-    @_settings(1200)
+    @_settings(600)
     @given(st.data())
     def one(data: st.DataObject) -> None:
         flag = data.draw(st.sampled_from(sorted(FLAGS)), label="flag")
@@ -209,7 +209,7 @@ def test_flags_together_from_both_sources() -> None:
     counts: Counter[str] = Counter()
     flags = sorted(FLAGS)
 
-    @_settings(800)
+    @_settings(400)
     @given(st.data())
     def together(data: st.DataObject) -> None:
         chosen = data.draw(st.lists(st.sampled_from(flags), min_size=2, max_size=6, unique=True), label="flags")
