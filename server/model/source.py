@@ -40,11 +40,11 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     """Return the local directory holding `model` (short name, directory or hub id) at `revision`."""
     if model.lower() in BUNDLED:
         return _bundled(model.lower(), revision)
-    path = Path(model).expanduser()
-    if path.is_dir():
+    path, exists = _local(model)
+    if exists and path.is_dir():
         _require_files(path, model)
         return ModelSource(path, _directory_revision(path, revision))
-    if path.exists() or model.startswith((".", "/", "~")):
+    if exists or model.startswith((".", "/", "~")):
         raise StartupError(f"model directory {model!r} does not exist (or is not a directory)")
     local = _from_hub(model, _cached_commit(model, revision))
     _require_files(local, model)
@@ -57,9 +57,18 @@ def refuse_early(model: str, revision: str | None = None) -> None:
     name, a local path, or any model while downloads are off (HF_HUB_OFFLINE). The server calls it before it
     imports torch, so that such a mistake is told in a second rather than after the imports; a model to download
     is resolved later, with the port already answering health checks."""
-    if (model.lower() in BUNDLED or Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
-            or constants.HF_HUB_OFFLINE):
+    if model.lower() in BUNDLED or _local(model)[1] or model.startswith((".", "/", "~")) or constants.HF_HUB_OFFLINE:
         resolve_model(model, revision)
+
+
+def _local(model: str) -> tuple[Path, bool]:
+    """`model` as a local path (~ expanded), and whether it exists; StartupError where the system refuses to
+    look it up (a name too long, an unknown user's ~, a folder this user cannot enter)."""
+    try:
+        path = Path(model).expanduser()
+        return path, path.exists()
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(f"--model {model!r} cannot be looked up as a local path: {exc}") from None
 
 
 def _from_hub(model: str, revision: str | None) -> Path:
@@ -145,8 +154,11 @@ def _directory_revision(path: Path, revision: str | None) -> str:
 
 def _missing(path: Path) -> list[str]:
     """What serving needs that `path` lacks: config.json and the safetensors weights."""
-    missing = [] if (path / "config.json").is_file() else ["config.json"]
-    return missing if any(path.glob("*.safetensors")) else [*missing, "*.safetensors"]
+    try:
+        missing = [] if (path / "config.json").is_file() else ["config.json"]
+        return missing if any(path.glob("*.safetensors")) else [*missing, "*.safetensors"]
+    except OSError as exc:  # e.g. a folder this user cannot read
+        raise StartupError(f"cannot read the model directory {path}: {exc.strerror or exc}") from None
 
 
 def _require_files(path: Path, model: str) -> None:

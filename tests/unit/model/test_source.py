@@ -8,7 +8,7 @@ import huggingface_hub.constants
 import pytest
 
 from server.errors import StartupError
-from server.model.source import resolve_model
+from server.model.source import refuse_early, resolve_model
 from tests.conftest import TINY
 from tools.checkpoint import write_tiny_nomic
 from tools.hub_layouts import REPO_ID, fake_commit, write_hf_cache
@@ -60,3 +60,20 @@ def test_a_partial_cache_is_completed_by_a_download_where_downloads_are_on(cache
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(StartupError, match="downloading them did not succeed"):  # online: it was tried
         resolve_model(REPO_ID)
+
+
+@pytest.mark.parametrize(("model", "words"), [
+    ("~no-such-user-5d1f/model", "cannot be looked up as a local path"),
+    ("a" * 300, "cannot be looked up as a local path"),  # longer than a file name may be
+    ("/tmp/" + "b" * 300 + "/model", "cannot be looked up as a local path"),
+])
+def test_a_name_the_system_cannot_look_up_is_one_clear_error(model: str, words: str) -> None:
+    for check in (refuse_early, resolve_model):
+        with pytest.raises(StartupError, match=words):
+            check(model)
+
+
+def test_the_early_check_leaves_a_hub_id_to_download_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Downloads on: a hub id is resolved later, with the port answering health checks; nothing is refused now."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    refuse_early("nomic-ai/not-downloaded-here")
