@@ -66,7 +66,7 @@ def _local(model: str) -> tuple[Path, bool]:
     look it up (a name too long, an unknown user's ~, a folder this user cannot enter)."""
     try:
         path = Path(model).expanduser()
-        return path, path.exists()
+        return path, path.exists() or path.is_symlink()  # a dangling link is a path too, not a hub id
     except (OSError, RuntimeError) as exc:
         raise StartupError(f"--model {model!r} cannot be looked up as a local path: {exc}") from None
 
@@ -78,7 +78,8 @@ def _from_hub(model: str, revision: str | None) -> Path:
     except HFValidationError as exc:
         raise StartupError(f"{model!r} is neither a directory nor a valid hub id: {exc}") from None
     except Exception:
-        log.info("model %s%s is not in the Hugging Face cache; downloading it", model, at)
+        if not constants.HF_HUB_OFFLINE:
+            log.info("model %s%s is not in the Hugging Face cache; downloading it", model, at)
     else:
         if _complete(local) or constants.HF_HUB_OFFLINE:
             return local  # (an incomplete one offline is refused, naming what it lacks)

@@ -77,3 +77,11 @@ def test_the_early_check_leaves_a_hub_id_to_download_alone(monkeypatch: pytest.M
     """Downloads on: a hub id is resolved later, with the port answering health checks; nothing is refused now."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     refuse_early("nomic-ai/not-downloaded-here")
+
+
+def test_a_dangling_link_is_a_missing_directory_not_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "model").symlink_to(tmp_path / "gone")
+    monkeypatch.chdir(tmp_path)
+    for check in (refuse_early, resolve_model):
+        with pytest.raises(StartupError, match="'model' does not exist"):
+            check("model")
