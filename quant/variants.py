@@ -61,7 +61,7 @@ VARIANTS: dict[str, Variant] = {
         # (SmoothQuant, calibrated at load): the 8-bit bar at int8 speed. Its kernel follows the CPU
         # (server.model.int8): torch._int_mm, compiled at load, with VNNI or AMX; fbgemm on AVX2 without them.
         # Speed by scripts/int8_probe.py: on an AVX512-BF16/VNNI CPU 1.8-2.0x fp32 on MiniLM, 2.6-3.0x on
-        # full-size NomicBERT; on an AVX2 CPU (fbgemm) 0.9-1.2x and 1.4-1.6x, a little behind int8-dynamic.
+        # full-size NomicBERT; on an AVX2 CPU (fbgemm, `make quality`) 1.2x and 1.6x, about int8-dynamic's.
         Variant("int8-token", "int8 weights per channel, activations quantized per token after SmoothQuant "
                 "smoothing, int8 matmuls (compiled at load)", ("cpu",), rank=58, quality_bar=0.99,
                 linear_bytes_per_param=1.0, workspace_factor={"cpu": 19}, cpu_speed=1.3, cpu_speed_native_bf16=2.6),

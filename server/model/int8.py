@@ -16,11 +16,12 @@ Two kernels, chosen by the CPU at load (`kernel_for`):
   (no C++ compiler) the same function runs eagerly, slower.
 - `fbgemm`, on x86 CPUs without them (AVX2): torch._int_mm has no fast path there (measured ~50x slower than
   float32 on an AVX2 EPYC), while fbgemm's dynamic int8 Linear is ~2x faster than float32. That kernel takes one
-  activation range per call, so each token is first divided by its absolute max (every row then spans at most
-  [-1, 1]) and one constant row holding 1 and -1 is appended: the call's range is always exactly [-1, 1],
-  whatever the batch, and each token's result is multiplied back by its own scale. fbgemm quantizes
-  activations to 7 bits on x86 (`reduce_range`: its AVX2 kernel sums pairs of products in 16 bits), so a
-  token gets 127 steps over [-amax, amax] where `int_mm` has 255: slightly less precise (docs/quantization.md).
+  activation range per call, so each token is first mapped onto [-1, 1] by its own minimum and maximum
+  (x = c + h * x', c the middle of its range, h half its width) and two constant rows, holding 1 and -1, are
+  appended: the call's range is always exactly [-1, 1], whatever the batch. Its results are W x = h * (W x')
+  + c * (W's row sums), per token. fbgemm quantizes activations to 7 bits on x86 (`reduce_range`: its AVX2
+  kernel sums pairs of products in 16 bits); spending them on each token's own range rather than on +-its
+  absolute max is what brings it near `int_mm`'s precision (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -94,16 +95,24 @@ class Int8Linear(nn.Module):
         self.packed = _fbgemm_pack(quantized, scale) if kernel == "fbgemm" else None
         # [in, out], as the int8 matmul takes it; fbgemm keeps its own packed copy instead.
         self.register_buffer("weight_t", None if self.packed is not None else quantized.t().contiguous())
+        # The dequantized weight's row sums, for fbgemm's centred tokens: W (c + h x') = h W x' + c W 1.
+        self.register_buffer("weight_sums", None if self.packed is None else
+                             (quantized.double().sum(dim=1) * scale.double()).float())
         self.register_buffer("weight_scale", scale)
         self.register_buffer("inv_smooth", inv_smooth)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel: Callable[..., torch.Tensor] = int8_linear
 
+    def _save_to_state_dict(self, destination: dict[str, object], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed is not None:  # what fbgemm stores, as torch's quantized Linear shows it (stored_bytes)
+            destination[prefix + "packed_weight"] = torch.ops.quantized.linear_unpack(self.packed)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.packed is not None:
-            out = fbgemm_linear(flat, self.packed, self.inv_smooth, self.bias)
+            out = fbgemm_linear(flat, self.packed, self.weight_sums, self.inv_smooth, self.bias)
         else:
             out = self.kernel(flat, self.weight_t, self.weight_scale, self.inv_smooth, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
@@ -118,23 +127,29 @@ def _fbgemm_pack(quantized: torch.Tensor, scale: torch.Tensor) -> torch.ScriptOb
         return torch.ops.quantized.linear_prepack(weight, None)
 
 
-def fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject, inv_smooth: torch.Tensor | None,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] float32 -> [T, out] float32 through fbgemm's int8 Linear, one scale per row of x."""
+def fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject, weight_sums: torch.Tensor,
+                  inv_smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] float32 -> [T, out] float32 through fbgemm's int8 Linear, each row of x on its own range."""
     tokens = x.shape[0]
-    normalized = torch.empty(tokens + 1, x.shape[1])
+    normalized = torch.empty(tokens + 2, x.shape[1])
     rows = normalized[:tokens]
     if inv_smooth is not None:
         torch.mul(x, inv_smooth, out=rows)
     else:
         rows.copy_(x)
-    scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
-    rows.div_(scale)
-    if not torch.isfinite(scale).all():  # zeros in the call, so that the range stays [-1, 1] for the other rows;
-        rows.nan_to_num_(0.0, 0.0, 0.0)  # multiplied back by its non-finite scale, the row stays non-finite
-    normalized[tokens].zero_()  # the range row: the call's range is [-1, 1]
-    normalized[tokens, 0], normalized[tokens, 1] = 1.0, -1.0
-    out = torch.ops.quantized.linear_dynamic(normalized, packed, True)[:tokens].mul_(scale)
+    high, low = rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True)
+    centre, half = (high + low) / 2, ((high - low) / 2).clamp_(min=1e-12)
+    # Clamped: rounding may land a row's end an ulp past 1, which would widen the call's range, and so every
+    # row's steps, with the batch.
+    rows.sub_(centre).div_(half).clamp_(-1.0, 1.0)
+    if not (torch.isfinite(centre).all() and torch.isfinite(half).all()):
+        # Zeros in the call, so that the range stays [-1, 1] for the other rows; its non-finite centre or
+        # width then makes its own result non-finite, as the server expects of a broken row.
+        rows.nan_to_num_(0.0, 0.0, 0.0)
+    normalized[tokens:].zero_()  # the range rows (two: a layer may have a single input)
+    normalized[tokens, 0], normalized[tokens + 1, 0] = 1.0, -1.0
+    out = torch.ops.quantized.linear_dynamic(normalized, packed, True)[:tokens].mul_(half)
+    out.addcmul_(centre, weight_sums)
     return out.add_(bias) if bias is not None else out
 
 
