@@ -102,10 +102,21 @@ def _from_hub(model: str, revision: str | None) -> Path:
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         raise StartupError(
             f"model {model!r}{at} was not found in the Hugging Face cache and could not be downloaded "
-            f"({reason}). Fix: pass --model /path/to/dir (a directory with config.json, model.safetensors and "
-            f"the tokenizer files), or run `hf download {model}` on a machine with network access and "
-            f"copy the cache (HF_HOME) here. {OFFLINE_HINT}"
+            f"({reason}).{_other_revisions(model, revision)} Fix: pass --model /path/to/dir (a directory with "
+            f"config.json, model.safetensors and the tokenizer files), or run `hf download {model}` on a machine "
+            f"with network access and copy the cache (HF_HOME) here. {OFFLINE_HINT}"
         ) from None
+
+
+def _other_revisions(model: str, revision: str | None) -> str:
+    """A hint naming the branches and tags the cache holds `model` at, when the one asked for is not among them
+    (without --revision the hub's default is main: a cache of a tag alone is not found without it)."""
+    refs = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--")) / "refs"
+    with contextlib.suppress(OSError):
+        names = sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file())
+        if names and (revision or "main") not in names:
+            return f" The cache holds it at {', '.join(names)}: pass --revision {names[0]}."
+    return ""
 
 
 def _cached_commit(model: str, revision: str | None) -> str | None:

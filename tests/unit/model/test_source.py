@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -85,3 +86,14 @@ def test_a_dangling_link_is_a_missing_directory_not_a_hub_id(tmp_path: Path, mon
     for check in (refuse_early, resolve_model):
         with pytest.raises(StartupError, match="'model' does not exist"):
             check("model")
+
+
+def test_a_cache_of_a_tag_alone_names_the_tag(checkpoint: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --revision the hub's default, main, is looked up: the error says which revisions the cache holds."""
+    write_hf_cache(tmp_path / "hf", checkpoint, commit=OLD, refs={"v1.0": OLD})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(StartupError, match=re.escape("The cache holds it at v1.0: pass --revision v1.0")):
+        resolve_model(REPO_ID)
+    assert resolve_model(REPO_ID, "v1.0").revision == OLD
