@@ -111,7 +111,7 @@ def _from_hub(model: str, revision: str | None) -> Path:
 def _other_revisions(model: str, revision: str | None) -> str:
     """A hint naming the branches and tags the cache holds `model` at, when the one asked for is not among them
     (without --revision the hub's default is main: a cache of a tag alone is not found without it)."""
-    refs = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--")) / "refs"
+    refs = _cache_repo(model) / "refs"
     with contextlib.suppress(OSError):
         names = sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file())
         if names and (revision or "main") not in names:
@@ -119,11 +119,16 @@ def _other_revisions(model: str, revision: str | None) -> str:
     return ""
 
 
+def _cache_repo(model: str) -> Path:
+    """The Hugging Face cache's folder for the hub id `model`."""
+    return Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
+
+
 def _cached_commit(model: str, revision: str | None) -> str | None:
     """A commit given short or in capitals, as the cache names its snapshot; other revisions as they are."""
     if revision is None or not re.fullmatch(r"[0-9a-fA-F]{7,40}", revision):
         return revision
-    repo = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
+    repo = _cache_repo(model)
     if (repo / "refs" / revision).is_file():  # a branch or tag that happens to look like a hash
         return revision
     found = sorted(p.name for p in (repo / "snapshots").glob(revision.lower() + "*")) if repo.is_dir() else []

@@ -6,23 +6,16 @@ import hmac
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from pathlib import Path
 
 import grpc
 
 from server.errors import StartupError
+from server.transport.files import read_file
 
 log = logging.getLogger(__name__)
 
 # Load balancers and orchestrators probe health without credentials.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-
-
-def _read(path: str, what: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise StartupError(f"cannot read the {what} {path} ({flag}): {exc.strerror}") from None
 
 
 def server_credentials(cert: str | None, key: str | None, client_ca: str | None) -> grpc.ServerCredentials | None:
@@ -34,8 +27,8 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None)
         return None
     if not (cert and key):
         raise StartupError("TLS needs both --tls-cert and --tls-key")
-    pair = (_read(key, "TLS key", "--tls-key"), _read(cert, "TLS certificate", "--tls-cert"))
-    root = _read(client_ca, "client CA", "--tls-client-ca") if client_ca else None
+    pair = (read_file(key, "TLS key", "--tls-key"), read_file(cert, "TLS certificate", "--tls-cert"))
+    root = read_file(client_ca, "client CA", "--tls-client-ca") if client_ca else None
     _check_certificates(pair[1], f"the TLS certificate {cert} (--tls-cert)")
     _check_pair(cert, key)
     if root is not None:

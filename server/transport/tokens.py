@@ -4,9 +4,9 @@ reads the settings too (server.config)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from server.errors import StartupError
+from server.transport.files import read_file
 
 # Comma-separated bearer tokens: kept off argv, where `ps` would show them.
 AUTH_TOKENS_ENV = "NOMIC_EMBED_AUTH_TOKENS"
@@ -37,10 +37,7 @@ def load_tokens(token_file: str | None, env_tokens: str | None) -> list[bytes]:
     try:
         if token_file is not None:
             try:
-                lines = Path(token_file).read_bytes().decode().splitlines()
-            except OSError as exc:
-                raise StartupError(f"cannot read the token file {token_file} (--auth-token-file): "
-                                   f"{exc.strerror}") from None
+                lines = read_file(token_file, "token file", "--auth-token-file").decode().splitlines()
             except UnicodeDecodeError:
                 raise StartupError(f"the token file {token_file} is not UTF-8 text") from None
             found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
