@@ -32,7 +32,7 @@ def _main(argv: list[str]) -> int:
         try:
             refuse_early(config.model, config.revision)
         except StartupError as exc:
-            logging.getLogger("server").error("cannot start: %s", exc)
+            logging.getLogger("server").critical("cannot start: %s", exc)
             return 2
     if supervisor:  # no torch, no grpc
         from server.supervisor import supervise
@@ -49,7 +49,7 @@ def _main(argv: list[str]) -> int:
         with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
             runner.run(run(config, on_serving=_on_serving(config.ready_fd)))
     except StartupError as exc:
-        logging.getLogger("server").error("cannot start: %s", exc)
+        logging.getLogger("server").critical("cannot start: %s", exc)
         return 2
     except StoppedWhileStarting:
         exit_now(0)  # the loader thread may be inside a download or torch: do not wait for it

@@ -57,14 +57,14 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     try:
         held = _claim_port(config)
     except _Refused as exc:
-        log.error("cannot start: %s", exc)
+        log.critical("cannot start: %s", exc)
         return 2
     metrics: WorkerMetricsServer | None = None
     if config.metrics_port is not None:
         try:
             metrics = WorkerMetricsServer(config.host, config.metrics_port, config.workers)
         except OSError as exc:
-            log.error("cannot start: cannot serve metrics on %s (--metrics-port): %s",
+            log.critical("cannot start: cannot serve metrics on %s (--metrics-port): %s",
                       config.address(config.metrics_port), exc.strerror or exc)
             return 2
         log.info("metrics of every worker on http://%s/metrics", config.address(metrics.port))
@@ -111,7 +111,7 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
         pipes.append(pipe)
         status, metrics_port = _wait_ready(worker, pipe, index, signals)
         if status is not None:
-            log.error("worker %d exited with status %d while starting; stopping the others", index, status)
+            log.critical("worker %d exited with status %d while starting; stopping the others", index, status)
             return 2 if status == 2 else 1
         if metrics is not None and metrics_port:
             metrics.add(index, metrics_port)
@@ -124,7 +124,7 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
             if signals:
                 break  # a stop: workers end now as asked, not as failures
             if (status := worker.poll()) is not None:
-                log.error("worker %d (pid %d) exited with status %d while serving; stopping the others",
+                log.critical("worker %d (pid %d) exited with status %d while serving; stopping the others",
                           index, worker.pid, status)
                 return 1
             # Read now, whatever select would say: bytes that waited while this process was not running
@@ -132,7 +132,7 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
             if _heard(pipes[index]):
                 heard[index] = time.monotonic()
             if (silent := time.monotonic() - heard[index]) > config.worker_timeout_s:
-                log.error("worker %d (pid %d) has been silent for %.0fs (hung or stopped; --worker-timeout "
+                log.critical("worker %d (pid %d) has been silent for %.0fs (hung or stopped; --worker-timeout "
                           "%g): killing it and stopping the others", index, worker.pid, silent,
                           config.worker_timeout_s)
                 worker.kill()

@@ -91,9 +91,11 @@ def test_make_serve_offline_ends_with_the_fix_and_status_2(tmp_path: Path) -> No
 
 
 def test_missing_directory_is_reported(tmp_path: Path) -> None:
-    proc = _run_server("--model", str(tmp_path / "nope"), "--port", "0")
+    # A refusal ends the process: it is logged at CRITICAL, which the quietest --log-level still shows.
+    proc = _run_server("--model", str(tmp_path / "nope"), "--port", "0", "--log-level", "CRITICAL")
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "does not exist" in out and "Traceback" not in out
+    assert proc.returncode == 2 and "CRITICAL server: cannot start: model directory" in out, out
+    assert "does not exist" in out and "Traceback" not in out
     assert "listening" not in out  # told before the imports and the port, as a flag's bad value is
 
 
@@ -118,9 +120,9 @@ def test_a_taken_metrics_port_exits_2_with_one_error_line(tiny_original: Path) -
         taken.listen()
         port = taken.getsockname()[1]
         proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", "0",
-                           "--metrics-port", str(port))
+                           "--metrics-port", str(port), "--log-level", "critical")
         out, _ = proc.communicate(timeout=120)
-    errors = [line for line in out.splitlines() if " ERROR " in line]
+    errors = [line for line in out.splitlines() if " CRITICAL " in line]
     assert proc.returncode == 2 and "Traceback" not in out, out
     assert len(errors) == 1 and "--metrics-port" in errors[0] and "SERVING" not in out, out
 

@@ -243,7 +243,8 @@ def test_a_port_in_use_fails_before_any_worker_starts(tiny_original: Path, flag:
         ports = {"--port": str(free_port()), "--metrics-port": str(free_port()), flag: str(port)}
         result = subprocess.run(
             [sys.executable, "-m", "server", "--model", str(tiny_original), "--host", "127.0.0.1", "--workers", "2",
-             *(word for pair in ports.items() for word in pair)], cwd=ROOT, capture_output=True, text=True,
+             "--log-level", "CRITICAL", *(word for pair in ports.items() for word in pair)], cwd=ROOT,
+            capture_output=True, text=True,
             timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
