@@ -9,6 +9,8 @@ PORT ?= 50051
 VARIANT ?= auto
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes: most tests wait on servers in other processes, so two keep a 2-core host busy.
+TEST_JOBS ?= 2
 PROTO := protos/nomic_embed/v1/embed.proto
 BUF := npx --yes @bufbuild/buf@1.75.0
 # The released v1 API (a buf image): `make check-api` refuses changes that would break its clients.
@@ -55,7 +57,7 @@ lint: $(STAMP) buf-lint check-api
 	$(VENV)/bin/ruff check .
 
 test: lint check-protos
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench
