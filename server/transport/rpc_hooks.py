@@ -62,18 +62,22 @@ def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerConte
         async def stream(requests: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
             state = begin(context)
             ok = False
+            responses = inner_stream(requests, context)
             try:
-                responses = inner_stream(requests, context)
                 if hasattr(responses, "__aiter__"):
                     async for response in responses:
                         yield response
                 else:  # a coroutine handler that writes with context.write (or aborts)
                     await responses
                 ok = True
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
+                # GeneratorExit: gRPC closed this generator at a `yield`, as it does when the call ended under
+                # it (a reply that could not be sent to a caller who cancelled), before context.cancelled() says so.
                 _note_cancelled(context)
                 raise
             finally:
+                if hasattr(responses, "aclose"):
+                    await responses.aclose()  # the handler's own clean-up now, not when it is collected
                 end(context, state, ok)
 
         return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,

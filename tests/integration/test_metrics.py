@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -65,11 +66,40 @@ def test_calls_that_end_while_computed_are_counted_by_how_they_ended(tiny_origin
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         finally:
             gate.set()
-        codes: dict[str, float] = {}
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and set(codes) != {"CANCELLED", "DEADLINE_EXCEEDED"}:
-            m = scrape_metrics(srv.app.metrics_port)
-            codes = {dict(labels)["code"]: value for (name, labels), value in m.items()
-                     if name == "nomic_embed_requests_total" and dict(labels).get("method") == "Embed"}
-            time.sleep(0.05)
+        codes = _codes_once_counted(srv.app.metrics_port, "Embed", 2)
     assert codes == {"CANCELLED": 1, "DEADLINE_EXCEEDED": 1}
+
+
+def _codes_once_counted(port: int, method: str, calls: int) -> dict[str, float]:
+    """`method`'s calls by status code, once `calls` of them are counted (a call is counted as it ends), or
+    after 10 s."""
+    codes: dict[str, float] = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(codes.values()) < calls:
+        time.sleep(0.05)
+        codes = {dict(labels)["code"]: value for (name, labels), value in scrape_metrics(port).items()
+                 if name == "nomic_embed_requests_total" and dict(labels).get("method") == method}
+    return codes
+
+
+def test_streams_the_caller_cancels_are_counted_cancelled(tiny_original: Path) -> None:
+    """A caller cancelling between replies ends the call while the handler waits or while gRPC sends a reply:
+    either way it is CANCELLED, never UNKNOWN."""
+    with running_server(str(tiny_original), metrics_port=0) as srv:
+        assert srv.app.metrics_port
+        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
+
+        def cancel_after(replies: int) -> int:
+            messages = (pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(
+                texts=["cancelled " * (1 + i % 7)], task=pb.TASK_CLUSTERING)) for i in range(50))
+            call = stub.EmbedStream(messages, timeout=60)
+            for seen, _ in enumerate(call, start=1):
+                if seen == replies:
+                    call.cancel()
+                    return seen
+            return 0
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(cancel_after, [1, 3, 9] * 8)) == [1, 3, 9] * 8
+        codes = _codes_once_counted(srv.app.metrics_port, "EmbedStream", 24)
+    assert codes == {"CANCELLED": 24}
