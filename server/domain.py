@@ -119,10 +119,13 @@ class TokenizerProbe:
     ids: tuple[int, ...]  # without special tokens
     head: tuple[int, ...]  # e.g. [CLS]
     tail: tuple[int, ...]  # e.g. [SEP]
+    size: int  # entries in the vocabulary
+    digest: str  # sha256 of its tokens in id order, joined by newlines: vocab.txt's lines
 
 
 # bert-base-uncased WordPiece, the vocabulary of nomic-embed-text-v1.5 (and of all-MiniLM-L6-v2).
 BERT_UNCASED_PROBE = TokenizerProbe(
     "bert-base-uncased", PLAIN_ENGLISH,
     (7861, 8270, 4667, 2015, 1024, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1999, 1037, 7668, 1012),
-    head=(101,), tail=(102,))
+    head=(101,), tail=(102,), size=30522,
+    digest="0f052197aac305fe42f378b5c61554b7bacb34b8be4af83fec2cfdcdffbc9973")

