@@ -76,7 +76,7 @@ class TextTokenizer:
         else:
             return
         raise StartupError(f"the tokenizer in {path} is not the model's: {why}. Are its tokenizer files "
-                           "(tokenizer.json, vocab.txt) cut short, edited or from another model?")
+                           "(tokenizer.json, vocab.txt) missing, cut short, edited or from another model?")
 
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens a single sequence is wrapped in, e.g. [CLS] ... [SEP]."""

