@@ -45,18 +45,36 @@ def checked_embeddings(response: pb.EmbedResponse, texts: int, options: EmbedOpt
     return vectors
 
 
+# What computed a vector: (model_id, variant, weights_digest); the digest is "" from servers that do not say.
+Model = tuple[str, str, str]
+
+
+def served_model(response: pb.EmbedResponse) -> Model:
+    m = response.metadata
+    return m.model_id, m.variant, m.weights_digest
+
+
+def same_model(a: Model, b: Model) -> bool:
+    """Whether vectors of `a` and `b` are comparable: one model and variant, and one digest where both say."""
+    return a[:2] == b[:2] and (a[2] == b[2] or "" in (a[2], b[2]))
+
+
+def describe_model(model: Model) -> str:
+    return f"{model[0]} (variant {model[1]}" + (f", weights {model[2]})" if model[2] else ")")
+
+
 class ModelGuard:
-    """Remembers the (model_id, variant) of a run's first answer and refuses any later answer from another
-    model or variant: vectors of two models are not comparable."""
+    """Remembers the model, variant and weights of a run's first answer and refuses any later answer computed
+    otherwise: vectors of two models, or of two sets of weights at one path, are not comparable."""
 
     def __init__(self) -> None:
-        self.model: tuple[str, str] | None = None
+        self.model: Model | None = None
 
     def check(self, response: pb.EmbedResponse) -> None:
-        model = (response.metadata.model_id, response.metadata.variant)
+        model = served_model(response)
         if self.model is None:
             self.model = model
-        elif model != self.model:
+        elif not same_model(model, self.model):
             raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"the server's model changed from {self.model[0]} (variant {self.model[1]}) to "
-                             f"{model[0]} (variant {model[1]}) mid-run; the vectors would not be comparable")
+                             f"the server's model changed from {describe_model(self.model)} to "
+                             f"{describe_model(model)} mid-run; the vectors would not be comparable")

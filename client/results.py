@@ -59,6 +59,7 @@ class ServerInfo:
     max_batch_tokens: int = 0
     pooling: str = ""
     server_version: str = ""
+    weights_digest: str = ""
 
     @classmethod
     def from_pb(cls, r: pb.InfoResponse) -> ServerInfo:
@@ -67,7 +68,7 @@ class ServerInfo:
             dimensions=r.dimensions, min_dimensions=r.min_dimensions, max_input_tokens=r.max_input_tokens,
             weight_bytes=r.weight_bytes, task_prefixes=r.task_prefixes,
             max_texts_per_request=r.limits.max_texts_per_request, max_batch_tokens=r.limits.max_batch_tokens,
-            pooling=r.pooling, server_version=r.server_version,
+            pooling=r.pooling, server_version=r.server_version, weights_digest=r.weights_digest,
         )
 
 
@@ -86,6 +87,7 @@ class EmbeddedBatch:
     line_numbers: list[int] | None = None
     model_id: str = ""  # the model and variant that computed the batch (the same for every batch of a stream)
     variant: str = ""
+    weights_digest: str = ""  # and its weights ("" from a server that does not say)
 
     @property
     def total_tokens(self) -> int:

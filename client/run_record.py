@@ -1,5 +1,6 @@
 """OUTPUT.part.json: the parameters of the run that wrote OUTPUT.part, so that --resume continues only the
-same run (the same task, width, encoding, long-text handling, input format, and the same model and variant)."""
+same run (the same task, width, encoding, long-text handling, input format, and the same model, variant and
+weights)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 
 import grpc
 
+from client.checks import Model, describe_model, same_model
 from client.errors import EmbedError
 from client.files import InputError
 
-_MODEL_KEYS = ("model_id", "variant")
+_MODEL_KEYS = ("model_id", "variant", "weights_digest")
 
 
 class RunRecord:
@@ -24,7 +26,7 @@ class RunRecord:
         self.path = part.with_name(part.name + ".json")
         self.part = part
         self.params = dict(params)
-        self.model: tuple[str, str] | None = None
+        self.model: Model | None = None
 
     def check_resume(self) -> None:
         """Before PATH.part is opened for --resume: refuse a part another run (or an unknown one) left."""
@@ -45,29 +47,30 @@ class RunRecord:
             if saved.get(key) != value:
                 raise InputError(f"{self.part} was written with {key}={saved.get(key)!r} where this run has "
                                  f"{key}={value!r}: not this run's output; remove it to start over")
-        if all(isinstance(saved.get(k), str) for k in _MODEL_KEYS):
-            self.model = (saved["model_id"], saved["variant"])
+        if all(isinstance(saved.get(k), str) for k in _MODEL_KEYS[:2]):  # records of older clients lack the digest
+            digest = saved.get("weights_digest")
+            self.model = (saved["model_id"], saved["variant"], digest if isinstance(digest, str) else "")
 
     def created(self) -> None:
         """PATH.part was created (not resumed): record this run's parameters."""
         self._write()
 
-    def answered(self, model_id: str, variant: str) -> None:
+    def answered(self, model: Model) -> None:
         """The first answer of this run: it must come from the part's model; recorded before any row."""
         if self.model is None:
-            self.model = (model_id, variant)
+            self.model = model
             self._write()
-        elif self.model != (model_id, variant):
+        elif not same_model(model, self.model):
             raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"{self.part} was computed by model {self.model[0]} (variant {self.model[1]}) but the "
-                             f"server now serves {model_id} (variant {variant}); the vectors would not be "
-                             "comparable: remove it to start over")
+                             f"{self.part} was computed by model {describe_model(self.model)} but the server now "
+                             f"serves {describe_model(model)}; the vectors would not be comparable: remove it to "
+                             "start over")
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
     def _write(self) -> None:
-        record = {**self.params, "model_id": None, "variant": None}
+        record: dict[str, Any] = {**self.params, **dict.fromkeys(_MODEL_KEYS)}
         if self.model is not None:
             record.update(zip(_MODEL_KEYS, self.model, strict=True))
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -11,8 +11,9 @@ breaks, for instance because its server was killed or restarted, a new one is op
 one left unanswered is sent again: each batch is yielded exactly once, so nothing is lost or duplicated.
 Once any batch has been answered, a server that is away (stopped, restarting, refusing connections) is
 waited for until no batch has been answered for `reconnect_timeout` (a minute). Every answer must come from
-the model and variant of the first (a server replaced by one of another model fails the run with
-FAILED_PRECONDITION), and must hold one vector per text of the width asked for (DATA_LOSS otherwise).
+the model, variant and weights of the first (a server replaced by one of another model, or of other weights
+under the same name, fails the run with FAILED_PRECONDITION), and must hold one vector per text of the width
+asked for (DATA_LOSS otherwise).
 
 A text file (any io.TextIOBase: open(path), sys.stdin, io.StringIO) gives its lines without their line ends
 and without a UTF-8 byte order mark; lines end at "\n" or "\r\n" only, a lone "\r" is part of its line (a
@@ -85,7 +86,7 @@ class AsyncEmbedStream:
         self._reconnect_timeout = settings.reconnect_timeout
         self._metadata = tuple(metadata)
         self.stats = StreamStats()
-        self._model = ModelGuard()  # every answer must come from the first answer's model and variant
+        self._model = ModelGuard()  # every answer must come from the first answer's model, variant and weights
         self._window = asyncio.Semaphore(settings.window)  # batches sent and not yet handed to the caller
         self._work: asyncio.PriorityQueue[tuple[int, Batch | None]] = asyncio.PriorityQueue()
         self._results: dict[int, EmbeddedBatch | EmbedError] = {}
@@ -305,7 +306,7 @@ class AsyncEmbedStream:
             self._model.check(response)
             result: EmbeddedBatch | EmbedError = EmbeddedBatch(
                 batch.start, batch.texts, vectors, [e.tokens for e in response.embeddings], batch.line_numbers,
-                response.metadata.model_id, response.metadata.variant)
+                response.metadata.model_id, response.metadata.variant, response.metadata.weights_digest)
         else:
             result = batch_error(batch, message.error)
             if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):

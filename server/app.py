@@ -35,7 +35,7 @@ from server.event_loop import loop_name
 from server.heap import freeze_startup_objects, thaw
 from server.model.buckets import Buckets
 from server.model.device import available_cpus, probe_device, set_threads
-from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
+from server.model.loader import CheckpointMismatch, checkpoint_info, load_model, weights_digest
 from server.model.rotary import PerRowNTKRotary
 from server.model.runner import Runner, install_per_row_rotary
 from server.model.source import resolve_model
@@ -107,8 +107,8 @@ class App:
         freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         s = self.loaded.served
-        log.info("SERVING %s as %s on %s, port %d (ready in %.1fs; variant: %s)", s.facts.model_id, s.variant,
-                 s.device, self.port, time.monotonic() - started, s.variant_reason)
+        log.info("SERVING %s (weights %s) as %s on %s, port %d (ready in %.1fs; variant: %s)", s.facts.model_id,
+                 s.weights_digest, s.variant, s.device, self.port, time.monotonic() - started, s.variant_reason)
         return self.port
 
     def _prepare(self) -> grpc.ServerCredentials | None:
@@ -293,7 +293,8 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     enter("warming up")
     _warm_up(batcher, tokenizer)
     served = ServedModel(facts=facts, variant=decision.variant.name, variant_reason=reason,
-                         device=device.describe(), weight_bytes=loaded.weight_bytes, server_version=server.__version__)
+                         device=device.describe(), weight_bytes=loaded.weight_bytes, server_version=server.__version__,
+                         weights_digest=weights_digest(path))
     embedder = Embedder(tokenizer, batcher, facts, max_request_tokens=limits.max_request_tokens)
     return Loaded(embedder, batcher, served, limits, runner)
 

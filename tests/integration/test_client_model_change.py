@@ -4,6 +4,7 @@ CLI, which keeps its part), and --resume continues only a part of the same run a
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +24,19 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_nomic(tmp_path_factory.mktemp("tiny-other"), seed=7, **TINY)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["another-path", "weights-replaced-at-the-same-path"])
 def test_a_server_replaced_by_another_model_fails_the_stream_and_the_cli(tiny_original: Path, other_model: Path,
-                                                                         tmp_path: Path) -> None:
+                                                                         tmp_path: Path, in_place: bool) -> None:
+    """Another model at another path; or, as a deployment updates a model folder and restarts, other weights at
+    the same path: one model_id and variant, another weights_digest."""
     port = free_port()
     out = tmp_path / "out.npy"
     part = out.with_name("out.npy.part")
     texts = [f"text {i} of the run" for i in range(200)]
-    with running_server(str(tiny_original), port=port) as first:
-        model_a = first.client().info().model_id
+    model = shutil.copytree(tiny_original, tmp_path / "model") if in_place else tiny_original
+    with running_server(str(model), port=port) as first:
+        info_a = first.client().info()
+        model_a = info_a.model_id
         client = EmbedClient(first.target)
         stream = iter(client.embed_stream(texts, batch_size=5, window=2))
         got = [next(stream) for _ in range(3)]
@@ -39,8 +45,11 @@ def test_a_server_replaced_by_another_model_fails_the_stream_and_the_cli(tiny_or
                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         feed(app, texts[:100])
         wait_for(lambda: npy_rows(part, 128) >= 40)
-    with running_server(str(other_model), port=port) as second:
-        assert second.client().info().model_id != model_a
+    if in_place:
+        shutil.copyfile(other_model / "model.safetensors", model / "model.safetensors")
+    with running_server(str(model if in_place else other_model), port=port) as second:
+        info_b = second.client().info()
+        assert (info_b.model_id == model_a) is in_place and info_b.weights_digest != info_a.weights_digest
         feed(app, texts[100:])
         _, stderr = app.communicate(timeout=120)
         with pytest.raises(EmbedError) as caught:
@@ -53,6 +62,7 @@ def test_a_server_replaced_by_another_model_fails_the_stream_and_the_cli(tiny_or
     assert not out.exists() and npy_rows(part, 128) >= 40
     record = json.loads(part.with_name("out.npy.part.json").read_text())
     assert record["model_id"] == model_a and record["dimensions"] == 0
+    assert record["weights_digest"] == info_a.weights_digest and len(info_a.weights_digest) == 16
 
 
 def test_resume_refuses_a_part_of_another_run(tiny_server: RunningServer, tmp_path: Path) -> None:
@@ -78,6 +88,12 @@ def test_resume_refuses_a_part_of_another_run(tiny_server: RunningServer, tmp_pa
     assert other_model.returncode == 1 and "another-model" in other_model.stderr, other_model.stderr
     assert np.array_equal(np.load(part), rows)
 
+    write_run_record(part, **base, model_id=model.model_id, variant=model.variant, weights_digest="0" * 16)
+    other_weights = cli(*args, "--dimensions", "64", "--resume")
+    assert other_weights.returncode == 1 and f"weights {'0' * 16}" in other_weights.stderr, other_weights.stderr
+    assert np.array_equal(np.load(part), rows)
+
+    # A record of a client that did not keep the digest: the model and variant decide.
     write_run_record(part, **base, model_id=model.model_id, variant=model.variant)
     resumed = cli(*args, "--dimensions", "64", "--resume")
     assert resumed.returncode == 0 and "resuming after 10 texts" in resumed.stderr, resumed.stderr
