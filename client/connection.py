@@ -36,10 +36,17 @@ class Tls:
     @classmethod
     def from_files(cls, ca: str | Path | None = None, cert: str | Path | None = None,
                    key: str | Path | None = None, server_name: str | None = None) -> Tls:
-        def read(path: str | Path | None) -> bytes | None:
-            return None if path is None else Path(path).read_bytes()
+        def read(path: str | Path | None, what: str, marker: bytes) -> bytes | None:
+            if path is None:
+                return None
+            pem = Path(path).read_bytes()
+            if marker not in pem:  # grpc would accept it here and fail every handshake with lines of its own
+                raise ValueError(f"{path} holds no PEM {what}")
+            return pem
 
-        return cls(read(ca), read(key), read(cert), server_name)
+        return cls(read(ca, "certificate", b"-----BEGIN CERTIFICATE-----"),
+                   read(key, "private key", b"PRIVATE KEY-----"),
+                   read(cert, "certificate", b"-----BEGIN CERTIFICATE-----"), server_name)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
@@ -77,6 +84,9 @@ def connect(servers: str | Sequence[str] = DEFAULT_TARGET, *, tls: Tls | bool | 
     `tls=True` uses the system's root certificates. `token` goes out as "authorization: Bearer <token>"
     on every call; without TLS it travels in clear text, so keep that to loopback or a trusted network.
     """
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # It goes out as an HTTP/2 header value; grpc would fail every call with INTERNAL "Invalid metadata".
+        raise ValueError("the token must be printable ASCII (no line breaks or other control characters)")
     given = [servers] if isinstance(servers, str) else list(servers)
     addresses = [a.strip() for entry in given for a in entry.split(",") if a.strip()]
     if not addresses:

@@ -61,9 +61,14 @@ def test_errors_are_one_line_and_leave_no_output(tiny_server: RunningServer, tmp
     nobody = cli("info", "--target", "127.0.0.1:1", "--timeout", "2")
     missing = cli("embed", "--target", tiny_server.target, "--input", str(tmp_path / "nope.txt"),
                   "--output", str(out))
-    for run in (bad_width, nobody, missing):
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    bad_token = cli("info", "--target", tiny_server.target, "--token", "tök\nen")  # grpc: lines of its own
+    bad_ca = cli("info", "--target", tiny_server.target, "--ca", str(tmp_path / "not.pem"))
+    for run in (bad_width, nobody, missing, bad_token, bad_ca):
         assert run.returncode == 1
         assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "the token must be printable ASCII" in bad_token.stderr
+    assert bad_ca.stderr == f"error: {tmp_path / 'not.pem'} holds no PEM certificate\n"
     assert "dimensions: 7 is out of range" in bad_width.stderr and "INVALID_ARGUMENT" in bad_width.stderr
     assert "UNAVAILABLE" in nobody.stderr and "is a server running at 127.0.0.1:1?" in nobody.stderr
     assert "nope.txt" in missing.stderr
