@@ -56,6 +56,8 @@ class RequestIdHooks:
 
     def __init__(self, access: bool = False) -> None:
         self.access = access
+        if access:  # asked for by --access-log: these lines whatever --log-level keeps of the others
+            access_log.setLevel(logging.INFO)
 
     def hooks(self, method: str, handler: grpc.RpcMethodHandler) -> tuple[Begin, End]:
         def begin(context: grpc.aio.ServicerContext) -> float:

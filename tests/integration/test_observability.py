@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -228,3 +229,17 @@ def test_traces_reach_an_otlp_collector_and_continue_the_callers_trace(tiny_orig
     assert attributes["embed.request_id"] == "traced-1"
     assert traced.start_time_unix_nano <= embed.start_time_unix_nano <= embed.end_time_unix_nano
     assert embed.end_time_unix_nano <= traced.end_time_unix_nano
+
+
+def test_the_access_log_is_written_at_any_log_level(tiny_original: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--access-log with --log-level WARNING: the refused call is still in the log."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # as --log-level sets it; caplog's handler, like the server's, takes any level
+    try:
+        with running_server(str(tiny_original), access_log=True) as srv, pytest.raises(grpc.RpcError):
+            embed_pb2_grpc.EmbedServiceStub(srv.channel()).Embed(pb.EmbedRequest(texts=[""]), timeout=10)
+    finally:
+        root.setLevel(level)
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.access"]
+    assert any(line.startswith("/nomic_embed.v1.EmbedService/Embed INVALID_ARGUMENT ") for line in lines), lines
