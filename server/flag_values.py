@@ -48,22 +48,38 @@ def _checked(text: str, cast: Callable[[str], _N], ok: Callable[[_N], bool], wan
     return value
 
 
+# Python's int() and float() also read other scripts' digits ('٥٠٠٥١') and underscores ('1_000'): flags take
+# ASCII digits only, as every other program that reads the same settings would.
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+_DECIMAL = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*", re.ASCII)
+
+
+def _ascii(pattern: re.Pattern[str], cast: Callable[[str], _N]) -> Callable[[str], _N]:
+    def read(text: str) -> _N:
+        if not pattern.fullmatch(text):
+            raise ValueError(text)
+        return cast(text)
+    return read
+
+
 def integer(low: int, high: int) -> Callable[[str], int]:
-    return lambda text: _checked(text, int, lambda v: low <= v <= high, f"an integer in {low}..{high}")
+    return lambda text: _checked(text, _ascii(_INTEGER, int), lambda v: low <= v <= high,
+                                 f"an integer in {low}..{high}")
 
 
 def number(low: float, high: float, unit: str) -> Callable[[str], float]:
-    return lambda text: _checked(text, float, lambda v: math.isfinite(v) and low <= v <= high,
+    return lambda text: _checked(text, _ascii(_DECIMAL, float), lambda v: math.isfinite(v) and low <= v <= high,
                                  f"a finite number of {unit} in {low:g}..{high:.15g}")
 
 
 def rotary_factor(text: str) -> float:
-    return _checked(text, float, lambda v: math.isfinite(v) and (v == 0 or v >= 1), "0 (off) or a finite number >= 1")
+    return _checked(text, _ascii(_DECIMAL, float), lambda v: math.isfinite(v) and (v == 0 or v >= 1),
+                    "0 (off) or a finite number >= 1")
 
 
 def zero_or_at_least(low: int, zero: str, why: str) -> Callable[[str], int]:
     """0 (meaning `zero`) or an integer in low..2**32-1, `why` being the reason for `low`."""
-    return lambda text: _checked(text, int, lambda v: v == 0 or low <= v <= UINT32,
+    return lambda text: _checked(text, _ascii(_INTEGER, int), lambda v: v == 0 or low <= v <= UINT32,
                                  f"0 ({zero}) or an integer in {low}..{UINT32} ({why})")
 
 

@@ -68,6 +68,9 @@ BAD_VALUES = [
     ("--max-batch-tokens", "4294967296"), ("--max-request-bytes", "1073741824"), ("--model", ""),
     ("--tls-key", ""), ("--otlp-endpoint", "collector"), ("--otlp-endpoint", "http://a:99999"),
     ("--host", "[localhost]"), ("--host", "10.0.0.1:50051"), ("--host", "a b"), ("--worker-timeout", "0"),
+    # Digits of other scripts and underscores, which Python's int() and float() read: 50051, 1000, 1.5.
+    ("--port", "\u0665\u0660\u0660\u0665\u0661"), ("--max-batch-rows", "1_000"), ("--grace", "\u0661.\u0665"),
+    ("--rotary-scaling-factor", "\u0662"), ("--max-queue-tokens", "\uff11\uff10\uff10"),
 ]
 
 
