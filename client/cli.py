@@ -31,7 +31,7 @@ from client.files import (
 )
 from client.options import Encoding, LongTextMode, Task
 from client.results import row_width
-from client.run_record import RunRecord
+from client.run_record import OtherInput, PartRefused, RunRecord
 
 TOKEN_ENV = "NOMIC_EMBED_TOKEN"
 TARGET_ENV = "NOMIC_EMBED_TARGET"
@@ -147,8 +147,9 @@ def run_embed(args: argparse.Namespace) -> None:
                     bar.update(len(batch.texts))
         except BaseException as error:
             if writer.stop():
-                error.add_note(f"{writer.rows:,} texts are done and kept in {writer.part}; "
-                               "run the same command with --resume to continue from there")
+                if not isinstance(error, PartRefused):  # whose message says to remove the part instead
+                    error.add_note(f"{writer.rows:,} texts are done and kept in {writer.part}; "
+                                   "run the same command with --resume to continue from there")
             else:
                 record.remove()
             raise
@@ -170,10 +171,10 @@ def _skip_done(items: Iterator[tuple[str, Record]], writer: EmbeddingWriter) -> 
     for _, record in itertools.islice(items, writer.rows):
         done, last = done + 1, record
     if done < writer.rows:
-        raise InputError(f"{writer.part} holds {writer.rows:,} texts but the input has only {done:,}: it does not "
+        raise OtherInput(f"{writer.part} holds {writer.rows:,} texts but the input has only {done:,}: it does not "
                          "continue this input; remove it to start over")
     if last is not None and not writer.continues(last):
-        raise InputError(f"{writer.part} does not continue this input (its text {done:,} is another); "
+        raise OtherInput(f"{writer.part} does not continue this input (its text {done:,} is another); "
                          "remove it to start over")
     return done
 

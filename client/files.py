@@ -45,12 +45,19 @@ def text_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
     if isinstance(lines, io.TextIOWrapper):
         with contextlib.suppress(io.UnsupportedOperation, ValueError):  # already read from: as it is
             lines.reconfigure(newline="\n")
-    for number, line in enumerate(lines, 1):
-        line = line.removesuffix("\n").removesuffix("\r")
-        if number == 1:
-            line = line.removeprefix("\ufeff")
-        if line.strip():  # blank: nothing to embed (the server refuses an empty text)
-            yield number, line
+    number = 0
+    try:
+        for number, line in enumerate(lines, 1):
+            line = line.removesuffix("\n").removesuffix("\r")
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            if line.strip():  # blank: nothing to embed (the server refuses an empty text)
+                yield number, line
+    except UnicodeDecodeError as exc:  # a file is decoded a chunk at a time: the bad byte is past `number`
+        name = getattr(lines, "name", "the input")
+        where = f"after line {number}" if number else "near its start"
+        raise InputError(f"{name} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} {where} ({exc.reason}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def jsonl_format(path: str, format: str) -> bool | None:

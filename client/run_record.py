@@ -18,6 +18,19 @@ from client.files import InputError
 _MODEL_KEYS = ("model_id", "variant", "weights_digest")
 
 
+class PartRefused(Exception):
+    """OUTPUT.part is another run's (other parameters, input or model): the message says to remove it, so no
+    advice to --resume it is added."""
+
+
+class OtherInput(PartRefused, InputError):
+    pass
+
+
+class OtherModel(PartRefused, EmbedError):
+    pass
+
+
 class RunRecord:
     """Written beside PATH.part when the part is created, with the model and variant of the first answer
     added once it comes; removed when the part becomes PATH (or is removed)."""
@@ -38,9 +51,9 @@ class RunRecord:
             raise InputError(f"{self.part} has no record of the run that wrote it ({self.path} is missing), so "
                              "it cannot be known to be this run's: remove it to start over") from None
         except (OSError, ValueError) as exc:
-            raise InputError(f"{self.path} cannot be read ({exc}): remove {self.part} and it to start over") from None
+            raise InputError(f"{self.path} cannot be read ({exc}): remove it and {self.part} to start over") from None
         if not isinstance(saved, dict):
-            raise InputError(f"{self.path} is not a run record: remove {self.part} and it to start over")
+            raise InputError(f"{self.path} is not a run record: remove it and {self.part} to start over")
         for key, value in self.params.items():
             if key == "long_text_mode" and saved.get(key) == "error":
                 continue  # its rows are of texts that fit the limit: the same in every mode (error, then truncate)
@@ -61,7 +74,7 @@ class RunRecord:
             self.model = model
             self._write()
         elif not same_model(model, self.model):
-            raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
+            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION,
                              f"{self.part} was computed by model {describe_model(self.model)} but the server now "
                              f"serves {describe_model(model)}; the vectors would not be comparable: remove it to "
                              "start over")

@@ -86,7 +86,8 @@ def test_resume_refuses_a_part_of_another_run(tiny_server: RunningServer, tmp_pa
     write_run_record(part, **base, model_id="another-model", variant="fp32")
     other_model = cli(*args, "--dimensions", "64", "--resume")
     assert other_model.returncode == 1 and "another-model" in other_model.stderr, other_model.stderr
-    assert np.array_equal(np.load(part), rows)
+    assert "remove it to start over" in other_model.stderr and "--resume" not in other_model.stderr  # one advice
+    assert np.array_equal(np.load(part), rows) and sidecar.exists()
 
     write_run_record(part, **base, model_id=model.model_id, variant=model.variant, weights_digest="0" * 16)
     other_weights = cli(*args, "--dimensions", "64", "--resume")

@@ -95,6 +95,14 @@ def test_text_lines_drop_line_ends_a_bom_and_blank_lines() -> None:
     assert records == [("a", {"text": "a"})]
 
 
+def test_a_file_that_is_not_utf8_is_named_with_the_line_before_the_bad_byte(tmp_path: Path) -> None:
+    latin1 = tmp_path / "in.txt"
+    latin1.write_bytes(b"first\nsecond\ncaf\xe9\n")
+    with open(latin1, encoding="utf-8", newline="\n") as lines, pytest.raises(InputError) as caught:
+        list(text_lines(lines))
+    assert str(caught.value).startswith(f"{latin1} is not UTF-8 text: byte 0xe9 near its start (")
+
+
 def test_npy_resume_keeps_complete_rows_and_drops_a_cut_one(tmp_path: Path) -> None:
     path = tmp_path / "out.npy"
     rows = np.arange(40, dtype=np.float32).reshape(10, 4)
