@@ -45,6 +45,7 @@ from server.observability.metrics import Metrics
 from server.supervisor import worker_memory
 from server.transport.metrics_hooks import MetricsHooks
 from server.transport.options import grpc_options
+from server.transport.ports import free_addresses
 from server.transport.request_ids import RequestIdHooks
 from server.transport.rpc_hooks import HookInterceptor
 from server.transport.security import BearerTokenAuth, server_credentials
@@ -144,6 +145,8 @@ class App:
         assert self.grpc_server is not None
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = c.address(c.port)
+        if c.worker_index is None:  # (a worker's port is held by its supervisor, which checked it)
+            free_addresses(c.host, c.port, f"cannot listen on {address} (--port)")
         try:
             if credentials is None:
                 self.port = self.grpc_server.add_insecure_port(address)

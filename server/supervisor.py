@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import logging
 import os
 import selectors
@@ -37,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 from server.config import ServerConfig
 from server.observability.workers import WorkerMetrics, WorkerMetricsServer
+from server.transport.ports import PortRefused, free_addresses
 
 log = logging.getLogger("server.supervisor")
 
@@ -56,7 +56,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     exits), 2 when a worker could not start, 1 when one failed while serving."""
     try:
         held = _claim_port(config)
-    except _Refused as exc:
+    except PortRefused as exc:
         log.critical("cannot start: %s", exc)
         return 2
     metrics: WorkerMetricsServer | None = None
@@ -254,12 +254,8 @@ def worker_memory(config: ServerConfig, free_bytes: int) -> tuple[int | None, st
     return free_bytes // left, f"{share} the free memory, 1/{left}:"
 
 
-class _Refused(Exception):
-    """The port cannot be the workers' own: the message says why, in one line."""
-
-
 def _claim_port(config: ServerConfig) -> list[socket.socket]:
-    """Sockets bound to --port, held until the workers are done; raises _Refused if a port is taken.
+    """Sockets bound to --port, held until the workers are done; raises PortRefused if a port is taken.
 
     Workers share the port with SO_REUSEPORT, which would as gladly share it with any other socket of the
     same user that sets it too. So the port must be free now (a bind of its own says so), and this process
@@ -271,22 +267,10 @@ def _claim_port(config: ServerConfig) -> list[socket.socket]:
     without SO_REUSEPORT left in TIME_WAIT on the port keep it from binding for up to a minute; then nothing
     holds the port until the workers bind, and the log says so."""
     where = f"cannot listen on {config.address(config.port)} (--port)"
-    try:
-        found = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise _Refused(f"{where}: {exc.strerror}") from None
+    found = free_addresses(config.host, config.port, where)
     held: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in found:
-            with socket.socket(family, kind, proto) as probe:
-                # As servers bind: connections of a server that stopped a moment ago, in TIME_WAIT, do not
-                # count; a socket that listens does.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(address)
-                except OSError as exc:
-                    why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                    raise _Refused(f"{where}: {why}") from None
+        for family, kind, proto, address in found:
             sock = socket.socket(family, kind, proto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
