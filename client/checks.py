@@ -72,9 +72,9 @@ class ModelGuard:
 
     def check(self, response: pb.EmbedResponse) -> None:
         model = served_model(response)
-        if self.model is None:
-            self.model = model
-        elif not same_model(model, self.model):
+        if self.model is not None and not same_model(model, self.model):
             raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the server's model changed from {describe_model(self.model)} to "
                              f"{describe_model(model)} mid-run; the vectors would not be comparable")
+        if self.model is None or not self.model[2]:
+            self.model = model  # the first answer's, with the first digest any answer gave

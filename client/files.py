@@ -53,11 +53,24 @@ def text_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
                 line = line.removeprefix("\ufeff")
             if line.strip():  # blank: nothing to embed (the server refuses an empty text)
                 yield number, line
-    except UnicodeDecodeError as exc:  # a file is decoded a chunk at a time: the bad byte is past `number`
-        name = getattr(lines, "name", "the input")
-        where = f"after line {number}" if number else "near its start"
-        raise InputError(f"{name} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} {where} ({exc.reason}); "
-                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(_not_utf8(getattr(lines, "name", None), number, exc)) from None
+
+
+def _not_utf8(name: object, read: int, error: UnicodeDecodeError) -> str:
+    """Where a text input is not UTF-8: its line, from the file's bytes, since a file is decoded a chunk at a
+    time (the bad byte is somewhere past the `read` lines); past those lines for a stream such as stdin."""
+    fix = "convert it, e.g. iconv -f latin1 -t utf-8"
+    if isinstance(name, str) and os.path.isfile(name):
+        with open(name, "rb") as raw:
+            for number, line in enumerate(raw, 1):  # UTF-8 never has a 0x0a inside a character
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return (f"{name}: line {number} is not UTF-8 text: byte 0x{line[bad.start]:02x} at byte "
+                            f"{bad.start + 1} of the line ({bad.reason}); {fix}")
+    where = f"after line {read}" if read else "near its start"
+    return f"{name or 'the input'} is not UTF-8 text: byte 0x{error.object[error.start]:02x} {where}; {fix}"
 
 
 def jsonl_format(path: str, format: str) -> bool | None:

@@ -69,15 +69,16 @@ class RunRecord:
         self._write()
 
     def answered(self, model: Model) -> None:
-        """The first answer of this run: it must come from the part's model; recorded before any row."""
-        if self.model is None:
-            self.model = model
-            self._write()
-        elif not same_model(model, self.model):
+        """An answer of this run: it must come from the part's model; the first is recorded before any row (and
+        the first digest, where the record has none)."""
+        if self.model is not None and not same_model(model, self.model):
             raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION,
                              f"{self.part} was computed by model {describe_model(self.model)} but the server now "
                              f"serves {describe_model(model)}; the vectors would not be comparable: remove it to "
                              "start over")
+        if self.model is None or (model[2] and not self.model[2]):
+            self.model = model
+            self._write()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

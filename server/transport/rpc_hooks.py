@@ -76,9 +76,11 @@ def wrap(handler: grpc.RpcMethodHandler, begin: Callable[[grpc.aio.ServicerConte
                 _note_cancelled(context)
                 raise
             finally:
-                if hasattr(responses, "aclose"):
-                    await responses.aclose()  # the handler's own clean-up now, not when it is collected
-                end(context, state, ok)
+                try:
+                    if hasattr(responses, "aclose"):
+                        await responses.aclose()  # the handler's own clean-up now, not when it is collected
+                finally:
+                    end(context, state, ok)
 
         return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
                                                      response_serializer=handler.response_serializer)

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from client.batching import BatchLimits, batches, estimate_tokens
+from client.checks import ModelGuard
 from client.connection import connect
 from client.errors import EmbedError
 from client.files import InputError, JsonlWriter, NpyWriter, read_records, text_lines
 from client.retry import Deadline, RetryPolicy
+from nomic_embed.v1 import embed_pb2 as pb
 
 
 def split(texts: list[str], limits: BatchLimits) -> list[tuple[int, list[str]]]:
@@ -95,12 +97,17 @@ def test_text_lines_drop_line_ends_a_bom_and_blank_lines() -> None:
     assert records == [("a", {"text": "a"})]
 
 
-def test_a_file_that_is_not_utf8_is_named_with_the_line_before_the_bad_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize("line", [3, 400, 5000])  # in the first chunk the file is decoded in, and later
+def test_a_file_that_is_not_utf8_is_named_with_the_line(tmp_path: Path, line: int) -> None:
     latin1 = tmp_path / "in.txt"
-    latin1.write_bytes(b"first\nsecond\ncaf\xe9\n")
+    rows = [f"line {n} of the input".encode() for n in range(1, 6001)]
+    rows[line - 1] = b"caf\xe9"
+    latin1.write_bytes(b"\n".join(rows) + b"\n")
     with open(latin1, encoding="utf-8", newline="\n") as lines, pytest.raises(InputError) as caught:
         list(text_lines(lines))
-    assert str(caught.value).startswith(f"{latin1} is not UTF-8 text: byte 0xe9 near its start (")
+    assert str(caught.value).startswith(f"{latin1}: line {line} is not UTF-8 text: byte 0xe9 at byte 4 of the line")
+    with pytest.raises(InputError, match=r"^the input is not UTF-8 text: byte 0xe9 "):  # a stream: no name to reread
+        list(text_lines(io.TextIOWrapper(io.BytesIO(latin1.read_bytes()), encoding="utf-8", newline="\n")))
 
 
 def test_npy_resume_keeps_complete_rows_and_drops_a_cut_one(tmp_path: Path) -> None:
@@ -136,3 +143,22 @@ def test_jsonl_resume_drops_a_cut_line_and_knows_its_last_record(tmp_path: Path)
     resumed.write([{"id": 3}], np.ones((1, 2), np.float32))
     resumed.finish()
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def _answer(digest: str, model: str = "m") -> pb.EmbedResponse:
+    return pb.EmbedResponse(metadata=pb.ResponseMetadata(model_id=model, variant="fp32", weights_digest=digest))
+
+
+@pytest.mark.parametrize("digests", [["aaaa", "", "bbbb"], ["", "aaaa", "bbbb"], ["", "", "aaaa", "", "bbbb"]])
+def test_the_model_guard_refuses_other_weights_whichever_answer_names_them_first(digests: list[str]) -> None:
+    """Answers of a server that does not say its digest are compared by model and variant; the first digest
+    any answer gives is held to."""
+    guard = ModelGuard()
+    for digest in digests[:-1]:
+        guard.check(_answer(digest))
+    with pytest.raises(EmbedError) as caught:
+        guard.check(_answer(digests[-1]))
+    assert caught.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "from m (variant fp32, weights aaaa) to m (variant fp32, weights bbbb)" in caught.value.details
+    with pytest.raises(EmbedError):
+        guard.check(_answer("", model="other"))
