@@ -60,7 +60,8 @@ class Embedder:
                     "(long_text_mode ERROR; use TRUNCATE or MEAN, or shorten the text)",
                 )
             per_text.append(rows)
-        self._check_request_tokens(sum(rows.tokens for rows in per_text), "split the batch or use EmbedStream")
+        self._check_request_tokens(sum(rows.tokens for rows in per_text),
+                                   "split the batch (several requests, or several messages of one stream)")
         flat = [row for rows in per_text for row in rows.rows]
         # Texts of one row each (nearly always) come back finished from the model thread; windows are
         # averaged here first.
