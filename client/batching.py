@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 
+from client.options import checked_text
+
 # BERT word pieces average about 4 characters of English; the special tokens and a task prefix add ~8.
 CHARS_PER_TOKEN = 4
 OVERHEAD_TOKENS = 8
@@ -35,8 +37,7 @@ async def batches(texts: Iterable[str] | AsyncIterable[str], limits: BatchLimits
     tokens = 0
     index = 0
     async for text in _aiter(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
+        checked_text(index, text)
         cost = estimate_tokens(text)
         if batch and (len(batch) == limits.max_texts or tokens + cost > limits.max_tokens):
             yield index - len(batch), batch

@@ -96,11 +96,26 @@ def member(kind: type[E], value: E | str | int, name: str | None = None) -> E | 
 
 def text_list(texts: str | Sequence[str]) -> list[str]:
     """The texts of one request. A bare str is one text (iterating it would send its characters)."""
+    if isinstance(texts, (bytes, bytearray)):  # iterating it would give ints
+        raise TypeError(f"texts must be a str or a sequence of str, not {type(texts).__name__}")
     items = [texts] if isinstance(texts, str) else list(texts)
     for index, text in enumerate(items):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
+        checked_text(index, text)
     return items
+
+
+def checked_text(index: int, text: object) -> str:
+    """`text`, the index'th text of the input, if it is a str that UTF-8 can encode: protobuf would refuse a
+    lone surrogate ('\\ud800') while sending, naming no text."""
+    if not isinstance(text, str):
+        raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"texts[{index}] is not valid Unicode: a lone surrogate at character {exc.start} "
+                             "cannot be sent as UTF-8") from None
+    return text
 
 
 @dataclass(frozen=True)

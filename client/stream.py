@@ -67,8 +67,8 @@ class AsyncEmbedStream:
     def __init__(self, channel: grpc.aio.Channel, texts: Iterable[str] | AsyncIterable[str],
                  options: EmbedOptions, settings: StreamSettings, retry: RetryPolicy,
                  metadata: Sequence[tuple[str, str]] = ()) -> None:
-        if isinstance(texts, str):
-            raise TypeError("texts must be an iterable of str, not one str")
+        if isinstance(texts, (str, bytes, bytearray)):
+            raise TypeError(f"texts must be an iterable of str, not one {type(texts).__name__}")
         self._line_numbers: collections.deque[int] | None = None
         if isinstance(texts, io.IOBase):
             if not isinstance(texts, io.TextIOBase):

@@ -16,6 +16,7 @@ from client.checks import ModelGuard
 from client.connection import connect
 from client.errors import EmbedError
 from client.files import InputError, JsonlWriter, NpyWriter, read_records, text_lines
+from client.options import text_list
 from client.retry import Deadline, RetryPolicy
 from nomic_embed.v1 import embed_pb2 as pb
 
@@ -40,6 +41,17 @@ def test_batches_close_on_count_and_on_estimated_tokens() -> None:
 def test_batches_refuse_what_is_not_text() -> None:
     with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
         split(["a", 3], BatchLimits())  # type: ignore[list-item]
+    # A lone surrogate (legal in JSON, "\\ud800"): protobuf would refuse it while sending, naming no text.
+    with pytest.raises(ValueError, match=r"^texts\[100\] is not valid Unicode: a lone surrogate at character 4 "):
+        split([*(f"text {i}" for i in range(100)), "bad \ud800 text"], BatchLimits())
+
+
+def test_a_request_refuses_bytes_and_lone_surrogates_naming_the_text() -> None:
+    with pytest.raises(TypeError, match=r"^texts must be a str or a sequence of str, not bytes$"):
+        text_list(b"hello")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^texts\[1\] is not valid Unicode"):
+        text_list(["caf\u00e9", "a\ud800b"])
+    assert text_list(["caf\u00e9", "\U0001f600"]) == ["caf\u00e9", "\U0001f600"]
 
 
 def test_retry_honours_the_server_hint_and_gives_up_when_it_must() -> None:
