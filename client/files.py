@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -172,15 +173,36 @@ class _PartFile:
 
 class NpyWriter(_PartFile):
     """Rows appended to a .npy file whose header is brought up to date after every batch, so PATH.part is
-    a valid .npy of the rows written so far."""
+    a valid .npy of the rows written so far.
+
+    A .npy row holds no text, so PATH.part.texts keeps an 8-byte hash of each row's input record, written
+    before the row: a resume is refused when the input's record at the last kept row is another."""
 
     def __init__(self, path: Path, dtype: np.dtype, width: int, resume: bool = False) -> None:
         super().__init__(path, resume)
         self.dtype, self.width = np.dtype(dtype), width
+        self.hashes_path = self.part.with_name(self.part.name + ".texts")
+        self._last_hash: bytes | None = None  # of the last row kept from an earlier run, where known
         if self.resumed:
             self._resume_or_close()
         self._header_bytes = self._write_header()
         self.file.seek(0, os.SEEK_END)
+        self.hashes = open(self.hashes_path, "ab" if self.resumed else "wb")  # noqa: SIM115  # closed with the part
+
+    def continues(self, record: Record) -> bool:
+        return self._last_hash is None or self._last_hash == _record_hash(record)
+
+    def finish(self) -> None:
+        self.hashes.close()
+        super().finish()
+        self.hashes_path.unlink(missing_ok=True)
+
+    def stop(self) -> bool:
+        self.hashes.close()
+        kept = super().stop()
+        if not kept:
+            self.hashes_path.unlink(missing_ok=True)
+        return kept
 
     def _resume(self) -> None:
         try:
@@ -198,6 +220,12 @@ class NpyWriter(_PartFile):
         row_bytes = self.width * self.dtype.itemsize
         self.rows = (os.fstat(self.file.fileno()).st_size - header) // row_bytes
         self._truncate(header + self.rows * row_bytes)
+        if self.hashes_path.exists():  # (a part of an older client has none: it cannot be told)
+            hashes = self.hashes_path.read_bytes()
+            if len(hashes) >= 8 * self.rows:  # hashes are written before their rows
+                self._last_hash = hashes[8 * (self.rows - 1):8 * self.rows] if self.rows else None
+                with open(self.hashes_path, "r+b") as file:
+                    file.truncate(8 * self.rows)
 
     def _header_size(self) -> int:
         buffer = io.BytesIO()
@@ -217,6 +245,8 @@ class NpyWriter(_PartFile):
     def write(self, records: list[Record], embeddings: np.ndarray) -> None:
         if embeddings.shape[1:] != (self.width,):
             raise ValueError(f"rows of width {embeddings.shape[1:]} do not fit a file of width {self.width}")
+        self.hashes.write(b"".join(map(_record_hash, records)))
+        self.hashes.flush()
         self.file.write(np.ascontiguousarray(embeddings, self.dtype).tobytes())
         self.rows += len(embeddings)
         # Rows first, then the count that covers them: a run killed in between leaves rows a resume still finds.
@@ -225,6 +255,10 @@ class NpyWriter(_PartFile):
             raise RuntimeError("the .npy header changed size")
         self.file.seek(0, os.SEEK_END)
         self.file.flush()
+
+
+def _record_hash(record: Record) -> bytes:
+    return hashlib.blake2b(json.dumps(record, sort_keys=True, ensure_ascii=False).encode(), digest_size=8).digest()
 
 
 class JsonlWriter(_PartFile):

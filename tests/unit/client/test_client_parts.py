@@ -122,6 +122,23 @@ def test_a_file_that_is_not_utf8_is_named_with_the_line(tmp_path: Path, line: in
         list(text_lines(io.TextIOWrapper(io.BytesIO(latin1.read_bytes()), encoding="utf-8", newline="\n")))
 
 
+def test_npy_resume_tells_another_input_by_the_last_kept_row(tmp_path: Path) -> None:
+    """A .npy row holds no text: the hash of each row's record, kept beside the part, tells a resume over
+    another input file, which would otherwise complete the output with rows of two inputs."""
+    path = tmp_path / "out.npy"
+    records = [{"text": f"line {i} of input A"} for i in range(5)]
+    writer = NpyWriter(path, np.dtype(np.float32), 4)
+    writer.write(records[:3], np.ones((3, 4), np.float32))
+    writer.hashes.write(b"\0" * 8)  # a run killed after a batch's hashes, before its rows
+    assert writer.stop() and writer.hashes_path.exists()
+    resumed = NpyWriter(path, np.dtype(np.float32), 4, resume=True)
+    assert resumed.rows == 3 and resumed.continues(records[2])
+    assert not resumed.continues({"text": "line 2 of input B"})
+    resumed.write(records[3:], np.ones((2, 4), np.float32))
+    resumed.finish()
+    assert np.load(path).shape == (5, 4) and not resumed.hashes_path.exists()
+
+
 def test_npy_resume_keeps_complete_rows_and_drops_a_cut_one(tmp_path: Path) -> None:
     path = tmp_path / "out.npy"
     rows = np.arange(40, dtype=np.float32).reshape(10, 4)
