@@ -59,6 +59,12 @@ def same_model(a: Model, b: Model) -> bool:
     return a[:2] == b[:2] and (a[2] == b[2] or "" in (a[2], b[2]))
 
 
+def held_to(held: Model | None, answered: Model) -> Model:
+    """What a run holds to once `answered` (comparable to `held`) came: the first answer's model, with the
+    first digest any answer gave."""
+    return answered if held is None or (answered[2] and not held[2]) else held
+
+
 def describe_model(model: Model) -> str:
     return f"{model[0]} (variant {model[1]}" + (f", weights {model[2]})" if model[2] else ")")
 
@@ -76,5 +82,4 @@ class ModelGuard:
             raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the server's model changed from {describe_model(self.model)} to "
                              f"{describe_model(model)} mid-run; the vectors would not be comparable")
-        if self.model is None or not self.model[2]:
-            self.model = model  # the first answer's, with the first digest any answer gave
+        self.model = held_to(self.model, model)

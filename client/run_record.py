@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from client.checks import Model, describe_model, same_model
+from client.checks import Model, describe_model, held_to, same_model
 from client.errors import EmbedError
 from client.files import InputError
 
@@ -76,8 +76,8 @@ class RunRecord:
                              f"{self.part} was computed by model {describe_model(self.model)} but the server now "
                              f"serves {describe_model(model)}; the vectors would not be comparable: remove it to "
                              "start over")
-        if self.model is None or (model[2] and not self.model[2]):
-            self.model = model
+        if (held := held_to(self.model, model)) != self.model:
+            self.model = held
             self._write()
 
     def remove(self) -> None:

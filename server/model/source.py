@@ -44,7 +44,7 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     if exists and path.is_dir():
         _require_files(path, model)
         return ModelSource(path, _directory_revision(path, revision))
-    if exists or model.startswith((".", "/", "~")):
+    if exists or model.startswith(_PATH_PREFIXES):
         raise StartupError(f"model directory {model!r} does not exist (or is not a directory)")
     local = _from_hub(model, _cached_commit(model, revision))
     _require_files(local, model)
@@ -57,8 +57,12 @@ def refuse_early(model: str, revision: str | None = None) -> None:
     name, a local path, or any model while downloads are off (HF_HUB_OFFLINE). The server calls it before it
     imports torch, so that such a mistake is told in a second rather than after the imports; a model to download
     is resolved later, with the port already answering health checks."""
-    if model.lower() in BUNDLED or _local(model)[1] or model.startswith((".", "/", "~")) or constants.HF_HUB_OFFLINE:
+    if model.lower() in BUNDLED or _local(model)[1] or model.startswith(_PATH_PREFIXES) or constants.HF_HUB_OFFLINE:
         resolve_model(model, revision)
+
+
+# A --model written as a path is one, found or not: never a hub id.
+_PATH_PREFIXES = (".", "/", "~")
 
 
 def _local(model: str) -> tuple[Path, bool]:
