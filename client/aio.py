@@ -25,19 +25,46 @@ Resp = TypeVar("Resp")
 
 
 class AsyncEmbedClient(ClientSettings):
-    """Asyncio client with the blocking client's methods; create it inside the event loop that uses it."""
+    """Asyncio client with the blocking client's methods.
+
+    A grpc.aio channel belongs to one event loop: the client opens its channel in the loop of its first call
+    and serves calls from that loop only. Once that loop has closed (a second `asyncio.run`), the next call
+    opens a new channel in its own loop; a call from another loop while the first still runs is refused.
+    """
 
     def __init__(self, servers: str | Sequence[str] = DEFAULT_TARGET, *, timeout: float | None = 60.0,
                  tls: Tls | bool | None = None, token: str | None = None, load_balancing: str | None = None,
                  retry: RetryPolicy = DEFAULT_RETRY) -> None:
         super().__init__(servers, timeout=timeout, tls=tls, token=token, load_balancing=load_balancing,
                          retry=retry)
-        self._channel = self.connection.aio_channel()
-        self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_loop: asyncio.AbstractEventLoop | None = None
+        self._stub_of_loop: embed_pb2_grpc.EmbedServiceStub | None = None
+
+    @property
+    def _stub(self) -> embed_pb2_grpc.EmbedServiceStub:
+        self._loop_channel()
+        assert self._stub_of_loop is not None
+        return self._stub_of_loop
+
+    def _loop_channel(self) -> grpc.aio.Channel:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("AsyncEmbedClient works inside a running event loop (from async code); "
+                               "EmbedClient is the blocking client") from None
+        if self._channel is None or (self._channel_loop is not loop and self._channel_loop.is_closed()):
+            self._channel, self._channel_loop = self.connection.aio_channel(), loop
+            self._stub_of_loop = embed_pb2_grpc.EmbedServiceStub(self._channel)
+        elif self._channel_loop is not loop:
+            raise RuntimeError("this AsyncEmbedClient serves another event loop, which is still running; "
+                               "create one client per event loop")
+        return self._channel
 
     async def close(self) -> None:
         self._closed = True
-        await self._channel.close()
+        if self._channel is not None and self._channel_loop is asyncio.get_running_loop():
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self
@@ -91,7 +118,7 @@ class AsyncEmbedClient(ClientSettings):
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
         settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
-        return AsyncEmbedStream(self._channel, texts, options, settings, self.retry, self.connection.metadata)
+        return AsyncEmbedStream(self._loop_channel(), texts, options, settings, self.retry, self.connection.metadata)
 
     @overload
     async def tokenize(self, texts: str, task: Task | str | int = ...) -> list[int]: ...

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: ${TARGET_ENV} or {DEFAULT_TARGET})")
     common.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
     common.add_argument("--ca", metavar="PEM", help="root certificates for TLS (implies --tls)")
-    common.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+    common.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,  # set but empty = unset
                         help=f"bearer token sent as 'authorization' metadata (default: ${TOKEN_ENV})")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per unary call (default 60)")
 
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client(args: argparse.Namespace) -> EmbedClient:
+    if args.token == "":
+        raise ValueError("--token is empty; leave it out to send no token")
     tls = Tls.from_files(ca=args.ca) if args.ca else (True if args.tls else None)
     return EmbedClient(args.target, timeout=args.timeout, tls=tls, token=args.token)
 

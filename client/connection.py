@@ -84,9 +84,16 @@ def connect(servers: str | Sequence[str] = DEFAULT_TARGET, *, tls: Tls | bool | 
     `tls=True` uses the system's root certificates. `token` goes out as "authorization: Bearer <token>"
     on every call; without TLS it travels in clear text, so keep that to loopback or a trusted network.
     """
-    if token is not None and not (token.isascii() and token.isprintable()):
-        # It goes out as an HTTP/2 header value; grpc would fail every call with INTERNAL "Invalid metadata".
-        raise ValueError("the token must be printable ASCII (no line breaks or other control characters)")
+    if token is not None:
+        if not isinstance(token, str):
+            raise TypeError(f"token must be a str or None, not {type(token).__name__}")
+        if not token:  # sending none would hide a missing secret until the server refuses every call
+            raise ValueError("the token is empty; pass None to send no token")
+        if not (token.isascii() and token.isprintable()):
+            # An HTTP/2 header value; grpc would fail every call with INTERNAL "Invalid metadata".
+            raise ValueError("the token must be printable ASCII (no line breaks or other control characters)")
+    if not isinstance(tls, (Tls, bool, type(None))):
+        raise TypeError(f"tls must be a Tls, True, False or None, not {type(tls).__name__}")
     given = [servers] if isinstance(servers, str) else list(servers)
     addresses = [a.strip() for entry in given for a in entry.split(",") if a.strip()]
     if not addresses:
@@ -107,7 +114,7 @@ def connect(servers: str | Sequence[str] = DEFAULT_TARGET, *, tls: Tls | bool | 
     if policy:
         all_options["grpc.service_config"] = json.dumps({"loadBalancingConfig": [{policy: {}}]})
     all_options.update(options)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
     return Connection(target, tls_settings, metadata, tuple(all_options.items()))
 
 

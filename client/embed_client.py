@@ -14,7 +14,16 @@ from client.blocking import EmbedStream, LoopThread
 from client.checks import check_response, checked_embeddings
 from client.connection import DEFAULT_TARGET, Connection, Tls, connect
 from client.errors import EmbedError, from_rpc_error
-from client.options import EmbedOptions, Encoding, LongTextMode, Task, seconds, text_list, whole_number
+from client.options import (
+    EmbedOptions,
+    Encoding,
+    LongTextMode,
+    Task,
+    positive_seconds,
+    seconds,
+    text_list,
+    whole_number,
+)
 from client.results import ServerInfo, decode_embeddings
 from client.retry import Deadline, RetryPolicy
 from client.stream import AsyncEmbedStream, StreamSettings
@@ -47,9 +56,7 @@ class ClientSettings:
     def stream_settings(self, batch_size: int, batch_tokens: int, window: int, streams: int,
                         timeout: float | None, reconnect_timeout: float) -> StreamSettings:
         limits = BatchLimits(whole_number("batch_size", batch_size, 1), whole_number("batch_tokens", batch_tokens, 1))
-        reconnect = seconds("reconnect_timeout", reconnect_timeout)
-        if reconnect is None:
-            raise TypeError("reconnect_timeout must be a positive number of seconds, not None")
+        reconnect = positive_seconds("reconnect_timeout", reconnect_timeout)
         return StreamSettings(limits, whole_number("window", window, 1), whole_number("streams", streams, 1),
                               seconds("timeout", timeout), reconnect)
 

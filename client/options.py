@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -66,12 +67,19 @@ def whole_number(name: str, value: object, low: int, high: int | None = None, me
 
 def seconds(name: str, value: object) -> float | None:
     """A positive, finite number of seconds, or None for no limit."""
-    if value is None:
-        return None
+    return None if value is None else _positive(name, value, "a positive number of seconds or None")
+
+
+def positive_seconds(name: str, value: object) -> float:
+    """A positive, finite number of seconds (None is refused: there is no unlimited setting)."""
+    return _positive(name, value, "a positive number of seconds")
+
+
+def _positive(name: str, value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number of seconds or None, not {type(value).__name__}")
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {value}")
+        raise ValueError(f"{name} must be {what}, not {value}")
     return float(value)
 
 
@@ -98,10 +106,21 @@ def text_list(texts: str | Sequence[str]) -> list[str]:
     """The texts of one request. A bare str is one text (iterating it would send its characters)."""
     if isinstance(texts, (bytes, bytearray)):  # iterating it would give ints
         raise TypeError(f"texts must be a str or a sequence of str, not {type(texts).__name__}")
+    ordered(texts)
     items = [texts] if isinstance(texts, str) else list(texts)
+    if not items:  # the server's rule too; refused here before a round trip
+        raise ValueError("texts is empty: at least one text is required")
     for index, text in enumerate(items):
         checked_text(index, text)
     return items
+
+
+def ordered(texts: object) -> None:
+    """Refuse a set or a mapping as texts: vectors come back in input order, which a set lacks, and a
+    mapping leaves it unclear whether its keys or its values are meant."""
+    if isinstance(texts, (AbstractSet, Mapping)):
+        raise TypeError(f"texts must be a sequence or an iterator of str, not a {type(texts).__name__}: vectors "
+                        "come back in input order; pass a list")
 
 
 def checked_text(index: int, text: object) -> str:

@@ -37,7 +37,7 @@ from client.batching import batches
 from client.checks import ModelGuard, checked_embeddings
 from client.errors import EmbedError, from_rpc_error, status_code
 from client.files import text_lines
-from client.options import EmbedOptions
+from client.options import EmbedOptions, ordered
 from client.results import EmbeddedBatch
 from client.retry import Deadline, RetryPolicy
 from client.stream_state import Batch, Outage, Run, StreamSettings, StreamStats, batch_error
@@ -69,6 +69,7 @@ class AsyncEmbedStream:
                  metadata: Sequence[tuple[str, str]] = ()) -> None:
         if isinstance(texts, (str, bytes, bytearray)):
             raise TypeError(f"texts must be an iterable of str, not one {type(texts).__name__}")
+        ordered(texts)
         self._line_numbers: collections.deque[int] | None = None
         if isinstance(texts, io.IOBase):
             if not isinstance(texts, io.TextIOBase):

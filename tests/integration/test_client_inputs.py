@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from client import AsyncEmbedClient, EmbedClient, EmbedError
+from client.retry import RetryPolicy
 from tools.servers import RunningServer
 
 
@@ -35,6 +38,70 @@ def test_a_bare_str_is_one_text(tiny_server: RunningServer) -> None:
 def test_a_text_that_is_not_a_str_is_named() -> None:
     with EmbedClient("127.0.0.1:1") as client, pytest.raises(TypeError, match=r"texts\[1\] is a bytes, not a str"):
         client.embed(["a", b"b"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(("texts", "kind", "message"), [
+    ({"b", "a"}, TypeError, r"^texts must be a sequence or an iterator of str, not a set: vectors come back in input"),
+    ({"a": 1}, TypeError, r"^texts must be a sequence or an iterator of str, not a dict"),
+    (frozenset({"a"}), TypeError, r"not a frozenset"),
+    ([], ValueError, r"^texts is empty: at least one text is required$"),
+])
+def test_texts_without_an_order_or_without_texts_are_refused_before_sending(texts: object, kind: type[Exception],
+                                                                           message: str) -> None:
+    with EmbedClient("127.0.0.1:1", retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(kind, match=message):
+            client.embed(texts)  # type: ignore[arg-type]
+        with pytest.raises(kind, match=message):
+            client.tokenize(texts)  # type: ignore[arg-type]
+        if texts:  # an empty stream is a stream with no batches, as an empty file is
+            with pytest.raises(kind, match=message):
+                client.embed_stream(texts)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "kind", "message"), [
+    ({"tls": "yes"}, TypeError, r"^tls must be a Tls, True, False or None, not str$"),
+    ({"token": ""}, ValueError, r"^the token is empty; pass None to send no token$"),
+    ({"token": b"s3cret"}, TypeError, r"^token must be a str or None, not bytes$"),
+])
+def test_bad_connection_settings_are_refused_when_the_client_is_made(kwargs: dict[str, object], kind: type[Exception],
+                                                                     message: str) -> None:
+    with pytest.raises(kind, match=message):
+        EmbedClient("127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(kind, match=message):
+        AsyncEmbedClient("127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_async_client_follows_its_event_loop(tiny_server: RunningServer) -> None:
+    client = AsyncEmbedClient(tiny_server.target)  # made outside any loop, as at a module's top level
+
+    async def embed() -> np.ndarray:
+        return await client.embed("hello")
+
+    first = asyncio.run(embed())
+    second = asyncio.run(embed())  # a new loop: the first one's channel died with it
+    np.testing.assert_array_equal(first, second)
+
+    async def from_a_second_loop_while_the_first_runs() -> str:
+        await client.embed("hello")
+        errors: list[BaseException] = []
+        worker = threading.Thread(target=lambda: errors.append(_raised(lambda: asyncio.run(embed()))))
+        worker.start()
+        await asyncio.to_thread(worker.join)
+        await client.close()
+        return str(errors[0])
+
+    assert asyncio.run(from_a_second_loop_while_the_first_runs()) == (
+        "this AsyncEmbedClient serves another event loop, which is still running; create one client per event loop")
+    with pytest.raises(RuntimeError, match=r"^AsyncEmbedClient works inside a running event loop"):
+        AsyncEmbedClient(tiny_server.target).embed_stream(["a"])
+
+
+def _raised(call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except BaseException as exc:  # handed back to the test's thread
+        return exc
+    raise AssertionError("no exception")
 
 
 def test_closed_clients_refuse_every_call_alike(tiny_server: RunningServer) -> None:
@@ -87,6 +154,9 @@ STREAM_NUMBERS = [
     ({"streams": 0}, ValueError, r"streams must be at least 1, not 0"),
     ({"timeout": float("nan")}, ValueError, r"timeout must be a positive number of seconds or None, not nan"),
     ({"timeout": -1}, ValueError, r"timeout must be a positive number of seconds or None, not -1"),
+    # No unlimited reconnect_timeout: the message must not offer None.
+    ({"reconnect_timeout": None}, TypeError, r"^reconnect_timeout must be a positive number of seconds, not NoneType$"),
+    ({"reconnect_timeout": 0}, ValueError, r"^reconnect_timeout must be a positive number of seconds, not 0$"),
 ]
 
 
