@@ -187,3 +187,6 @@ def _require_files(path: Path, model: str) -> None:
         hint = (": it is a Hugging Face cache folder; pass the hub id (with HF_HUB_CACHE naming the folder above "
                 "it) or one of its snapshots/<commit> folders") if path.name.startswith("models--") else ""
         raise StartupError(f"model {model!r} at {path} lacks {', '.join(missing)}{hint}")
+    # A FIFO would hang the start, a device (/dev/zero) fill the memory, a dangling link fail later.
+    if odd := [f.name for f in sorted(path.glob("*.safetensors")) if not f.is_file()]:
+        raise StartupError(f"model {model!r} at {path}: {', '.join(odd)} must be a regular file (or a link to one)")

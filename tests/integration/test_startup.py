@@ -99,6 +99,19 @@ def test_missing_directory_is_reported(tmp_path: Path) -> None:
     assert "listening" not in out  # told before the imports and the port, as a flag's bad value is
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "dangling"])
+def test_a_weights_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    # A FIFO hung the start for good; a link to /dev/zero would read without end.
+    model = write_tiny_nomic(tmp_path / "m", **TINY)
+    weights = model / "model.safetensors"
+    weights.unlink()
+    if kind == "fifo":
+        os.mkfifo(weights)
+    else:
+        weights.symlink_to("/dev/zero" if kind == "device" else tmp_path / "gone.safetensors")
+    assert _start_fails(model).endswith(": model.safetensors must be a regular file (or a link to one)")
+
+
 def test_port_in_use_fails_at_start(tiny_server: RunningServer, tiny_original: Path) -> None:
     with pytest.raises(StartupError, match="in use"), running_server(str(tiny_original), port=tiny_server.port):
         pass
