@@ -31,6 +31,7 @@ from bench.load import drive_from_another_process
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.event_loop import CHOICES, resolved
+from server.model.device import speed_flags
 from tools.checkpoint import write_tiny_nomic
 from tools.ports import free_port
 from tools.servers import wait_until_serving
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args = p.parse_args(argv)
     results = run(args.concurrency, args.requests, shlex.split(args.server_args), args.event_loop,
                   tuple(LADDER) if args.ladder else ("echo",), args.channels)
+    print(f"CPU flags: {speed_flags()}")
     print(report(results, args.concurrency))
     return [as_dict(r) for r in results]
 

@@ -13,6 +13,7 @@ import torch
 
 from bench.load import LoadResult
 from server.engine.batcher import BatcherTotals
+from server.model.device import speed_flags
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def machine() -> dict[str, object]:
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": speed_flags(),
         "memory_gib": round(memory_gib, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__, "python": platform.python_version(),

@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 def _report(results: dict[str, object], runs: list[RunSummary], st: Baselines | None, variant: str,
             out: Path | None) -> None:
     fp32, same = (st.tok_s("fp32"), st.tok_s(variant)) if st else (float("nan"), float("nan"))
-    print()
+    host = results["machine"]
+    assert isinstance(host, dict)
+    print(f"\nmachine: {host['cpu']}, {host['cores']} cores, flags {host['cpu_flags']}, GPU {host['gpu'] or 'none'}, "
+          f"torch {host['torch']}, commit {host['commit']}")
     if st:
         print(f"sentence-transformers encode, batch 32: fp32 {fp32:.0f} tok/s, {variant} {same:.0f} tok/s "
               f"(passes before/after the runs: {st.passes}); its batches are {st.padded_fraction:.0%} padding")

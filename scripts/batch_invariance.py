@@ -20,7 +20,7 @@ from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from quant.variants import VARIANTS
 from server.engine.tokenization import TextTokenizer
-from server.model.device import probe_device
+from server.model.device import probe_device, speed_flags
 from server.model.tokenizer import load_tokenizer
 from tools.checkpoint import write_tiny_nomic
 from tools.quality import stdlib_texts
@@ -75,7 +75,7 @@ def main() -> None:
     targets = ["What is a cat?", "sort a list", texts[0], " ".join(texts[1:8]), " ".join(texts[8:60])]
     others = [*texts[60:72], "a b", " ".join(texts[72:120])]
     device = probe_device("cpu")
-    print(f"{platform.processor() or platform.machine()}; native bf16: {device.native_bf16}; "
+    print(f"{platform.processor() or platform.machine()}; flags {speed_flags()}; native bf16: {device.native_bf16}; "
           f"model {shape}")
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_tiny_nomic(Path(tmp) / "model", **shape))

@@ -32,6 +32,7 @@ from torch import nn
 
 from bench.model import full_size_checkpoint
 from server.model import int8
+from server.model.device import speed_flags
 from tools.measure import Built, build, decide
 from tools.quality import agreement, stdlib_texts
 
@@ -39,16 +40,6 @@ SERVED = ("fp32", "bf16", "int8-dynamic", "int8-token")
 
 
 logging.getLogger("torch._inductor.codecache").setLevel(logging.ERROR)  # cache-key pickling of torchao tensors
-
-
-def cpu_flags() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 def _torchao(built: Built, compiled: bool) -> None:
@@ -156,7 +147,7 @@ def main() -> None:
     if args.methods[0] != "fp32":
         raise SystemExit("--methods must start with fp32, the reference")
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_flags()}; {os.cpu_count()} cores, {args.threads} threads; torch {torch.__version__}; "
+    print(f"CPU: {speed_flags()}; {os.cpu_count()} cores, {args.threads} threads; torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.1f}")
     lines = ["| model | method | tok/s (median) | x fp32 per round | mean cos | min cos | load s |",
              "|---|---|---|---|---|---|---|"]

@@ -27,7 +27,7 @@ import torch
 
 from quant.memory import MIB
 from quant.variants import VARIANTS
-from server.model.device import probe_device
+from server.model.device import probe_device, speed_flags
 from tools.checkpoint import write_tiny_nomic
 from tools.measure import build, decide, probe_rows
 from tools.quality import agreement, stdlib_texts
@@ -82,7 +82,8 @@ def describe_machine(threads: int) -> str:
                 if line.startswith("model name")), platform.processor())
     load = os.getloadavg()[0]
     return (f"machine: {cpu}, {os.cpu_count()} cores ({threads} torch threads), "
-            f"{'native' if info.native_bf16 else 'no native'} bf16, {info.total_bytes / 2**30:.0f} GiB; "
+            f"flags {speed_flags()} ({'native' if info.native_bf16 else 'no native'} bf16), "
+            f"{info.total_bytes / 2**30:.0f} GiB; "
             f"torch {torch.__version__}; load average {load:.1f} at start")
 
 

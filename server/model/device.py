@@ -38,6 +38,16 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+# The x86 flags that decide the CPU variants' speed (native bf16, int8 dot products): what a figure needs beside it.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def speed_flags() -> str:
+    """The SPEED_FLAGS this CPU has, space-separated, or a line saying it has none."""
+    flags = cpu_flags()
+    return " ".join(f for f in SPEED_FLAGS if f in flags) or "none of " + "/".join(SPEED_FLAGS)
+
+
 def cpu_flags() -> frozenset[str]:
     """The feature flags of the first CPU in /proc/cpuinfo (x86 "flags", Arm "Features"); empty if unknown."""
     try:
