@@ -88,6 +88,7 @@ class ServerConfig:
     workers: int = 1  # server processes sharing the port (server.supervisor)
     # A worker whose event loop has not told its supervisor it is alive for this long is killed (hung or stopped).
     worker_timeout_s: float = 30.0
+    worker_start_timeout_s: float = 900.0  # a download of the model and a compile fit; a hung load does not
     # Set by the supervisor on each of its workers, never by hand: which one it is, and the pipe it tells
     # that it is SERVING on.
     worker_index: int | None = None
@@ -206,6 +207,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --workers: a worker whose event loop has been silent this long (hung, or stopped) is "
                         "killed and the others stopped, for the process manager to restart the whole "
                         f"(default {d.worker_timeout_s:g})")
+    p.add_argument("--worker-start-timeout", type=number(_MIN_WORKER_TIMEOUT_S, _MAX_GRACE_S, "seconds"),
+                   default=d.worker_start_timeout_s, dest="worker_start_timeout_s",
+                   help="with --workers: a worker not SERVING this long after it was started (a load that hangs) "
+                        "is killed and the others stopped, for the process manager to restart the whole "
+                        f"(default {d.worker_start_timeout_s:g})")
     internal = integer(0, UINT32)
     p.add_argument("--worker-index", type=internal, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=internal, default=None, help=argparse.SUPPRESS)

@@ -14,7 +14,8 @@ each with a model of its own. It imports neither torch nor grpc and serves nothi
 - A worker that fails to start stops the others, and this process exits with its status (2 for bad start-up
   input, which the worker has already explained in one line). A worker that exits while serving stops the
   others too, and this process exits 1, for the process manager to restart the whole; so does one whose event
-  loop stops telling this process it is alive (a byte a second on its pipe) for --worker-timeout.
+  loop stops telling this process it is alive (a byte a second on its pipe) for --worker-timeout, and so does one
+  not SERVING --worker-start-timeout after it started (a load that hangs).
 - This process holds the port from before the first worker starts until it exits (_claim_port), so a second
   server cannot take it meanwhile. It serves --metrics-port itself: every worker's metrics, labelled with
   the worker (server.observability.workers).
@@ -109,7 +110,13 @@ def _run(config: ServerConfig, argv: Sequence[str], workers: list[subprocess.Pop
         worker, pipe = _start(argv, index)
         workers.append(worker)
         pipes.append(pipe)
-        status, metrics_port = _wait_ready(worker, pipe, index, signals)
+        status, metrics_port = _wait_ready(worker, pipe, index, signals, config.worker_start_timeout_s)
+        if status is None and metrics_port < 0:
+            log.critical("worker %d (pid %d) is not SERVING %gs after it started (--worker-start-timeout): "
+                         "killing it and stopping the others", index, worker.pid, config.worker_start_timeout_s)
+            worker.kill()
+            worker.wait()
+            return 1
         if status is not None:
             log.critical("worker %d exited with status %d while starting; stopping the others", index, status)
             return 2 if status == 2 else 1
@@ -177,16 +184,19 @@ def _heard(pipe: int) -> bool:
         return False
 
 
-def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int,
-                signals: list[int]) -> tuple[int | None, int]:
+def _wait_ready(worker: subprocess.Popen[bytes], read: int, index: int, signals: list[int],
+                timeout_s: float) -> tuple[int | None, int]:
     """(None, its metrics port or 0) once the worker says it is SERVING; (its exit status, 0) if it exits
-    first. Raises _Stop on a signal."""
+    first; (None, -1) if neither happens within `timeout_s`. Raises _Stop on a signal."""
     said = b""
+    deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as selector:
         selector.register(read, selectors.EVENT_READ)
         while True:
             if signals:
                 raise _Stop
+            if time.monotonic() > deadline:
+                return None, -1
             if selector.select(_POLL_S):
                 if chunk := os.read(read, 64):
                     said += chunk

@@ -272,12 +272,15 @@ def _max_input_tokens(path: Path, config: PretrainedConfig, raw: dict[str, Any],
 
 
 def _read_json(path: Path) -> Any:
+    if path.is_dir():
+        raise StartupError(f"{path} is a directory, not a JSON file")
+    if (path.is_symlink() or path.exists()) and not path.is_file():
+        # A FIFO would hang the start; a dangling link (a download cut short) must not read as "absent".
+        raise StartupError(f"{path} must be a regular file (or a link to one)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        raise StartupError(f"{path} is a directory, not a JSON file") from None
     except ValueError as exc:  # not UTF-8, or not JSON
         raise StartupError(f"{path} is not valid JSON: {_one_line(exc)}") from None
 

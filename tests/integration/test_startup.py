@@ -100,16 +100,18 @@ def test_missing_directory_is_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "dangling"])
-def test_a_weights_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
-    # A FIFO hung the start for good; a link to /dev/zero would read without end.
+@pytest.mark.parametrize("name", ["model.safetensors", "modules.json", "1_Pooling/config.json"])
+def test_a_model_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str, name: str) -> None:
+    # A FIFO hung the start for good; a link to /dev/zero would read without end; a dangling pooling config
+    # (a download cut short) read as absent, and the default pooling would have been served.
     model = write_tiny_nomic(tmp_path / "m", **TINY)
-    weights = model / "model.safetensors"
-    weights.unlink()
+    file = model / name
+    file.unlink()
     if kind == "fifo":
-        os.mkfifo(weights)
+        os.mkfifo(file)
     else:
-        weights.symlink_to("/dev/zero" if kind == "device" else tmp_path / "gone.safetensors")
-    assert _start_fails(model).endswith(": model.safetensors must be a regular file (or a link to one)")
+        file.symlink_to("/dev/zero" if kind == "device" else tmp_path / "gone")
+    assert _start_fails(model).endswith(f"{name} must be a regular file (or a link to one)")
 
 
 def test_port_in_use_fails_at_start(tiny_server: RunningServer, tiny_original: Path) -> None:

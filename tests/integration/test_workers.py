@@ -143,6 +143,29 @@ def test_a_silent_worker_is_killed_and_the_supervisor_exits_1(tiny_original: Pat
     assert "worker 0 (pid" in run.text() and "(hung or stopped; --worker-timeout 5): killing it" in run.text()
 
 
+def test_a_worker_that_hangs_while_starting_is_killed_and_the_supervisor_exits_1(tiny_original: Path,
+                                                                               tmp_path: Path) -> None:
+    with supervised(tiny_original, tmp_path, "--worker-start-timeout", "5") as run:
+        worker = _first_child(run.process.pid)
+        os.kill(worker, signal.SIGSTOP)  # stopped before it could say SERVING: as a load that hangs
+        assert run.process.wait(90) == 1, run.text()
+        assert _gone(worker, timeout=10)
+    assert f"worker 0 (pid {worker}) is not SERVING 5s after it started (--worker-start-timeout): killing it" \
+        in run.text()
+    assert "worker 1" not in run.text()
+
+
+def _first_child(pid: int, timeout: float = 30.0) -> int:
+    """The first process `pid` starts, found as soon as it exists (a worker takes seconds to load torch)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} started no child in {timeout}s")
+
+
 def test_the_port_is_held_from_the_start_against_a_second_server(tiny_original: Path, tmp_path: Path) -> None:
     # Restarted a moment after workers served on the port: their connections are still in TIME_WAIT.
     port = _port_in_time_wait(reuseport=True)
@@ -269,6 +292,7 @@ def test_worker_settings_that_cannot_work_are_refused_naming_the_flag(argv: list
     (["--workers", "2", "--worker-index", "1", "--ready-fd", "2"], "--ready-fd: 2 is not an open pipe"),
     (["--workers", "2", "--worker-index", "1", "--ready-fd", "999"], "--ready-fd: 999 is not an open pipe"),
     (["--worker-timeout", "4"], "--worker-timeout: '4' is not a finite number of seconds in 5..86400"),
+    (["--worker-start-timeout", "1"], "--worker-start-timeout: '1' is not a finite number of seconds in 5..86400"),
 ])
 def test_the_supervisors_flags_to_its_workers_are_checked(argv: list[str], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):

@@ -85,7 +85,7 @@ def test_a_bad_value_is_refused_alike_as_flag_and_as_environment(flag: str, valu
 
 def test_every_float_flag_refuses_non_finite_values() -> None:
     floats = [a.option_strings[0] for a in _actions() if a.default is not None and isinstance(a.default, float)]
-    assert len(floats) == 6
+    assert len(floats) == 7
     for flag in floats:
         for value in ("nan", "inf", "-inf", "1e400"):
             assert _refusal([flag, value]).startswith(f"argument {flag}: ")

@@ -80,6 +80,7 @@ _GOOD: dict[str, st.SearchStrategy[str]] = {
     "--host": st.sampled_from(["0.0.0.0", "::", "[::]", "127.0.0.1", "::1", "[::1]", "localhost", "fe80::1%eth0",
                                "embed-0.embed.svc.cluster.local", "[localhost]", "host:50051", "a b", "::1]"]),
     "--worker-timeout": _floats(5, 86_400),
+    "--worker-start-timeout": _floats(5, 86_400),
 }
 
 
@@ -131,7 +132,8 @@ def _broken_rules(c: ServerConfig) -> list[str]:
         "otlp": c.otlp_endpoint is None or c.otlp_endpoint.startswith(("http://", "https://")),
         "access log": type(c.access_log) is bool,
         "host": _listenable(c.host),
-        "workers": 1 <= c.workers <= 64 and 5 <= c.worker_timeout_s <= 86_400 and c.worker_index is None,
+        "workers": 1 <= c.workers <= 64 and 5 <= c.worker_timeout_s <= 86_400 and c.worker_index is None
+        and 5 <= c.worker_start_timeout_s <= 86_400,
     }
     return [name for name, kept in rules.items() if not kept]
 
