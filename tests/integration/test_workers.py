@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -156,14 +157,16 @@ def test_a_worker_that_hangs_while_starting_is_killed_and_the_supervisor_exits_1
 
 
 def _first_child(pid: int, timeout: float = 30.0) -> int:
-    """The first process `pid` starts, found as soon as it exists (a worker takes seconds to load torch)."""
+    """The first worker `pid` starts, found as soon as it runs as one (it then takes seconds to load torch).
+    Not before: stopped between fork and exec, it would hold up the supervisor's Popen, not its wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        if children:
-            return int(children[0])
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if b"--worker-index" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
         time.sleep(0.005)
-    raise AssertionError(f"process {pid} started no child in {timeout}s")
+    raise AssertionError(f"process {pid} started no worker in {timeout}s")
 
 
 def test_the_port_is_held_from_the_start_against_a_second_server(tiny_original: Path, tmp_path: Path) -> None:
