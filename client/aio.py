@@ -62,9 +62,16 @@ class AsyncEmbedClient(ClientSettings):
         return self._channel
 
     async def close(self) -> None:
+        """Close the channel, cancelling its calls and streams; from any loop (a closed loop took its
+        channel's calls with it)."""
         self._closed = True
-        if self._channel is not None and self._channel_loop is asyncio.get_running_loop():
-            await self._channel.close()
+        channel, loop = self._channel, self._channel_loop
+        if channel is None or loop is None:
+            return
+        if loop is asyncio.get_running_loop():
+            await channel.close()
+        elif loop.is_running():  # on another thread: the channel closes on its own loop
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(channel.close(), loop))
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self
@@ -118,7 +125,8 @@ class AsyncEmbedClient(ClientSettings):
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
         settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
-        return AsyncEmbedStream(self._loop_channel(), texts, options, settings, self.retry, self.connection.metadata)
+        return AsyncEmbedStream(self._loop_channel(), texts, options, settings, self.retry, self.connection.metadata,
+                                loop=self._channel_loop)
 
     @overload
     async def tokenize(self, texts: str, task: Task | str | int = ...) -> list[int]: ...

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
 import grpc
@@ -17,16 +18,33 @@ from client.stream import AsyncEmbedStream, StreamStats
 T = TypeVar("T")
 
 
+class LoopClosed(RuntimeError):
+    """The loop is closing or closed: work submitted now would never run."""
+
+
 class LoopThread:
-    """One event loop on one daemon thread; `close()` stops and joins it."""
+    """One event loop on one daemon thread; `close()` stops and joins it.
+
+    Work submitted once `close()` has begun is refused (LoopClosed) rather than left waiting on a loop that
+    stops; work submitted before is cancelled by the close, from whichever thread closes it."""
 
     def __init__(self, name: str = "embed-client-loop") -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._lock = threading.Lock()
+        self._closing = False
         self._thread.start()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            if self._closing:
+                coro.close()
+                raise LoopClosed("the client's event loop is closed")
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()
@@ -35,9 +53,12 @@ class LoopThread:
         return threading.current_thread() is self._thread
 
     def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.run(_cancel_others())
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            cancelled = asyncio.run_coroutine_threadsafe(_cancel_others(), self.loop)
+        cancelled.result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
@@ -69,26 +90,33 @@ class EmbedStream:
     def __next__(self) -> EmbeddedBatch:
         if self._closed:
             raise StopIteration
-        if self._loop.loop.is_closed():
-            raise EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")
-        future = self._loop.submit(self._stream.__anext__())
+        try:
+            future = self._loop.submit(self._stream.__anext__())
+        except LoopClosed:
+            self._closed = True
+            raise _client_closed() from None
         try:
             return future.result()
         except StopAsyncIteration:
             self._closed = True
             raise StopIteration from None
+        except CancelledError:  # the client's close, from another thread, cancelled the loop's tasks
+            self._closed = True
+            raise _client_closed() from None
         except BaseException:  # an error of the stream, or KeyboardInterrupt while waiting
             future.cancel()
             self.close()
             raise
 
     def close(self) -> None:
-        if self._closed or self._loop.loop.is_closed():
+        if self._closed or self._loop.closing:
             return
         self._closed = True
         if self._loop.on_loop_thread():  # dropped on the loop's own thread: cannot wait there
             self._loop.loop.create_task(self._stream.aclose())
-        else:
+            return
+        # The client's close may begin meanwhile, from another thread: it cancels this too, and that is the end.
+        with contextlib.suppress(LoopClosed, CancelledError):
             self._loop.run(self._stream.aclose())
 
     def __enter__(self) -> EmbedStream:
@@ -99,3 +127,7 @@ class EmbedStream:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _client_closed() -> EmbedError:
+    return EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")

@@ -89,6 +89,8 @@ def connect(servers: str | Sequence[str] = DEFAULT_TARGET, *, tls: Tls | bool | 
             raise TypeError(f"token must be a str or None, not {type(token).__name__}")
         if not token:  # sending none would hide a missing secret until the server refuses every call
             raise ValueError("the token is empty; pass None to send no token")
+        if token != token.strip():  # no server token has them: every call would be refused
+            raise ValueError("the token has whitespace at its start or end (a line end read with it?)")
         if not (token.isascii() and token.isprintable()):
             # An HTTP/2 header value; grpc would fail every call with INTERNAL "Invalid metadata".
             raise ValueError("the token must be printable ASCII (no line breaks or other control characters)")

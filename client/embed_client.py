@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from typing import TypeVar, overload
@@ -10,7 +11,7 @@ import grpc
 import numpy as np
 
 from client.batching import BatchLimits
-from client.blocking import EmbedStream, LoopThread
+from client.blocking import EmbedStream, LoopClosed, LoopThread
 from client.checks import check_response, checked_embeddings
 from client.connection import DEFAULT_TARGET, Connection, Tls, connect
 from client.errors import EmbedError, from_rpc_error
@@ -78,11 +79,12 @@ class EmbedClient(ClientSettings):
     def close(self) -> None:
         self._closed = True
         self._channel.close()
-        if self._loop is not None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
             if self._aio_channel is not None:
-                self._loop.run(self._aio_channel.close())
-            self._loop.close()
-            self._loop = None
+                with contextlib.suppress(LoopClosed):  # closed by another thread meanwhile
+                    loop.run(self._aio_channel.close())
+            loop.close()
 
     def __enter__(self) -> EmbedClient:
         return self
@@ -147,7 +149,7 @@ class EmbedClient(ClientSettings):
             self._aio_channel = self._loop.run(_make_aio_channel(self.connection))
         assert self._aio_channel is not None
         return EmbedStream(self._loop, AsyncEmbedStream(self._aio_channel, texts, options, settings, self.retry,
-                                                        self.connection.metadata))
+                                                        self.connection.metadata, loop=self._loop.loop))
 
     @overload
     def tokenize(self, texts: str, task: Task | str | int = ...) -> list[int]: ...

@@ -107,7 +107,10 @@ def text_list(texts: str | Sequence[str]) -> list[str]:
     if isinstance(texts, (bytes, bytearray)):  # iterating it would give ints
         raise TypeError(f"texts must be a str or a sequence of str, not {type(texts).__name__}")
     ordered(texts)
-    items = [texts] if isinstance(texts, str) else list(texts)
+    try:
+        items = [texts] if isinstance(texts, str) else list(texts)  # type: ignore[arg-type]
+    except TypeError:  # None, a number, a 0-d numpy array: Python's own message names no argument
+        raise TypeError(f"texts must be a str or a sequence of str, not {a_type(texts)}") from None
     if not items:  # the server's rule too; refused here before a round trip
         raise ValueError("texts is empty: at least one text is required")
     for index, text in enumerate(items):
@@ -115,11 +118,17 @@ def text_list(texts: str | Sequence[str]) -> list[str]:
     return items
 
 
+def a_type(value: object) -> str:
+    """"a dict", "an int": the type of `value` with its article, for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def ordered(texts: object) -> None:
     """Refuse a set or a mapping as texts: vectors come back in input order, which a set lacks, and a
     mapping leaves it unclear whether its keys or its values are meant."""
     if isinstance(texts, (AbstractSet, Mapping)):
-        raise TypeError(f"texts must be a sequence or an iterator of str, not a {type(texts).__name__}: vectors "
+        raise TypeError(f"texts must be a sequence or an iterator of str, not {a_type(texts)}: vectors "
                         "come back in input order; pass a list")
 
 
@@ -127,7 +136,7 @@ def checked_text(index: int, text: object) -> str:
     """`text`, the index'th text of the input, if it is a str that UTF-8 can encode: protobuf would refuse a
     lone surrogate ('\\ud800') while sending, naming no text."""
     if not isinstance(text, str):
-        raise TypeError(f"texts[{index}] is a {type(text).__name__}, not a str")
+        raise TypeError(f"texts[{index}] is {a_type(text)}, not a str")
     if not text.isascii():
         try:
             text.encode("utf-8")

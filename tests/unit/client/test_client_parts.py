@@ -39,7 +39,7 @@ def test_batches_close_on_count_and_on_estimated_tokens() -> None:
 
 
 def test_batches_refuse_what_is_not_text() -> None:
-    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+    with pytest.raises(TypeError, match=r"texts\[1\] is an int"):
         split(["a", 3], BatchLimits())  # type: ignore[list-item]
     # A lone surrogate (legal in JSON, "\\ud800"): protobuf would refuse it while sending, naming no text.
     with pytest.raises(ValueError, match=r"^texts\[100\] is not valid Unicode: a lone surrogate at character 4 "):
