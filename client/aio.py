@@ -71,7 +71,13 @@ class AsyncEmbedClient(ClientSettings):
         if loop is asyncio.get_running_loop():
             await channel.close()
         elif loop.is_running():  # on another thread: the channel closes on its own loop
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(channel.close(), loop))
+            closing = asyncio.run_coroutine_threadsafe(channel.close(), loop)
+            waiting = asyncio.wrap_future(closing)
+            while not (await asyncio.wait({waiting}, timeout=0.1))[0]:
+                if not loop.is_running():  # it stopped first: its calls stopped with it
+                    closing.cancel()
+                    return
+            waiting.result()
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from typing import TypeVar, overload
@@ -74,12 +75,14 @@ class EmbedClient(ClientSettings):
         self._channel = channel or self.connection.channel()
         self._stub = embed_pb2_grpc.EmbedServiceStub(self._channel)
         self._loop: LoopThread | None = None  # started by the first embed_stream
+        self._streams_lock = threading.Lock()
         self._aio_channel: grpc.aio.Channel | None = None
 
     def close(self) -> None:
-        self._closed = True
+        with self._streams_lock:
+            self._closed = True
+            loop, self._loop = self._loop, None
         self._channel.close()
-        loop, self._loop = self._loop, None
         if loop is not None:
             if self._aio_channel is not None:
                 with contextlib.suppress(LoopClosed):  # closed by another thread meanwhile
@@ -144,12 +147,15 @@ class EmbedClient(ClientSettings):
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
         settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
-        if self._loop is None:
-            self._loop = LoopThread()
-            self._aio_channel = self._loop.run(_make_aio_channel(self.connection))
-        assert self._aio_channel is not None
-        return EmbedStream(self._loop, AsyncEmbedStream(self._aio_channel, texts, options, settings, self.retry,
-                                                        self.connection.metadata, loop=self._loop.loop))
+        with self._streams_lock:  # the first streams of several threads share one loop; a close may race them
+            self._check_open()
+            if self._loop is None:
+                self._loop = LoopThread()
+                self._aio_channel = self._loop.run(_make_aio_channel(self.connection))
+            loop, channel = self._loop, self._aio_channel
+        assert channel is not None
+        return EmbedStream(loop, AsyncEmbedStream(channel, texts, options, settings, self.retry,
+                                                  self.connection.metadata, loop=loop.loop))
 
     @overload
     def tokenize(self, texts: str, task: Task | str | int = ...) -> list[int]: ...

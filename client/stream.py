@@ -174,7 +174,9 @@ class AsyncEmbedStream:
         self._tasks.discard(task)
         if self._failure is not None:
             return
-        if task.cancelled():  # not by aclose, which marks the stream closed first: its client was closed
+        if task.cancelled() or isinstance(task.exception(), grpc.aio.UsageError):
+            # Cancelled, not by aclose (which marks the stream closed first), or "Channel is closed": its client
+            # was closed.
             self._failure = EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")
             self._changed.set()
         elif task.exception() is not None:

@@ -235,7 +235,14 @@ def _pooling_mode(path: Path, hidden: int, is_nomic: bool) -> str:
                                f"{', '.join(_MODULES)}): serving without it would give other vectors")
     for module in modules:
         if str(module.get("type", "")).endswith("Pooling"):
-            where = path / str(module.get("path", "")) / "config.json"
+            folder = str(module.get("path") or "").strip("/")
+            if folder in ("", ".") or Path(folder).is_absolute() or ".." in Path(folder).parts:
+                # The model's own config.json would be read as the pooling's; sentence-transformers refuses it.
+                if is_nomic:
+                    return "mean"
+                raise StartupError(f"{path / 'modules.json'}: the Pooling module's path {module.get('path')!r} "
+                                   "is not a folder of the checkpoint: its pooling (mean or CLS) cannot be known")
+            where = path / folder / "config.json"
             pooling = _read_json(where)
             if pooling is None and is_nomic:
                 return "mean"

