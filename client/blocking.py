@@ -9,11 +9,8 @@ from collections.abc import Coroutine
 from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
-import grpc
-
-from client.errors import EmbedError
 from client.results import EmbeddedBatch
-from client.stream import AsyncEmbedStream, StreamStats
+from client.stream import AsyncEmbedStream, StreamStats, client_closed
 
 T = TypeVar("T")
 
@@ -94,7 +91,7 @@ class EmbedStream:
             future = self._loop.submit(self._stream.__anext__())
         except LoopClosed:
             self._closed = True
-            raise _client_closed() from None
+            raise client_closed() from None
         try:
             return future.result()
         except StopAsyncIteration:
@@ -102,7 +99,7 @@ class EmbedStream:
             raise StopIteration from None
         except CancelledError:  # the client's close, from another thread, cancelled the loop's tasks
             self._closed = True
-            raise _client_closed() from None
+            raise client_closed() from None
         except BaseException:  # an error of the stream, or KeyboardInterrupt while waiting
             future.cancel()
             self.close()
@@ -128,6 +125,3 @@ class EmbedStream:
     def __del__(self) -> None:
         self.close()
 
-
-def _client_closed() -> EmbedError:
-    return EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")

@@ -177,7 +177,7 @@ class AsyncEmbedStream:
         if task.cancelled() or isinstance(task.exception(), grpc.aio.UsageError):
             # Cancelled, not by aclose (which marks the stream closed first), or "Channel is closed": its client
             # was closed.
-            self._failure = EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")
+            self._failure = client_closed()
             self._changed.set()
         elif task.exception() is not None:
             self._failure = task.exception()
@@ -379,3 +379,8 @@ def _numbered(lines: Iterable[tuple[int, str]], keep: Callable[[int], None]) -> 
     for number, text in lines:
         keep(number)
         yield text
+
+
+def client_closed() -> EmbedError:
+    """How a stream ends when its client is closed under it, whichever way the close reached it."""
+    return EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")

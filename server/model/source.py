@@ -177,8 +177,7 @@ def _missing(path: Path) -> list[str]:
     """What serving needs that `path` lacks: config.json and the safetensors weights."""
     try:
         config = path / "config.json"
-        if not config.is_file() and (config.is_symlink() or config.exists()):
-            raise StartupError(f"{config} must be a regular file (or a link to one)")
+        require_regular_file(config)
         missing = [] if config.is_file() else ["config.json"]
         return missing if any(path.glob("*.safetensors")) else [*missing, "*.safetensors"]
     except OSError as exc:  # e.g. a folder this user cannot read
@@ -190,6 +189,12 @@ def _require_files(path: Path, model: str) -> None:
         hint = (": it is a Hugging Face cache folder; pass the hub id (with HF_HUB_CACHE naming the folder above "
                 "it) or one of its snapshots/<commit> folders") if path.name.startswith("models--") else ""
         raise StartupError(f"model {model!r} at {path} lacks {', '.join(missing)}{hint}")
-    # A FIFO would hang the start, a device (/dev/zero) fill the memory, a dangling link fail later.
-    if odd := [f.name for f in sorted(path.glob("*.safetensors")) if not f.is_file()]:
-        raise StartupError(f"model {model!r} at {path}: {', '.join(odd)} must be a regular file (or a link to one)")
+    for weights in sorted(path.glob("*.safetensors")):
+        require_regular_file(weights)
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse `path` if it is there but not a regular file (or a link to one): a FIFO would hang the start, a
+    device (/dev/zero) fill the memory, and a dangling link (a download cut short) must not read as absent."""
+    if (path.is_symlink() or path.exists()) and not path.is_file():
+        raise StartupError(f"{path} must be a regular file (or a link to one)")

@@ -13,6 +13,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from server.domain import BERT_UNCASED_PROBE, ModelFacts, TokenizerProbe
 from server.errors import StartupError
+from server.model.source import require_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +290,7 @@ def _max_input_tokens(path: Path, config: PretrainedConfig, raw: dict[str, Any],
 def _read_json(path: Path) -> Any:
     if path.is_dir():
         raise StartupError(f"{path} is a directory, not a JSON file")
-    if (path.is_symlink() or path.exists()) and not path.is_file():
-        # A FIFO would hang the start; a dangling link (a download cut short) must not read as "absent".
-        raise StartupError(f"{path} must be a regular file (or a link to one)")
+    require_regular_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
