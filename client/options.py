@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import enum
 import math
 import numbers
@@ -125,11 +126,20 @@ def a_type(value: object) -> str:
 
 
 def ordered(texts: object) -> None:
-    """Refuse a set or a mapping as texts: vectors come back in input order, which a set lacks, and a
-    mapping leaves it unclear whether its keys or its values are meant."""
-    if isinstance(texts, (AbstractSet, Mapping)):
+    """Refuse inputs whose iteration is not the texts in order: a set (no order), a mapping or an object with
+    keys() (keys or values?), a table of two or more dimensions (a DataFrame iterates its column names), and
+    an array.array (array('u') iterates characters)."""
+    if isinstance(texts, (AbstractSet, Mapping)) or (callable(getattr(texts, "keys", None))
+                                                     and not hasattr(texts, "ndim")):
         raise TypeError(f"texts must be a sequence or an iterator of str, not {a_type(texts)}: vectors "
                         "come back in input order; pass a list")
+    ndim = getattr(texts, "ndim", 1)
+    if isinstance(ndim, int) and ndim > 1:
+        raise TypeError(f"texts must be one-dimensional, not {a_type(texts)} of {ndim} dimensions (a table "
+                        "iterates its column names or its rows); pass one column, e.g. table['text']")
+    if isinstance(texts, array.array):
+        raise TypeError("texts must be a sequence or an iterator of str, not an array.array: it iterates "
+                        "characters or numbers; pass a list")
 
 
 def checked_text(index: int, text: object) -> str:

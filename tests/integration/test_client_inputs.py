@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -40,11 +41,73 @@ def test_a_text_that_is_not_a_str_is_named() -> None:
         client.embed(["a", b"b"])  # type: ignore[list-item]
 
 
+class _KeysOnly:
+    """A mapping that is not registered as one: dict() and ** take it by its keys()."""
+
+    def __init__(self, items: dict[str, int]) -> None:
+        self._items = items
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def __getitem__(self, key: str) -> int:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+
+class _TableLike:
+    """What a pandas DataFrame is to iteration (its documented behaviour): ndim 2, keys() and __iter__ give
+    the column labels, not the rows."""
+
+    ndim = 2
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = columns
+
+    def keys(self) -> list[str]:
+        return self.columns
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns)
+
+
+class _ColumnLike:
+    """What a pandas Series is to iteration: ndim 1, __iter__ gives the values, keys() the index."""
+
+    ndim = 1
+
+    def __init__(self, values: list[str]) -> None:
+        self._values = values
+
+    def keys(self) -> range:
+        return range(len(self._values))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def test_one_column_of_a_table_is_embedded_as_its_values(tiny_server: RunningServer) -> None:
+    with tiny_server.client() as client:
+        np.testing.assert_array_equal(client.embed(_ColumnLike(["a", "b"])),  # type: ignore[arg-type]
+                                      client.embed(["a", "b"]))
+
+
 @pytest.mark.parametrize(("texts", "kind", "message"), [
     ({"b", "a"}, TypeError, r"^texts must be a sequence or an iterator of str, not a set: vectors come back in input"),
     ({"a": 1}, TypeError, r"^texts must be a sequence or an iterator of str, not a dict"),
     (frozenset({"a"}), TypeError, r"not a frozenset"),
     ([], ValueError, r"^texts is empty: at least one text is required$"),
+    (_KeysOnly({"a": 1}), TypeError, r"^texts must be a sequence or an iterator of str, not a _KeysOnly: vectors"),
+    (_TableLike(["text", "id"]), TypeError, r"^texts must be one-dimensional, not a _TableLike of 2 dimensions \(a "
+                                            r"table iterates its column names or its rows\); pass one column"),
+    (np.array([["a", "b"], ["c", "d"]]), TypeError, r"^texts must be one-dimensional, not a ndarray of 2 dim"),
+    (array.array("u", "ab"), TypeError, r"^texts must be a sequence or an iterator of str, not an array.array: "
+                                        r"it iterates characters"),
 ])
 def test_texts_without_an_order_or_without_texts_are_refused_before_sending(texts: object, kind: type[Exception],
                                                                            message: str) -> None:
@@ -53,7 +116,7 @@ def test_texts_without_an_order_or_without_texts_are_refused_before_sending(text
             client.embed(texts)  # type: ignore[arg-type]
         with pytest.raises(kind, match=message):
             client.tokenize(texts)  # type: ignore[arg-type]
-        if texts:  # an empty stream is a stream with no batches, as an empty file is
+        if not isinstance(texts, list):  # [] is a stream with no batches, as an empty file is
             with pytest.raises(kind, match=message):
                 client.embed_stream(texts)  # type: ignore[arg-type]
 
