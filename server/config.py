@@ -279,7 +279,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     config = ServerConfig(**values, auth_tokens_env=tokens)
-    _check(config, {a.dest: a.option_strings[0] for a in options}, sources)
+    _check(config, {a.dest: a.option_strings[0] for a in options}, sources, set(values))
     return config
 
 
@@ -318,8 +318,8 @@ def _otel_endpoint(env: Mapping[str, str]) -> tuple[str, str | None]:
     return "", None
 
 
-def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str, str]) -> None:
-    """What no single value breaks but two together do."""
+def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str, str], given: set[str]) -> None:
+    """What no single value breaks but two together do; `given`: the settings argv or the environment set."""
 
     def flag(dest: str) -> str:
         return f"{flags[dest]} (from {sources[dest]})" if dest in sources else flags[dest]
@@ -353,6 +353,10 @@ def _check(config: ServerConfig, flags: Mapping[str, str], sources: Mapping[str,
     if c.tls_client_ca is not None and c.tls_cert is None:
         refuse("tls_client_ca", "client certificates need TLS: give --tls-cert and --tls-key too")
     _check_worker(c)
+    for dest in ("worker_timeout_s", "worker_start_timeout_s"):
+        if dest in given and c.workers == 1:  # a supervisor's setting: one server has none to apply it
+            refuse(dest, f"applies only with --workers 2 or more, which a supervisor watches; "
+                   f"{setting('workers')} serves in one process")
     if c.workers > 1 and c.port == 0:
         refuse("workers", f"{c.workers} workers share one port, so --port must name it (not 0)")
 

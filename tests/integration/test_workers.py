@@ -282,10 +282,21 @@ def test_a_port_in_use_fails_before_any_worker_starts(tiny_original: Path, flag:
     (["--workers", "0"], "--workers"),
     (["--workers", "65"], "--workers"),
     (["--workers", "2", "--port", "0"], "--port must name it"),
+    (["--worker-timeout", "60"], "--worker-timeout: applies only with --workers 2 or more, which a supervisor "
+                                 "watches; --workers 1 serves in one process"),
+    (["--workers", "1", "--worker-start-timeout", "60"], "--worker-start-timeout: applies only with --workers 2"),
 ])
 def test_worker_settings_that_cannot_work_are_refused_naming_the_flag(argv: list[str], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):
         build_config(argv, env={})
+
+
+def test_a_supervisors_setting_from_the_environment_is_refused_without_workers() -> None:
+    with pytest.raises(ConfigError, match=re.escape("--worker-timeout (from NOMIC_EMBED_WORKER_TIMEOUT): applies "
+                                                    "only with --workers 2 or more")):
+        build_config([], env={"NOMIC_EMBED_WORKER_TIMEOUT": "60"})
+    assert build_config(["--workers", "2", "--port", "50051"],
+                        env={"NOMIC_EMBED_WORKER_TIMEOUT": "60"}).worker_timeout_s == 60
 
 
 @pytest.mark.parametrize(("argv", "words"), [
