@@ -90,7 +90,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     finally:
         for fd in pipes:
             os.close(fd)
-    _stop_all(workers, config.grace_s + _KILL_AFTER_S)
+    killed = _stop_all(workers, config.grace_s + _KILL_AFTER_S)
     for sock in held:
         sock.close()
     if metrics is not None:
@@ -98,7 +98,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     if len(signals) > 1:
         return 128 + signals[-1]
     if code or signals:
-        return code
+        return code or (1 if killed else 0)  # a worker that had to be killed did not stop as asked
     return 1 if any(w.returncode != 0 for w in workers) else 0
 
 
@@ -234,7 +234,10 @@ def tell_supervisor(ready_fd: int, metrics_port: int | None) -> None:
     say(f"{metrics_port or 0}\n".encode())
 
 
-def _stop_all(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+def _stop_all(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> bool:
+    """SIGTERM to every worker still running, and wait `timeout_s` for them all; returns whether any was killed
+    for outlasting it."""
+    killed = False
     for worker in workers:
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -247,6 +250,8 @@ def _stop_all(workers: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
                       timeout_s)
             worker.kill()
             worker.wait()
+            killed = True
+    return killed
 
 
 def worker_memory(config: ServerConfig, free_bytes: int) -> tuple[int | None, str]:

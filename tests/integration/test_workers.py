@@ -21,7 +21,7 @@ import pytest
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from server.config import ConfigError, ServerConfig, build_config
-from server.supervisor import worker_memory
+from server.supervisor import _stop_all, worker_memory
 from tools.ports import ipv6_loopback
 from tools.servers import free_port, scrape_metrics
 
@@ -154,6 +154,25 @@ def test_a_worker_that_hangs_while_starting_is_killed_and_the_supervisor_exits_1
     assert f"worker 0 (pid {worker}) is not SERVING 5s after it started (--worker-start-timeout): killing it" \
         in run.text()
     assert "worker 1" not in run.text()
+
+
+def test_a_stop_that_must_kill_a_worker_is_a_failure() -> None:
+    # A worker that outlasts SIGTERM and the wait (stopped, or deaf to it) is killed: the stop did not go as
+    # asked, and the supervisor's exit status says so (supervise returns 1 for it).
+    deaf = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+    workers = [subprocess.Popen([sys.executable, "-c", deaf], stdout=subprocess.PIPE) for _ in range(2)]
+    for worker in workers:
+        assert worker.stdout is not None and worker.stdout.readline() == b"\n"  # SIGTERM is ignored from now on
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = time.monotonic()
+    assert _stop_all([polite, *workers], 1.0) is True
+    assert time.monotonic() - started < 10
+    assert polite.returncode == -signal.SIGTERM and all(w.returncode == -signal.SIGKILL for w in workers)
+    for worker in workers:
+        assert worker.stdout is not None
+        worker.stdout.close()
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert _stop_all([polite], 30.0) is False and polite.returncode == -signal.SIGTERM
 
 
 def _first_child(pid: int, timeout: float = 30.0) -> int:
