@@ -40,7 +40,7 @@ from client.files import text_lines
 from client.options import EmbedOptions, ordered
 from client.results import EmbeddedBatch
 from client.retry import Deadline, RetryPolicy
-from client.stream_state import Batch, Outage, Run, StreamSettings, StreamStats, batch_error
+from client.stream_state import Batch, Outage, Run, StreamSettings, StreamStats, batch_error, joined, too_large
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 
@@ -90,8 +90,10 @@ class AsyncEmbedStream:
         self.stats = StreamStats()
         self._model = ModelGuard()  # every answer must come from the first answer's model, variant and weights
         self._window = asyncio.Semaphore(settings.window)  # batches sent and not yet handed to the caller
-        self._work: asyncio.PriorityQueue[tuple[int, Batch | None]] = asyncio.PriorityQueue()
+        self._work: asyncio.PriorityQueue[tuple[tuple[int, tuple[int, ...]], Batch | None]] = asyncio.PriorityQueue()
         self._results: dict[int, EmbeddedBatch | EmbedError] = {}
+        # Batches the server refused as too large, by seq: their parts, each with its answer once it has one.
+        self._parts: dict[int, dict[tuple[int, ...], EmbeddedBatch | None]] = {}
         self._answered = 0
         self._total: int | None = None  # batches in the input, once it is read to the end
         self._next = 0  # the next batch to hand out
@@ -189,7 +191,8 @@ class AsyncEmbedStream:
             # Batching reads one text past a batch's end, so the oldest numbers are this batch's.
             numbers = None if self._line_numbers is None else [self._line_numbers.popleft() for _ in texts]
             await self._window.acquire()
-            self._work.put_nowait((seq, Batch(seq, start, texts, numbers)))
+            batch = Batch(seq, start, texts, numbers)
+            self._work.put_nowait((batch.key, batch))
             seq += 1
         self._total = seq
         self._check_all_answered()
@@ -281,9 +284,9 @@ class AsyncEmbedStream:
     async def _send(self, call: grpc.aio.StreamStreamCall, run: Run) -> None:
         """Write batches until every batch is answered or the server cannot serve; then close our side."""
         while (batch := await self._next_batch(run.leaving)) is not None:
-            run.inflight[str(batch.seq)] = batch
+            run.inflight[batch.message_id] = batch
             run.taken += 1
-            await call.write(pb.EmbedStreamRequest(id=str(batch.seq), request=self._options.request(batch.texts)))
+            await call.write(pb.EmbedStreamRequest(id=batch.message_id, request=self._options.request(batch.texts)))
             self.stats.sent += 1
         await call.done_writing()
 
@@ -326,17 +329,42 @@ class AsyncEmbedStream:
             result = batch_error(batch, message.error)
             if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):
                 return False
+            if too_large(batch, message.error):  # a server whose limits are below our batches: halve it
+                self._split(batch)
+                return True
             batch.failures += 1
             delay = self._retry.next_delay(result, batch.failures, self._deadline)
             if delay is not None:
                 self.stats.retried += 1
                 self._spawn(self._requeue_later(batch, delay))
                 return False
+        self._resolve(batch, result)
+        return True
+
+    def _split(self, batch: Batch) -> None:
+        parts = self._parts.setdefault(batch.seq, {})
+        parts.pop(batch.part, None)
+        for half in batch.halves():
+            parts[half.part] = None
+            self._work.put_nowait((half.key, half))
+        self.stats.split += 1
+
+    def _resolve(self, batch: Batch, result: EmbeddedBatch | EmbedError) -> None:
+        """A batch's final answer, or a part's: a split batch is answered once all its parts are, or one fails."""
+        if batch.part:
+            parts = self._parts.get(batch.seq)
+            if parts is None:  # the batch already ended, with another part's error
+                return
+            if isinstance(result, EmbeddedBatch):
+                parts[batch.part] = result
+                if any(part is None for part in parts.values()):
+                    return
+                result = joined([parts[key] for key in sorted(parts)])  # type: ignore[misc]
+            del self._parts[batch.seq]
         self._results[batch.seq] = result
         self._answered += 1
         self._check_all_answered()
         self._changed.set()
-        return True
 
     def _away_retry(self, batch: Batch) -> bool:
         """Queue a batch the server answered UNAVAILABLE (stopping, restarting, loading) for the next stream,
@@ -348,12 +376,12 @@ class AsyncEmbedStream:
         if now - batch.away_since >= self._reconnect_timeout:
             return False
         self.stats.retried += 1
-        self._work.put_nowait((batch.seq, batch))
+        self._work.put_nowait((batch.key, batch))
         return True
 
     async def _requeue_later(self, batch: Batch, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._work.put_nowait((batch.seq, batch))
+        self._work.put_nowait((batch.key, batch))
 
     def _all_answered(self) -> bool:
         return self._total is not None and self._answered == self._total
@@ -362,7 +390,7 @@ class AsyncEmbedStream:
         """Once every batch has its answer, let each stream close its sending side (sorted after any batch)."""
         if self._all_answered():
             for seq in itertools.islice(itertools.count(self._total), self._streams):
-                self._work.put_nowait((seq, None))
+                self._work.put_nowait(((seq, ()), None))
 
     async def _finish(self) -> None:
         """All results are out: give the streams a moment to close cleanly, then release everything."""

@@ -6,8 +6,12 @@ import asyncio
 import re
 from dataclasses import dataclass, field
 
+import grpc
+import numpy as np
+
 from client.batching import BatchLimits
 from client.errors import EmbedError, status_code
+from client.results import EmbeddedBatch
 from nomic_embed.v1 import embed_pb2 as pb
 
 _TEXT_FIELD = re.compile(r"texts\[(\d+)\]")
@@ -31,6 +35,7 @@ class StreamStats:
     sent: int = 0  # stream messages written, repeats included
     retried: int = 0  # batches sent again after a retryable error
     reopened: int = 0  # streams opened again after a break
+    split: int = 0  # batches (or parts) sent again as two halves: the server refused them as too large
 
 
 @dataclass(eq=False)
@@ -41,6 +46,41 @@ class Batch:
     line_numbers: list[int] | None  # of a text file's texts
     failures: int = 0
     away_since: float | None = None  # first UNAVAILABLE answer: those are bounded by time, not by tries
+    # Where a part of batch `seq` lies in it, once the server refused the whole as too large: (0,) is its
+    # first half, (1, 0) the first half of its second half; () for a batch sent whole.
+    part: tuple[int, ...] = ()
+
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        """The work queue's order: input order, parts included."""
+        return self.seq, self.part
+
+    @property
+    def message_id(self) -> str:
+        return ".".join(map(str, (self.seq, *self.part)))
+
+    def halves(self) -> tuple[Batch, Batch]:
+        middle = len(self.texts) // 2
+        numbers = self.line_numbers
+        return (Batch(self.seq, self.start, self.texts[:middle], numbers and numbers[:middle], part=(*self.part, 0)),
+                Batch(self.seq, self.start + middle, self.texts[middle:], numbers and numbers[middle:],
+                      part=(*self.part, 1)))
+
+
+def too_large(batch: Batch, error: pb.StreamError) -> bool:
+    """Whether the server refused `batch` as a whole for a per-request limit (texts, tokens or bytes: the
+    field is `texts` itself, not one text's), which its halves may meet."""
+    return (len(batch.texts) > 1 and status_code(error.code) is grpc.StatusCode.INVALID_ARGUMENT
+            and error.field == "texts")
+
+
+def joined(parts: list[EmbeddedBatch]) -> EmbeddedBatch:
+    """The parts of one batch, in input order, as the batch."""
+    first = parts[0]
+    numbers = None if first.line_numbers is None else [n for p in parts for n in p.line_numbers or ()]
+    return EmbeddedBatch(first.start, [t for p in parts for t in p.texts],
+                         np.concatenate([p.embeddings for p in parts]), [n for p in parts for n in p.tokens],
+                         numbers, first.model_id, first.variant, first.weights_digest)
 
 
 @dataclass(eq=False)

@@ -183,3 +183,21 @@ def test_async_client_streams_an_async_source_and_stops_early(tiny_server: Runni
     got, want, early = asyncio.run(run())
     np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=1e-5)
     assert early == [0, 10]
+
+
+def test_a_stream_halves_batches_a_server_refuses_as_too_large(tiny_original: Path) -> None:
+    # The client's batches (64 texts, ~8192 estimated tokens) are far above this server's limits; a refused batch
+    # is sent again as halves, and the caller still gets each batch whole, in order.
+    long = " ".join(WORDS * 4)  # ~42 tokens: two of them exceed 64 tokens per request
+    texts = [*short_texts(20), long, long + " kilo", long + " lima", *short_texts(9)]
+    with running_server(str(tiny_original), max_texts_per_request=7, max_input_tokens=64,
+                        max_request_tokens=64) as srv, srv.client() as client:
+        expected = np.concatenate([client.embed([text], "search_query") for text in texts])
+        stream = client.embed_stream(texts, "search_query", batch_size=16)
+        batches = list(stream)
+        assert [(b.start, len(b.texts)) for b in batches] == [(0, 16), (16, 16)]
+        np.testing.assert_allclose(np.concatenate([b.embeddings for b in batches]), expected, atol=1e-6)
+        assert [t for b in batches for t in b.texts] == texts and stream.stats.split >= 6
+        with pytest.raises(EmbedError) as refused:
+            list(client.embed_stream([*texts[:13], "   ", *texts[14:]], "search_query"))
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "texts[13]"
