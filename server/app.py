@@ -35,7 +35,8 @@ from server.event_loop import loop_name
 from server.heap import freeze_startup_objects, thaw
 from server.model.buckets import Buckets
 from server.model.device import available_cpus, probe_device, set_threads
-from server.model.loader import CheckpointMismatch, checkpoint_info, load_model, weights_digest
+from server.model.integrity import check_weights
+from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
 from server.model.rotary import PerRowNTKRotary
 from server.model.runner import Runner, install_per_row_rotary
 from server.model.source import resolve_model
@@ -267,6 +268,11 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     except (NoVariantFits, ValueError, CheckpointMismatch) as exc:
         raise StartupError(str(exc)) from None
     log.info("variant %s: %s", decision.variant.name, decision.reason)
+    enter("checking the weight files")
+    try:
+        digest = check_weights(path)
+    except CheckpointMismatch as exc:
+        raise StartupError(str(exc)) from None
     enter(f"loading the weights as {decision.variant.name}")
     try:
         loaded = load_model(path, spec.config, decision, device.torch_device)
@@ -297,7 +303,7 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     _warm_up(batcher, tokenizer)
     served = ServedModel(facts=facts, variant=decision.variant.name, variant_reason=reason,
                          device=device.describe(), weight_bytes=loaded.weight_bytes, server_version=server.__version__,
-                         weights_digest=weights_digest(path))
+                         weights_digest=digest)
     embedder = Embedder(tokenizer, batcher, facts, max_request_tokens=limits.max_request_tokens)
     return Loaded(embedder, batcher, served, limits, runner)
 
@@ -337,6 +343,14 @@ def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
     if not np.isfinite(vectors).all():
         raise StartupError("the model gives NaN or infinity for the warm-up text \"warm up the model\": its weights "
                            "(or the variant's arithmetic) are broken, so no vector it makes can be trusted")
+    centred = vectors.astype(np.float64) - vectors.mean(axis=1, keepdims=True)  # what layer_norm keeps
+    size = np.linalg.norm(centred, axis=1)
+    if not size.all() or np.linalg.norm(centred[0] - centred[1]) <= 1e-6 * size[0]:
+        # What damaged weights give: a last LayerNorm scale of zeros (or too small to count) makes every token
+        # that norm's bias, so every text the same vector (up to the pooling's rounding); weights of zeros, none.
+        raise StartupError("the model gives two different warm-up texts the same vector, or a vector with no "
+                           "direction (all components equal): its weights are damaged (zeros?), so its vectors "
+                           "say nothing of the texts")
     log.info("warm-up took %.2fs", time.monotonic() - started)
 
 

@@ -123,9 +123,12 @@ class TokenizerProbe:
     digest: str  # sha256 of its tokens in id order, joined by newlines: vocab.txt's lines
 
 
-# bert-base-uncased WordPiece, the vocabulary of nomic-embed-text-v1.5 (and of all-MiniLM-L6-v2).
+# bert-base-uncased WordPiece, the vocabulary of nomic-embed-text-v1.5 (and of all-MiniLM-L6-v2). Beyond plain
+# English, what each switch of BERT's normalizer changes: CJK characters split one per token (not one word),
+# and a control character dropped (not kept as a word of its own).
 BERT_UNCASED_PROBE = TokenizerProbe(
-    "bert-base-uncased", PLAIN_ENGLISH,
-    (7861, 8270, 4667, 2015, 1024, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1999, 1037, 7668, 1012),
+    "bert-base-uncased", PLAIN_ENGLISH + " 東京\x07",
+    (7861, 8270, 4667, 2015, 1024, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1999, 1037, 7668, 1012,
+     1879, 1755),
     head=(101,), tail=(102,), size=30522,
     digest="0f052197aac305fe42f378b5c61554b7bacb34b8be4af83fec2cfdcdffbc9973")

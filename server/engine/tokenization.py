@@ -56,10 +56,11 @@ class TextTokenizer:
             raise StartupError(f"the tokenizer in {path} maps plain English words to the unknown token: "
                                f"{text!r} gives ids {ids}. Are its tokenizer files (tokenizer.json, vocab.txt) "
                                "missing?")
-        too_big = max([*ids, *self._head, *self._tail, self.pad_id])
+        # Every id the tokenizer can give, added tokens included: one past the rows fails its whole batch.
+        too_big = max([*self._tok.get_vocab(with_added_tokens=True).values(), *self._head, *self._tail, self.pad_id])
         if too_big >= vocab_size:
-            raise StartupError(f"the tokenizer in {path} gives id {too_big}, beyond the model's {vocab_size} "
-                               "embedding rows")
+            raise StartupError(f"the tokenizer in {path} gives ids up to {too_big}, beyond the model's {vocab_size} "
+                               "embedding rows: are its tokenizer files from another model, or its embeddings cut?")
 
     def _check_vocabulary(self, path: Path, vocab_size: int, probe: TokenizerProbe | None) -> None:
         vocab = self._tok.get_vocab()

