@@ -137,12 +137,15 @@ def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[s
     if rope.get("rope_type", "default") not in _ROPE_TYPES:
         raise StartupError(f"config.json: rope_parameters.rope_type={rope['rope_type']!r} is not supported "
                            f"(only {' or '.join(_ROPE_TYPES)})")
-    base = raw.get("rotary_emb_base")
-    thetas = {"rope_parameters.rope_theta": rope.get("rope_theta"), "rope_theta": raw.get("rope_theta")}
-    for key, theta in thetas.items():
-        if base is not None and theta is not None and not _same(base, theta):
-            conflicts.append(f"rotary_emb_base={base!r} vs {key}={theta!r}")
-    base = float(base if base is not None else rope.get("rope_theta") or raw.get("rope_theta") or 1000.0)
+    bases = {key: value for key, value in {"rotary_emb_base": raw.get("rotary_emb_base"),
+                                            "rope_parameters.rope_theta": rope.get("rope_theta"),
+                                            "rope_theta": raw.get("rope_theta")}.items() if value is not None}
+    for key, value in bases.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise StartupError(f"config.json: {key}={value!r} is not a number")  # float(True) would be 1.0
+    (first, given), *others = bases.items() or [("", 1000.0)]
+    conflicts += [f"{first}={given!r} vs {key}={value!r}" for key, value in others if not _same(given, value)]
+    base = float(given)  # 0 included: refused below, never replaced by the default
     own = raw.get("rotary_scaling_factor") or rope.get("factor")
     if own is not None and not _same(own, scaling_factor):
         log.warning("config.json asks for rotary scaling factor %r; serving with --rotary-scaling-factor %g",

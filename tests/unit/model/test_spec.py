@@ -188,3 +188,19 @@ def test_a_legacy_rope_theta_that_contradicts_the_rotary_base_is_refused(tmp_pat
     cfg = hub_config(**PUBLISHED) | {"rope_theta": 10000.0}  # type: ignore[arg-type]
     with pytest.raises(StartupError, match=r"rotary_emb_base=1000 vs rope_theta=10000\.0"):
         read_model_spec(_write(tmp_path, cfg))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rotary_emb_base": True}, "rotary_emb_base=True is not a number"),  # float(True) served base 1.0
+    ({"rotary_emb_base": "1000"}, "rotary_emb_base='1000' is not a number"),
+    ({"rotary_emb_base": None, "rope_theta": "1000"}, "rope_theta='1000' is not a number"),
+    ({"rotary_emb_base": None, "rope_parameters": None, "rope_theta": 0},
+     "rotary base 0.0 and trained length 2048 must be positive"),
+    ({"rotary_emb_base": None, "rope_theta": 0}, "rope_parameters.rope_theta=1000.0 vs rope_theta=0"),
+])
+def test_a_rotary_base_that_is_not_a_positive_number_is_refused(tmp_path: Path, changes: dict[str, object],
+                                                                message: str) -> None:
+    cfg = {k: v for k, v in (hub_config(**PUBLISHED) | changes).items() if v is not None}  # type: ignore[arg-type]
+    with pytest.raises(StartupError) as info:
+        read_model_spec(_write(tmp_path, cfg))
+    assert message in str(info.value)
