@@ -100,6 +100,8 @@ def _read_model_spec(path: Path, rotary_scaling_factor: float, revision: str, mo
     except Exception as exc:
         raise StartupError(f"cannot read the model config in {path}: {_one_line(exc)}") from None
     pooling = _pooling_mode(path, int(config.hidden_size), is_nomic)
+    if not is_nomic:
+        _refuse_default_prompt(path)
     if is_nomic and pooling != "mean":
         raise StartupError(f"nomic models pool by mean; {path} asks for {pooling!r}")
     facts = ModelFacts(
@@ -271,6 +273,22 @@ def _pooling_mode(path: Path, hidden: int, is_nomic: bool) -> str:
                 raise StartupError(f"{where}: the pooling is {width!r} wide, the model {hidden}")
             return str(mode)
     return "mean"
+
+
+def _refuse_default_prompt(path: Path) -> None:
+    """A default prompt, which sentence-transformers puts before every text, is refused: the server prefixes only
+    a nomic model's texts (by task), so it would serve the vectors of the texts without it."""
+    where = path / "config_sentence_transformers.json"
+    settings = _read_json(where)
+    if not isinstance(settings, dict) or settings.get("default_prompt_name") is None:
+        return
+    name = settings["default_prompt_name"]
+    prompts = settings.get("prompts")
+    prompt = prompts.get(name) if isinstance(prompts, dict) and isinstance(name, str) else None
+    shown = f" ({prompt!r})" if isinstance(prompt, str) else ""
+    raise StartupError(f"{where}: default_prompt_name {name!r}{shown} puts a prompt before every text, which this "
+                       "server does not (it prefixes only nomic models' texts, by task): remove the setting, and "
+                       "send texts that carry the prompt themselves")
 
 
 def _max_input_tokens(path: Path, config: PretrainedConfig, raw: dict[str, Any], rotary: RotarySpec | None) -> int:

