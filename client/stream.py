@@ -40,7 +40,7 @@ from client.files import text_lines
 from client.options import EmbedOptions, ordered
 from client.results import EmbeddedBatch
 from client.retry import Deadline, RetryPolicy
-from client.stream_state import Batch, Outage, Run, StreamSettings, StreamStats, batch_error, joined, too_large
+from client.stream_state import Batch, Outage, Parts, Run, StreamSettings, StreamStats, batch_error, too_large
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 
@@ -92,8 +92,7 @@ class AsyncEmbedStream:
         self._window = asyncio.Semaphore(settings.window)  # batches sent and not yet handed to the caller
         self._work: asyncio.PriorityQueue[tuple[tuple[int, tuple[int, ...]], Batch | None]] = asyncio.PriorityQueue()
         self._results: dict[int, EmbeddedBatch | EmbedError] = {}
-        # Batches the server refused as too large, by seq: their parts, each with its answer once it has one.
-        self._parts: dict[int, dict[tuple[int, ...], EmbeddedBatch | None]] = {}
+        self._parts = Parts()  # of batches the server refused as too large
         self._answered = 0
         self._total: int | None = None  # batches in the input, once it is read to the end
         self._next = 0  # the next batch to hand out
@@ -191,8 +190,7 @@ class AsyncEmbedStream:
             # Batching reads one text past a batch's end, so the oldest numbers are this batch's.
             numbers = None if self._line_numbers is None else [self._line_numbers.popleft() for _ in texts]
             await self._window.acquire()
-            batch = Batch(seq, start, texts, numbers)
-            self._work.put_nowait((batch.key, batch))
+            self._work.put_nowait(((seq, ()), Batch(seq, start, texts, numbers)))
             seq += 1
         self._total = seq
         self._check_all_answered()
@@ -277,7 +275,7 @@ class AsyncEmbedStream:
 
     def _requeue(self, inflight: dict[str, Batch], error: EmbedError) -> EmbedError:
         for batch in inflight.values():
-            self._work.put_nowait((batch.seq, batch))
+            self._work.put_nowait((batch.key, batch))
         inflight.clear()
         return error
 
@@ -330,7 +328,9 @@ class AsyncEmbedStream:
             if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):
                 return False
             if too_large(batch, message.error):  # a server whose limits are below our batches: halve it
-                self._split(batch)
+                for half in self._parts.split(batch):
+                    self._work.put_nowait((half.key, half))
+                self.stats.split += 1
                 return True
             batch.failures += 1
             delay = self._retry.next_delay(result, batch.failures, self._deadline)
@@ -341,26 +341,12 @@ class AsyncEmbedStream:
         self._resolve(batch, result)
         return True
 
-    def _split(self, batch: Batch) -> None:
-        parts = self._parts.setdefault(batch.seq, {})
-        parts.pop(batch.part, None)
-        for half in batch.halves():
-            parts[half.part] = None
-            self._work.put_nowait((half.key, half))
-        self.stats.split += 1
-
     def _resolve(self, batch: Batch, result: EmbeddedBatch | EmbedError) -> None:
         """A batch's final answer, or a part's: a split batch is answered once all its parts are, or one fails."""
         if batch.part:
-            parts = self._parts.get(batch.seq)
-            if parts is None:  # the batch already ended, with another part's error
+            if (whole := self._parts.settle(batch, result)) is None:
                 return
-            if isinstance(result, EmbeddedBatch):
-                parts[batch.part] = result
-                if any(part is None for part in parts.values()):
-                    return
-                result = joined([parts[key] for key in sorted(parts)])  # type: ignore[misc]
-            del self._parts[batch.seq]
+            result = whole
         self._results[batch.seq] = result
         self._answered += 1
         self._check_all_answered()

@@ -74,7 +74,37 @@ def too_large(batch: Batch, error: pb.StreamError) -> bool:
             and error.field == "texts")
 
 
-def joined(parts: list[EmbeddedBatch]) -> EmbeddedBatch:
+class Parts:
+    """Batches the server refused as too large, by seq: their parts, each with its answer once it has one."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[tuple[int, ...], EmbeddedBatch | None]] = {}
+
+    def split(self, batch: Batch) -> tuple[Batch, Batch]:
+        """`batch` (or a part of one) as two halves, to send in its place."""
+        parts = self._parts.setdefault(batch.seq, {})
+        parts.pop(batch.part, None)
+        halves = batch.halves()
+        for half in halves:
+            parts[half.part] = None
+        return halves
+
+    def settle(self, part: Batch, result: EmbeddedBatch | EmbedError) -> EmbeddedBatch | EmbedError | None:
+        """A part's answer: the whole batch's once every part has one (or this one failed); else None, as for a
+        part of a batch that already ended with another part's error."""
+        parts = self._parts.get(part.seq)
+        if parts is None:
+            return None
+        if isinstance(result, EmbeddedBatch):
+            parts[part.part] = result
+            if any(answer is None for answer in parts.values()):
+                return None
+            result = _joined([answer for _, answer in sorted(parts.items()) if answer is not None])
+        del self._parts[part.seq]
+        return result
+
+
+def _joined(parts: list[EmbeddedBatch]) -> EmbeddedBatch:
     """The parts of one batch, in input order, as the batch."""
     first = parts[0]
     numbers = None if first.line_numbers is None else [n for p in parts for n in p.line_numbers or ()]
@@ -120,3 +150,4 @@ def batch_error(batch: Batch, error: pb.StreamError) -> EmbedError:
     retry_after = error.retry_delay.ToNanoseconds() / 1e9 if error.HasField("retry_delay") else None
     return EmbedError(status_code(error.code), message, field=_TEXT_FIELD.sub(whole_input, error.field),
                       retry_after_s=retry_after)
+
