@@ -158,16 +158,17 @@ class Worker:
             self._compute(batch)
         except Exception as exc:  # every caller of the batch hears of it; the worker lives on
             log.exception("model batch of %d rows failed", len(batch))
-            error = exc if isinstance(exc, EmbedError) else ModelFailure(
-                f"the model failed on a batch of {len(batch)} rows: {type(exc).__name__}: {exc}")
-            for row in batch:
-                row.job.failed = True
-            self._post(self._delivery.batch_failed, batch, error)
-            # An input the model cannot take fails its batch alone; a model that cannot run the warm-up rows
-            # either would fail every batch from now on.
+            # A model that cannot run the warm-up rows either would fail every batch from now on; else an input
+            # the model cannot take is the fault, and it fails its own request only: each request's rows run
+            # again on their own.
             if not isinstance(exc, EmbedError) and not self.broken and self._probe_fails(errors_count=True):
                 log.error("the warm-up rows fail too: the model is broken")
+                self._fail(batch, exc)
                 self._mark_broken(ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
+            elif not isinstance(exc, EmbedError) and not self.broken and len({id(r.job) for r in batch}) > 1:
+                self._run_each_request(batch)
+            else:
+                self._fail(batch, exc)
             return
         self.budget.ran()
         # A batch ran: if the model was found broken before it, the warm-up rows decide whether it is back (a
@@ -176,6 +177,30 @@ class Worker:
             log.warning("the warm-up rows pass again: the model is back in service")
             self.broken = False
             self._post(self._delivery.model_recovered)
+
+    def _fail(self, batch: list[Row], exc: Exception) -> None:
+        for row in batch:
+            row.job.failed = True
+        error = exc if isinstance(exc, EmbedError) else ModelFailure(
+            f"the model failed on a batch of {len(batch)} rows: {type(exc).__name__}: {exc}")
+        self._post(self._delivery.batch_failed, batch, error)
+
+    def _run_each_request(self, batch: list[Row]) -> None:
+        """The rows of each request of a failed batch as a batch of their own: only the failing ones fail."""
+        jobs: dict[int, list[Row]] = {}
+        for row in batch:
+            jobs.setdefault(id(row.job), []).append(row)
+        failed = 0
+        for rows in jobs.values():
+            alive = [r for r in rows if not r.job.dead]
+            if not alive:
+                continue
+            try:
+                self._compute(alive)
+            except Exception as exc:
+                failed += 1
+                self._fail(alive, exc)
+        log.warning("the %d requests of the failed batch ran one by one: %d failed again", len(jobs), failed)
 
     def _compute(self, batch: list[Row]) -> None:
         """Run the batch and post its vectors; out of memory, run each half (shorter rows first) the same

@@ -3,6 +3,7 @@ and health goes NOT_SERVING until they pass again, while a failure on one input 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -73,6 +74,36 @@ def test_a_failure_on_one_input_leaves_the_server_in_service(tiny_original: Path
     with _served(tiny_original, on_poison) as srv:
         assert "cannot take" in _fails(srv, "word " * 40).details()
         assert _embed(srv, "a short text that the model takes").embeddings[0].values
+        assert _health(srv) == SERVING and _broken(srv) == 0
+
+
+def test_an_input_the_model_fails_on_fails_its_own_request_not_its_batch_mates(tiny_original: Path) -> None:
+    gate, held = threading.Event(), threading.Event()
+
+    def on_poison(model: Run, probe: list[list[int]]) -> Run:
+        def run(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            if any(row[1:-1] == [4937] for row in rows) and not gate.is_set():  # "cat": holds the model
+                held.set()
+                gate.wait(30)
+            if any(29145 in row for row in rows):  # "zebra"
+                raise RuntimeError("an input this model cannot take")
+            return model(rows)
+        return run
+
+    with _served(tiny_original, on_poison) as srv:
+        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
+
+        def call(text: str) -> grpc.Future:
+            return stub.Embed.future(pb.EmbedRequest(texts=[text], task=pb.TASK_RAW), timeout=30)
+
+        blocker = call("cat")
+        assert held.wait(30)
+        calls = [call(text) for text in ("a short text", "a zebra text", "another short text", "one more text")]
+        time.sleep(0.5)  # all four queued behind the held batch: they make one batch
+        gate.set()
+        assert blocker.result().embeddings
+        outcomes = [c.exception().code() if c.exception() else "OK" for c in calls]  # type: ignore[union-attr]
+        assert outcomes == ["OK", grpc.StatusCode.INTERNAL, "OK", "OK"], outcomes
         assert _health(srv) == SERVING and _broken(srv) == 0
 
 

@@ -24,20 +24,22 @@ from tests.helpers.fake_backend import (
 )
 
 
-def test_a_failing_batch_reaches_every_caller_and_the_worker_lives_on() -> None:
+def test_a_failing_batch_fails_only_the_request_that_fails_alone_and_the_worker_lives_on() -> None:
     backend = FakeBackend()
 
     async def main() -> None:
         batcher = await started(backend)
         blocker = await occupy(batcher, backend)
-        victims = [batcher.submit([[1, 2, 3, 4]]), batcher.submit([[POISON, 2, 3, 4]]),
-                   batcher.submit([[5, 6, 7, 8], [9, 10, 11, 12]])]
+        first, poisoned, second = (batcher.submit([[1, 2, 3, 4]]), batcher.submit([[POISON, 2, 3, 4]]),
+                                   batcher.submit([[5, 6, 7, 8], [9, 10, 11, 12]]))
         backend.release()
         await blocker
-        for job in victims:
-            with pytest.raises(ModelFailure, match="poisoned row"):
-                await job.result()
+        with pytest.raises(ModelFailure, match="poisoned row"):
+            await poisoned.result()
+        assert_encodes(await first.result(), [[1, 2, 3, 4]])  # its batch-mates run again, each on its own
+        assert_encodes(await second.result(), [[5, 6, 7, 8], [9, 10, 11, 12]])
         assert batcher.totals.failed_batches == 1
+        assert [len(b) for b in backend.batches[-4:]] == [4, 1, 1, 2]  # the batch, then request by request
         after = batcher.submit([[1, 2, 3, 4]])
         assert_encodes(await after.result(), [[1, 2, 3, 4]])
         await batcher.stop()
