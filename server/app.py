@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,7 +34,7 @@ from server.event_loop import loop_name
 from server.heap import freeze_startup_objects, thaw
 from server.model.buckets import Buckets
 from server.model.device import available_cpus, probe_device, set_threads
-from server.model.integrity import check_weights
+from server.model.integrity import check_warm_up, check_weights
 from server.model.loader import CheckpointMismatch, checkpoint_info, load_model
 from server.model.rotary import PerRowNTKRotary
 from server.model.runner import Runner, install_per_row_rotary
@@ -269,10 +268,7 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
         raise StartupError(str(exc)) from None
     log.info("variant %s: %s", decision.variant.name, decision.reason)
     enter("checking the weight files")
-    try:
-        digest = check_weights(path)
-    except CheckpointMismatch as exc:
-        raise StartupError(str(exc)) from None
+    digest = check_weights(path)
     enter(f"loading the weights as {decision.variant.name}")
     try:
         loaded = load_model(path, spec.config, decision, device.torch_device)
@@ -339,18 +335,7 @@ def _capture_graphs(runner: Runner) -> bool:
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
     started = time.monotonic()
     row = tokenizer.wrap(tokenizer.content_ids(["warm up the model"], Task.SEARCH_QUERY.prefix)[0])
-    vectors = batcher.run_now([row, row[:-2] + row[-1:]])
-    if not np.isfinite(vectors).all():
-        raise StartupError("the model gives NaN or infinity for the warm-up text \"warm up the model\": its weights "
-                           "(or the variant's arithmetic) are broken, so no vector it makes can be trusted")
-    centred = vectors.astype(np.float64) - vectors.mean(axis=1, keepdims=True)  # what layer_norm keeps
-    size = np.linalg.norm(centred, axis=1)
-    if not size.all() or np.linalg.norm(centred[0] - centred[1]) <= 1e-6 * size[0]:
-        # What damaged weights give: a last LayerNorm scale of zeros (or too small to count) makes every token
-        # that norm's bias, so every text the same vector (up to the pooling's rounding); weights of zeros, none.
-        raise StartupError("the model gives two different warm-up texts the same vector, or a vector with no "
-                           "direction (all components equal): its weights are damaged (zeros?), so its vectors "
-                           "say nothing of the texts")
+    check_warm_up(batcher.run_now([row, row[:-2] + row[-1:]]), "warm up the model")
     log.info("warm-up took %.2fs", time.monotonic() - started)
 
 

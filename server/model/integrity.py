@@ -7,6 +7,8 @@
   pre-allocated download that stopped, or a lost disk block, leaves. Trained float weights have no such runs.
 - A weight tensor that is all zeros (a LayerNorm scale of zeros gives every text the same vector). Biases
   may be zero, so they are not checked.
+
+And after loading, the warm-up's vectors (check_warm_up): finite, and telling two texts apart.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from server.model.loader import CheckpointMismatch
+from server.errors import StartupError
 
 ZERO_BLOCK = 64 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -27,7 +29,7 @@ _METADATA = Path(".cache") / "huggingface" / "download"
 
 
 def check_weights(path: Path) -> str:
-    """Refuse damaged *.safetensors files in `path` (CheckpointMismatch); returns the weights' digest: the
+    """Refuse damaged *.safetensors files in `path` (StartupError); returns the weights' digest: the
     first 16 hex digits of a sha256 over each file's name and sha256 (weights replaced at the same path, or a
     cache's new revision, give another digest)."""
     lines = []
@@ -45,13 +47,13 @@ def _check_recorded_hash(folder: Path, file: Path, sha256: str) -> None:
     blob = file.resolve()
     if blob != file.absolute() and blob.parent.name == "blobs" and _SHA256.fullmatch(blob.name):
         if blob.name != sha256:
-            raise CheckpointMismatch(
+            raise StartupError(
                 f"{file} is damaged: its cache blob {blob} should have sha256 {blob.name}, its content has "
                 f"{sha256} (an interrupted or altered download); delete the blob and download it again")
         return
     recorded = _local_dir_sha256(folder, file)
     if recorded is not None and recorded != sha256:
-        raise CheckpointMismatch(
+        raise StartupError(
             f"{file} is damaged: its download recorded sha256 {recorded} (in {folder / _METADATA}), its content "
             f"has {sha256} (an interrupted or altered download); download it again")
 
@@ -81,7 +83,7 @@ def _check_zero_blocks(file: Path) -> None:
         empty = np.flatnonzero(~words[first : first + 256].any(axis=1))
         if empty.size:
             offset = start + (first + int(empty[0])) * ZERO_BLOCK
-            raise CheckpointMismatch(
+            raise StartupError(
                 f"{file} is damaged: {ZERO_BLOCK // 1024} KiB of zero bytes at offset {offset} of {data.size}, where "
                 "its weights lie (a download that stopped early, or a lost disk block); download it again")
 
@@ -94,5 +96,21 @@ def _check_zero_tensors(file: Path) -> None:
             tensor = f.get_tensor(key)
             # As bytes: +0.0 is all zero bits in every float format, and any() need not exist for all (FP8).
             if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.view(torch.uint8).any():
-                raise CheckpointMismatch(f"{file} is damaged: its weight {key} is all zeros (a download that stopped "
+                raise StartupError(f"{file} is damaged: its weight {key} is all zeros (a download that stopped "
                                          "early, or an edited file); download it again")
+
+
+def check_warm_up(vectors: np.ndarray, text: str) -> None:
+    """Refuse a model whose pooled vectors for `text` and for it less one token are not finite, or tell them
+    apart no more than rounding does (or have no direction): its vectors would say nothing of the texts."""
+    if not np.isfinite(vectors).all():
+        raise StartupError(f"the model gives NaN or infinity for the warm-up text {text!r}: its weights (or the "
+                           "variant's arithmetic) are broken, so no vector it makes can be trusted")
+    centred = vectors.astype(np.float64) - vectors.mean(axis=1, keepdims=True)  # what layer_norm keeps
+    size = np.linalg.norm(centred, axis=1)
+    if not size.all() or np.linalg.norm(centred[0] - centred[1]) <= 1e-6 * size[0]:
+        # What damaged weights give: a last LayerNorm scale of zeros (or too small to count) makes every token
+        # that norm's bias, so every text the same vector (up to the pooling's rounding); weights of zeros, none.
+        raise StartupError("the model gives two different warm-up texts the same vector, or a vector with no "
+                           "direction (all components equal): its weights are damaged (zeros?), so its vectors "
+                           "say nothing of the texts")

@@ -44,13 +44,13 @@ def test_missing_tensor_is_refused_naming_it(tmp_path: Path) -> None:
 
 
 def test_unexpected_tensor_is_refused_naming_it(tmp_path: Path) -> None:
-    write_tiny_nomic(tmp_path, extra_tensors={"encoder.layers.0.attn.rogue.weight": torch.zeros(2, 2)}, **TINY)
+    write_tiny_nomic(tmp_path, extra_tensors={"encoder.layers.0.attn.rogue.weight": torch.ones(2, 2)}, **TINY)
     assert "rogue" in _start_fails(tmp_path)
 
 
 def test_wrong_shape_is_refused(tmp_path: Path) -> None:
     write_tiny_nomic(tmp_path, drop_tensors=["encoder.layers.0.mlp.fc2.weight"],
-                     extra_tensors={"encoder.layers.0.mlp.fc2.weight": torch.zeros(TINY["hidden"], 7)}, **TINY)
+                     extra_tensors={"encoder.layers.0.mlp.fc2.weight": torch.ones(TINY["hidden"], 7)}, **TINY)
     assert "mlp.down_proj.weight" in _start_fails(tmp_path)
 
 
