@@ -46,6 +46,12 @@ _NOMIC_REQUIRED: dict[str, object] = {
 }
 # The transformers 5 spelling of the same settings.
 _V5_REQUIRED: dict[str, object] = {"hidden_act": "silu"}
+# What the original remote code (configuration_hf_nomic_bert.NomicBertConfig, which a config's auto_map names)
+# takes for a setting its config leaves out, where that is not what the server runs: no rotary positions, GPT-2's
+# activation, biases. transformers' own nomic_bert takes the supported values instead.
+_ORIGINAL_DEFAULTS: dict[str, object] = {"activation_function": "gelu_new", "rotary_emb_fraction": 0.0,
+                                         "qkv_proj_bias": True, "mlp_fc1_bias": True, "mlp_fc2_bias": True}
+_ORIGINAL_ROTARY_BASE = 10_000.0
 _ROPE_TYPES = ("default", "dynamic")  # our per-row rotary replaces either (dynamic NTK, factor from --rotary-...)
 DEFAULT_TRAINED_POSITIONS = 2048  # nomic-bert-2048: the trained length when a config names none
 
@@ -119,6 +125,11 @@ def _read_model_spec(path: Path, rotary_scaling_factor: float, revision: str, mo
 
 def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[str, Any], RotarySpec]:
     """transformers 5 settings of a nomic config, compared by meaning where both key sets are present."""
+    remote = "configuration_hf_nomic_bert" in str((raw.get("auto_map") or {}).get("AutoConfig", ""))
+    for key, default in _ORIGINAL_DEFAULTS.items() if remote else ():
+        if key not in raw and not (key == "activation_function" and "hidden_act" in raw):
+            raise StartupError(f"config.json has no {key}: the original code its auto_map names takes {default!r} "
+                               f"for it, which is not supported (only {_NOMIC_REQUIRED[key]!r})")
     for key, wanted in {**_NOMIC_REQUIRED, **_V5_REQUIRED}.items():
         value = raw.get(key)
         if key in raw and value != wanted and not (wanted is False and value is None):
@@ -145,7 +156,7 @@ def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[s
     for key, value in bases.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise StartupError(f"config.json: {key}={value!r} is not a number")  # float(True) would be 1.0
-    (first, given), *others = bases.items() or [("", 1000.0)]
+    (first, given), *others = bases.items() or [("", _ORIGINAL_ROTARY_BASE if remote else 1000.0)]
     conflicts += [f"{first}={given!r} vs {key}={value!r}" for key, value in others if not _same(given, value)]
     base = float(given)  # 0 included: refused below, never replaced by the default
     own = raw.get("rotary_scaling_factor") or rope.get("factor")

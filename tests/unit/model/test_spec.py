@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,28 @@ def test_a_rotary_base_that_is_not_a_positive_number_is_refused(tmp_path: Path, 
     with pytest.raises(StartupError) as info:
         read_model_spec(_write(tmp_path, cfg))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "default"), [("rotary_emb_fraction", "0.0"), ("activation_function", "'gelu_new'"),
+                                              ("qkv_proj_bias", "True"), ("mlp_fc2_bias", "True")])
+def test_a_setting_left_out_of_a_remote_code_config_means_the_original_codes_default(tmp_path: Path, key: str,
+                                                                                     default: str) -> None:
+    # The 2024 revisions load through the original code (auto_map), whose defaults for these are not what the
+    # server runs: no rotary positions, GPT-2's activation, biases.
+    cfg = {k: v for k, v in hub_config(**PUBLISHED, config_style="original").items() if k != key}  # type: ignore[arg-type]
+    with pytest.raises(StartupError, match=rf"config.json has no {key}: the original code its auto_map names "
+                                           rf"takes {re.escape(default)} for it, which is not supported"):
+        read_model_spec(_write(tmp_path, cfg))
+    v5 = {k: v for k, v in hub_config(**PUBLISHED, config_style="v5").items() if k != key}  # type: ignore[arg-type]
+    read_model_spec(_write(tmp_path, v5))  # transformers' own nomic_bert: its defaults are the supported ones
+
+
+def test_a_rotary_base_left_out_is_the_default_of_the_code_that_reads_the_config(tmp_path: Path) -> None:
+    original = {k: v for k, v in hub_config(**PUBLISHED, config_style="original").items()  # type: ignore[arg-type]
+                if k != "rotary_emb_base"}
+    spec = read_model_spec(_write(tmp_path, original))
+    assert spec.rotary is not None and spec.rotary.base == 10_000.0
+    v5 = {k: v for k, v in hub_config(**PUBLISHED, config_style="v5").items()  # type: ignore[arg-type]
+          if k not in ("rotary_emb_base", "rope_parameters")}
+    spec = read_model_spec(_write(tmp_path, v5))
+    assert spec.rotary is not None and spec.rotary.base == 1000.0
