@@ -9,8 +9,9 @@ from collections.abc import Coroutine
 from concurrent.futures import CancelledError, Future
 from typing import Any, TypeVar
 
+from client.errors import client_closed
 from client.results import EmbeddedBatch
-from client.stream import AsyncEmbedStream, StreamStats, client_closed
+from client.stream import AsyncEmbedStream, StreamStats
 
 T = TypeVar("T")
 

@@ -168,16 +168,15 @@ def _run_params(args: argparse.Namespace, jsonl: bool | None) -> dict[str, objec
 
 def _skip_done(items: Iterator[tuple[str, Record]], writer: EmbeddingWriter) -> int:
     """Read past the input a resumed output already holds; refuse an output that is not this input's."""
-    last: Record | None = None
     done = 0
     for _, record in itertools.islice(items, writer.rows):
-        done, last = done + 1, record
+        if not writer.continues(done, record):
+            raise OtherInput(f"{writer.part} does not continue this input (its text {done + 1:,} is another); "
+                             "remove it to start over")
+        done += 1
     if done < writer.rows:
         raise OtherInput(f"{writer.part} holds {writer.rows:,} texts but the input has only {done:,}: it does not "
                          "continue this input; remove it to start over")
-    if last is not None and not writer.continues(last):
-        raise OtherInput(f"{writer.part} does not continue this input (its text {done:,} is another); "
-                         "remove it to start over")
     return done
 
 

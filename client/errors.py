@@ -46,3 +46,8 @@ def status_code(number: int) -> grpc.StatusCode:
         if code.value[0] == number:
             return code
     return grpc.StatusCode.UNKNOWN
+
+
+def client_closed() -> EmbedError:
+    """How a stream ends when its client is closed under it, whichever way the close reached it."""
+    return EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")

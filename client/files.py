@@ -8,7 +8,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -117,7 +117,7 @@ class EmbeddingWriter(Protocol):
     rows: int  # rows in the file, those of a resumed run included
 
     def write(self, records: list[Record], embeddings: np.ndarray) -> None: ...
-    def continues(self, record: Record) -> bool: ...
+    def continues(self, index: int, record: Record) -> bool: ...
     def finish(self) -> None: ...
     def stop(self) -> bool: ...
 
@@ -139,8 +139,8 @@ class _PartFile:
         self.file = open(self.part, "r+b" if self.resumed else "wb")  # noqa: SIM115  # closed by finish or stop
         self.rows = 0
 
-    def continues(self, record: Record) -> bool:
-        """Whether the last row kept from an earlier run belongs to `record` (True when it cannot tell)."""
+    def continues(self, index: int, record: Record) -> bool:
+        """Whether row `index` kept from an earlier run belongs to `record` (True when it cannot tell)."""
         return True
 
     def _resume(self) -> None:
@@ -176,21 +176,22 @@ class NpyWriter(_PartFile):
     a valid .npy of the rows written so far.
 
     A .npy row holds no text, so PATH.part.texts keeps an 8-byte hash of each row's input record, written
-    before the row: a resume is refused when the input's record at the last kept row is another."""
+    before the row: a resume is refused when the input's record at any kept row is another."""
 
     def __init__(self, path: Path, dtype: np.dtype, width: int, resume: bool = False) -> None:
         super().__init__(path, resume)
         self.dtype, self.width = np.dtype(dtype), width
         self.hashes_path = self.part.with_name(self.part.name + ".texts")
-        self._last_hash: bytes | None = None  # of the last row kept from an earlier run, where known
+        self._kept_hashes = b""  # of the rows kept from an earlier run, where known
         if self.resumed:
             self._resume_or_close()
         self._header_bytes = self._write_header()
         self.file.seek(0, os.SEEK_END)
         self.hashes = open(self.hashes_path, "ab" if self.resumed else "wb")  # noqa: SIM115  # closed with the part
 
-    def continues(self, record: Record) -> bool:
-        return self._last_hash is None or self._last_hash == _record_hash(record)
+    def continues(self, index: int, record: Record) -> bool:
+        kept = self._kept_hashes[8 * index : 8 * index + 8]
+        return not kept or kept == _record_hash(record)
 
     def finish(self) -> None:
         self.hashes.close()
@@ -223,7 +224,7 @@ class NpyWriter(_PartFile):
         if self.hashes_path.exists():  # (a part of an older client has none: it cannot be told)
             hashes = self.hashes_path.read_bytes()
             if len(hashes) >= 8 * self.rows:  # hashes are written before their rows
-                self._last_hash = hashes[8 * (self.rows - 1):8 * self.rows] if self.rows else None
+                self._kept_hashes = hashes[: 8 * self.rows]
                 with open(self.hashes_path, "r+b") as file:
                     file.truncate(8 * self.rows)
 
@@ -286,8 +287,10 @@ class JsonlWriter(_PartFile):
                                  "over") from None
             self._last = {k: v for k, v in record.items() if k != "embedding"} if isinstance(record, dict) else {}
 
-    def continues(self, record: Record) -> bool:
-        return self._last is None or self._last == {k: v for k, v in record.items() if k != "embedding"}
+    def continues(self, index: int, record: Record) -> bool:
+        """Only the last kept row is compared: its record is in the file, the others would cost parsing all."""
+        return index != self.rows - 1 or self._last is None or self._last == {
+            k: v for k, v in record.items() if k != "embedding"}
 
     def write(self, records: list[Record], embeddings: np.ndarray) -> None:
         lines = (json.dumps({**record, "embedding": vector}, ensure_ascii=False) + "\n"
@@ -305,3 +308,11 @@ def open_output(path: str, dtype: np.dtype, width: int, *, resume: bool = False)
     if target.suffix in JSONL_SUFFIXES:
         return JsonlWriter(target, resume)
     raise ValueError(f"--output {path}: use a .npy or .jsonl file")
+
+
+def numbered(lines: Iterable[tuple[int, str]], keep: Callable[[int], None]) -> Iterator[str]:
+    """The texts of (line number, text) pairs; `keep` hears each line number, in order."""
+    for number, text in lines:
+        keep(number)
+        yield text
+

@@ -29,14 +29,14 @@ import contextlib
 import io
 import itertools
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
 
 from client.batching import batches
 from client.checks import ModelGuard, checked_embeddings
-from client.errors import EmbedError, from_rpc_error, status_code
-from client.files import text_lines
+from client.errors import EmbedError, client_closed, from_rpc_error, status_code
+from client.files import numbered, text_lines
 from client.options import EmbedOptions, ordered
 from client.results import EmbeddedBatch
 from client.retry import Deadline, RetryPolicy
@@ -75,7 +75,7 @@ class AsyncEmbedStream:
             if not isinstance(texts, io.TextIOBase):
                 raise TypeError("texts is a binary file: open it in text mode, e.g. open(path, encoding='utf-8')")
             self._line_numbers = collections.deque()
-            texts = _numbered(text_lines(texts), self._line_numbers.append)
+            texts = numbered(text_lines(texts), self._line_numbers.append)
         self._channel = channel
         self._loop = loop  # the channel's, which alone can run its calls; else the loop that first iterates
         self._stub = embed_pb2_grpc.EmbedServiceStub(channel)
@@ -90,7 +90,10 @@ class AsyncEmbedStream:
         self.stats = StreamStats()
         self._model = ModelGuard()  # every answer must come from the first answer's model, variant and weights
         self._window = asyncio.Semaphore(settings.window)  # batches sent and not yet handed to the caller
-        self._work: asyncio.PriorityQueue[tuple[tuple[int, tuple[int, ...]], Batch | None]] = asyncio.PriorityQueue()
+        # Batches to send, in input order; the serial number keeps batches themselves from being compared.
+        self._work: asyncio.PriorityQueue[tuple[tuple[int, tuple[int, ...]], int, Batch | None]]
+        self._work = asyncio.PriorityQueue()
+        self._serial = itertools.count()
         self._results: dict[int, EmbeddedBatch | EmbedError] = {}
         self._parts = Parts()  # of batches the server refused as too large
         self._answered = 0
@@ -190,7 +193,7 @@ class AsyncEmbedStream:
             # Batching reads one text past a batch's end, so the oldest numbers are this batch's.
             numbers = None if self._line_numbers is None else [self._line_numbers.popleft() for _ in texts]
             await self._window.acquire()
-            self._work.put_nowait(((seq, ()), Batch(seq, start, texts, numbers)))
+            self._queue(Batch(seq, start, texts, numbers))
             seq += 1
         self._total = seq
         self._check_all_answered()
@@ -216,7 +219,7 @@ class AsyncEmbedStream:
         if error.code not in _REOPEN:
             raise EmbedError(error.code, f"the stream failed: {error.details}", field=error.field)
         outage.breaks += 1
-        served = self._answered > 0  # else the address may be wrong: fail as fast as a unary call
+        served = self._answered > 0 or self.stats.split > 0  # else the address may be wrong: fail fast
         if error.code not in _AWAY or not served:
             outage.strikes += 1
             if outage.strikes >= self._retry.max_attempts:
@@ -273,15 +276,20 @@ class AsyncEmbedStream:
             call.cancel()
             await asyncio.gather(receiver, sender, return_exceptions=True)
 
+    def _queue(self, batch: Batch) -> None:
+        self._work.put_nowait((batch.key, next(self._serial), batch))
+
     def _requeue(self, inflight: dict[str, Batch], error: EmbedError) -> EmbedError:
         for batch in inflight.values():
-            self._work.put_nowait((batch.key, batch))
+            self._queue(batch)
         inflight.clear()
         return error
 
     async def _send(self, call: grpc.aio.StreamStreamCall, run: Run) -> None:
         """Write batches until every batch is answered or the server cannot serve; then close our side."""
         while (batch := await self._next_batch(run.leaving)) is not None:
+            if self._parts.ended(batch):
+                continue
             run.inflight[batch.message_id] = batch
             run.taken += 1
             await call.write(pb.EmbedStreamRequest(id=batch.message_id, request=self._options.request(batch.texts)))
@@ -298,7 +306,7 @@ class AsyncEmbedStream:
         try:
             await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
             keep = get.done() and not leaving.is_set()
-            return get.result()[1] if keep else None
+            return get.result()[-1] if keep else None
         finally:
             stop.cancel()
             if not get.cancel() and not keep:  # taken from the queue but not sent here (or we were cancelled)
@@ -316,6 +324,8 @@ class AsyncEmbedStream:
 
     def _settle(self, batch: Batch, message: pb.EmbedStreamResponse) -> bool:
         """Record a batch's answer; False when the batch is to be sent again."""
+        if self._parts.ended(batch):  # a part of a batch another part's error ended: nothing more to do
+            return True
         if message.HasField("response"):
             response = message.response
             vectors = checked_embeddings(response, len(batch.texts), self._options)  # a faulty answer ends the run
@@ -329,7 +339,7 @@ class AsyncEmbedStream:
                 return False
             if too_large(batch, message.error):  # a server whose limits are below our batches: halve it
                 for half in self._parts.split(batch):
-                    self._work.put_nowait((half.key, half))
+                    self._queue(half)
                 self.stats.split += 1
                 return True
             batch.failures += 1
@@ -362,12 +372,12 @@ class AsyncEmbedStream:
         if now - batch.away_since >= self._reconnect_timeout:
             return False
         self.stats.retried += 1
-        self._work.put_nowait((batch.key, batch))
+        self._queue(batch)
         return True
 
     async def _requeue_later(self, batch: Batch, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._work.put_nowait((batch.key, batch))
+        self._queue(batch)
 
     def _all_answered(self) -> bool:
         return self._total is not None and self._answered == self._total
@@ -376,7 +386,7 @@ class AsyncEmbedStream:
         """Once every batch has its answer, let each stream close its sending side (sorted after any batch)."""
         if self._all_answered():
             for seq in itertools.islice(itertools.count(self._total), self._streams):
-                self._work.put_nowait(((seq, ()), None))
+                self._work.put_nowait(((seq, ()), next(self._serial), None))
 
     async def _finish(self) -> None:
         """All results are out: give the streams a moment to close cleanly, then release everything."""
@@ -388,13 +398,3 @@ class AsyncEmbedStream:
         finally:
             await self.aclose()
 
-
-def _numbered(lines: Iterable[tuple[int, str]], keep: Callable[[int], None]) -> Iterator[str]:
-    for number, text in lines:
-        keep(number)
-        yield text
-
-
-def client_closed() -> EmbedError:
-    """How a stream ends when its client is closed under it, whichever way the close reached it."""
-    return EmbedError(grpc.StatusCode.CANCELLED, "the client was closed while this stream was open")

@@ -89,6 +89,10 @@ class Parts:
             parts[half.part] = None
         return halves
 
+    def ended(self, batch: Batch) -> bool:
+        """Whether `batch` is a part of a batch that has its answer already (another part's error)."""
+        return bool(batch.part) and batch.seq not in self._parts
+
     def settle(self, part: Batch, result: EmbeddedBatch | EmbedError) -> EmbeddedBatch | EmbedError | None:
         """A part's answer: the whole batch's once every part has one (or this one failed); else None, as for a
         part of a batch that already ended with another part's error."""

@@ -71,17 +71,18 @@ def test_several_streams_and_packed_encodings_keep_the_order(tiny_server: Runnin
             assert np.abs(got.astype(np.float32) - want.astype(np.float32)).max() <= (1 if encoding == "int8" else 1e-3)
 
 
-def test_a_server_restart_mid_stream_loses_and_duplicates_nothing(tiny_original: Path) -> None:
+@pytest.mark.parametrize("max_texts", [2048, 6])  # 6: every batch of 20 is halved, parts in flight at the restart
+def test_a_server_restart_mid_stream_loses_and_duplicates_nothing(tiny_original: Path, max_texts: int) -> None:
     port = free_port()
     up, restart, finished = threading.Event(), threading.Event(), threading.Event()
     failures: list[BaseException] = []
 
     def serve_then_restart() -> None:
         try:
-            with running_server(str(tiny_original), port=port, grace_s=0.2):
+            with running_server(str(tiny_original), port=port, grace_s=0.2, max_texts_per_request=max_texts):
                 up.set()
                 restart.wait(60)
-            with running_server(str(tiny_original), port=port, grace_s=0.2):
+            with running_server(str(tiny_original), port=port, grace_s=0.2, max_texts_per_request=max_texts):
                 finished.wait(60)
         except BaseException as exc:
             failures.append(exc)
@@ -99,7 +100,7 @@ def test_a_server_restart_mid_stream_loses_and_duplicates_nothing(tiny_original:
                 batches.append(batch)
                 if len(batches) == 30:
                     restart.set()
-            want = unary(client, texts)
+            want = np.concatenate([client.embed(texts[i : i + 5], "search_query") for i in range(0, 2000, 5)])
     finally:
         restart.set()
         finished.set()
@@ -201,3 +202,21 @@ def test_a_stream_halves_batches_a_server_refuses_as_too_large(tiny_original: Pa
         with pytest.raises(EmbedError) as refused:
             list(client.embed_stream([*texts[:13], "   ", *texts[14:]], "search_query"))
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "texts[13]"
+
+
+def test_an_error_in_one_part_of_a_halved_batch_ends_the_stream_there(tiny_original: Path) -> None:
+    # Batches of 7 against 3 per request: batch 2 (texts 14-20) is halved into 14-16, whose blank text fails it,
+    # and 17-20, itself refused and halved. Its answers came after the batch had ended and were taken for it:
+    # texts 14-16 were dropped without an error, and the stream hung.
+    texts = short_texts(42)
+    texts[15] = "   "
+    with running_server(str(tiny_original), max_texts_per_request=3) as srv, srv.client() as client:
+        expected = np.concatenate([client.embed(texts[i : i + 2], "search_query") for i in range(0, 14, 2)])
+        stream = iter(client.embed_stream(texts, "search_query", batch_size=7, window=4, timeout=60))
+        first = next(stream)
+        time.sleep(0.5)  # a consumer a little slower than the answers
+        second = next(stream)
+        with pytest.raises(EmbedError) as refused:
+            next(stream)
+    np.testing.assert_allclose(np.concatenate([first.embeddings, second.embeddings]), expected, atol=1e-6)
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "texts[15]"

@@ -122,9 +122,10 @@ def test_a_file_that_is_not_utf8_is_named_with_the_line(tmp_path: Path, line: in
         list(text_lines(io.TextIOWrapper(io.BytesIO(latin1.read_bytes()), encoding="utf-8", newline="\n")))
 
 
-def test_npy_resume_tells_another_input_by_the_last_kept_row(tmp_path: Path) -> None:
+def test_npy_resume_tells_another_input_by_any_kept_row(tmp_path: Path) -> None:
     """A .npy row holds no text: the hash of each row's record, kept beside the part, tells a resume over
-    another input file, which would otherwise complete the output with rows of two inputs."""
+    another input file, or one changed within the rows done, which would otherwise complete the output with
+    rows of two inputs."""
     path = tmp_path / "out.npy"
     records = [{"text": f"line {i} of input A"} for i in range(5)]
     writer = NpyWriter(path, np.dtype(np.float32), 4)
@@ -132,8 +133,9 @@ def test_npy_resume_tells_another_input_by_the_last_kept_row(tmp_path: Path) -> 
     writer.hashes.write(b"\0" * 8)  # a run killed after a batch's hashes, before its rows
     assert writer.stop() and writer.hashes_path.exists()
     resumed = NpyWriter(path, np.dtype(np.float32), 4, resume=True)
-    assert resumed.rows == 3 and resumed.continues(records[2])
-    assert not resumed.continues({"text": "line 2 of input B"})
+    assert resumed.rows == 3 and all(resumed.continues(i, record) for i, record in enumerate(records[:3]))
+    assert not resumed.continues(2, {"text": "line 2 of input B"})
+    assert not resumed.continues(0, {"text": "line 0, changed since"})
     resumed.write(records[3:], np.ones((2, 4), np.float32))
     resumed.finish()
     assert np.load(path).shape == (5, 4) and not resumed.hashes_path.exists()
@@ -168,7 +170,7 @@ def test_jsonl_resume_drops_a_cut_line_and_knows_its_last_record(tmp_path: Path)
     writer.file.close()
     resumed = JsonlWriter(path, resume=True)
     assert resumed.rows == 2
-    assert resumed.continues({"id": 2}) and not resumed.continues({"id": 3})
+    assert resumed.continues(1, {"id": 2}) and not resumed.continues(1, {"id": 3})
     resumed.write([{"id": 3}], np.ones((1, 2), np.float32))
     resumed.finish()
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, 2, 3]
