@@ -220,3 +220,13 @@ def test_an_error_in_one_part_of_a_halved_batch_ends_the_stream_there(tiny_origi
             next(stream)
     np.testing.assert_allclose(np.concatenate([first.embeddings, second.embeddings]), expected, atol=1e-6)
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "texts[15]"
+
+
+def test_a_text_over_a_per_request_limit_alone_is_named(tiny_original: Path) -> None:
+    # In windows averaged (mean mode) one long text reads more tokens than a request may: halving ends at it.
+    texts = ["a short text", "another short text", " ".join(WORDS * 10), "a last short text"]
+    with running_server(str(tiny_original), max_input_tokens=16, max_request_tokens=32) as srv, \
+            srv.client() as client, pytest.raises(EmbedError) as refused:
+        list(client.embed_stream(texts, "search_query", long_text_mode="mean"))
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "texts[2]"
+    assert "tokens exceed the limit of 32 tokens per request" in str(refused.value)
