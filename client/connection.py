@@ -73,6 +73,9 @@ class Connection:
         return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=list(self.options))
 
 
+LOAD_BALANCING = ("pick_first", "round_robin")  # gRPC's built-in policies (any other fails every call)
+
+
 def connect(servers: str | Sequence[str] = DEFAULT_TARGET, *, tls: Tls | bool | None = None,
             token: str | None = None, load_balancing: str | None = None,
             options: Sequence[tuple[str, int | str]] = ()) -> Connection:
@@ -96,7 +99,13 @@ def connect(servers: str | Sequence[str] = DEFAULT_TARGET, *, tls: Tls | bool | 
             raise ValueError("the token must be printable ASCII (no line breaks or other control characters)")
     if not isinstance(tls, (Tls, bool, type(None))):
         raise TypeError(f"tls must be a Tls, True, False or None, not {type(tls).__name__}")
+    if isinstance(servers, (bytes, bytearray)) or not isinstance(servers, str | Sequence):
+        raise TypeError(f"servers must be a str or a sequence of str, not {type(servers).__name__}")
     given = [servers] if isinstance(servers, str) else list(servers)
+    if wrong := [entry for entry in given if not isinstance(entry, str)]:
+        raise TypeError(f"servers must be a str or a sequence of str; one is {type(wrong[0]).__name__}")
+    if load_balancing is not None and load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING)} or None, not {load_balancing!r}")
     addresses = [a.strip() for entry in given for a in entry.split(",") if a.strip()]
     if not addresses:
         raise ValueError("no server address given")

@@ -303,6 +303,8 @@ class JsonlWriter(_PartFile):
 def open_output(path: str, dtype: np.dtype, width: int, *, resume: bool = False) -> EmbeddingWriter:
     """A writer of PATH.part; `resume` continues the PATH.part an earlier run left, when there is one."""
     target = Path(path)
+    if target.is_dir():  # found only at the end, renaming the finished part, after all the work
+        raise InputError(f"--output {path} is a directory; name a .npy or .jsonl file")
     if target.suffix == ".npy":
         return NpyWriter(target, dtype, width, resume)
     if target.suffix in JSONL_SUFFIXES:

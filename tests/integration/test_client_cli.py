@@ -64,7 +64,10 @@ def test_errors_are_one_line_and_leave_no_output(tiny_server: RunningServer, tmp
     (tmp_path / "not.pem").write_text("not a certificate\n")
     bad_token = cli("info", "--target", tiny_server.target, "--token", "tök\nen")  # grpc: lines of its own
     bad_ca = cli("info", "--target", tiny_server.target, "--ca", str(tmp_path / "not.pem"))
-    for run in (bad_width, nobody, missing, bad_token, bad_ca):
+    (tmp_path / "dir.npy").mkdir()  # found only when renaming the finished part, after all the work
+    a_folder = cli("embed", "--target", tiny_server.target, "--input", str(tmp_path / "in.txt"),
+                   "--output", str(tmp_path / "dir.npy"))
+    for run in (bad_width, nobody, missing, bad_token, bad_ca, a_folder):
         assert run.returncode == 1
         assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert "the token must be printable ASCII" in bad_token.stderr
@@ -72,7 +75,8 @@ def test_errors_are_one_line_and_leave_no_output(tiny_server: RunningServer, tmp
     assert "dimensions: 7 is out of range" in bad_width.stderr and "INVALID_ARGUMENT" in bad_width.stderr
     assert "UNAVAILABLE" in nobody.stderr and "is a server running at 127.0.0.1:1?" in nobody.stderr
     assert "nope.txt" in missing.stderr
-    assert not list(tmp_path.glob("out.npy*"))
+    assert a_folder.stderr == f"error: --output {tmp_path / 'dir.npy'} is a directory; name a .npy or .jsonl file\n"
+    assert not list(tmp_path.glob("out.npy*")) and not list(tmp_path.glob("dir.npy.*"))
 
 
 def test_a_failed_run_keeps_what_it_wrote_and_resume_continues_it(tiny_server: RunningServer,

@@ -127,6 +127,8 @@ def test_texts_without_an_order_or_without_texts_are_refused_before_sending(text
     ({"token": "s3cret\n"}, ValueError, r"^the token has whitespace at its start or end \(a line end read with it"),
     ({"token": " "}, ValueError, r"^the token has whitespace at its start or end"),
     ({"token": b"s3cret"}, TypeError, r"^token must be a str or None, not bytes$"),
+    ({"load_balancing": "fastest"}, ValueError, r"^load_balancing must be one of pick_first, round_robin or None, "
+                                                r"not 'fastest'$"),
 ])
 def test_bad_connection_settings_are_refused_when_the_client_is_made(kwargs: dict[str, object], kind: type[Exception],
                                                                      message: str) -> None:
@@ -134,6 +136,19 @@ def test_bad_connection_settings_are_refused_when_the_client_is_made(kwargs: dic
         EmbedClient("127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(kind, match=message):
         AsyncEmbedClient("127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("servers", "message"), [
+    (None, r"^servers must be a str or a sequence of str, not NoneType$"),
+    (5, r"^servers must be a str or a sequence of str, not int$"),
+    (b"127.0.0.1:1", r"^servers must be a str or a sequence of str, not bytes$"),
+    (["127.0.0.1:1", 5], r"^servers must be a str or a sequence of str; one is int$"),
+])
+def test_servers_that_are_not_addresses_are_refused_naming_the_argument(servers: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        EmbedClient(servers)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=message):
+        AsyncEmbedClient(servers)  # type: ignore[arg-type]
 
 
 def test_an_async_client_follows_its_event_loop(tiny_server: RunningServer) -> None:
