@@ -65,7 +65,7 @@ class Job:
 
     def deliver(self, index: int, vector: np.ndarray) -> None:
         """Row `index`'s vector (event loop only); the last one completes the job."""
-        if self._future.done():
+        if self._future.done() or self._vectors[index] is not None:  # a row computed twice counts once
             return
         self._vectors[index] = vector
         self._remaining -= 1
@@ -88,6 +88,7 @@ class Row:
     index: int  # in the job's rows
     ids: Sequence[int]
     seq: int  # admission order, unique
+    computed: bool = False  # its vector is posted to its job (set on the worker thread)
 
     @property
     def length(self) -> int:

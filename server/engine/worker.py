@@ -192,7 +192,7 @@ class Worker:
             jobs.setdefault(id(row.job), []).append(row)
         failed = 0
         for rows in jobs.values():
-            alive = [r for r in rows if not r.job.dead]
+            alive = [r for r in rows if not r.job.dead and not r.computed]  # computed: by a half, out of memory
             if not alive:
                 continue
             try:
@@ -222,6 +222,8 @@ class Worker:
         self._throughput.observe(tokens, seconds)
         stats = BatchStats(len(batch), tokens, len(batch) * max(r.length for r in batch), seconds)
         self._post(self._delivery.batch, batch, finished, stats)
+        for row in batch:
+            row.computed = True
 
     def _split(self, batch: list[Row], exc: OutOfMemory) -> None:
         longest = max(r.length for r in batch)

@@ -185,3 +185,28 @@ def test_the_budget_grows_back_after_enough_batches_within_it() -> None:
     for _ in range(64 * 10):
         budget.ran()
     assert budget.tokens == 1000
+
+
+def test_a_failure_after_an_out_of_memory_split_reruns_only_rows_not_yet_computed() -> None:
+    # Sorted by length the batch is [A0, C, A1, P]: out of memory, its shorter half (A0, C) runs and is delivered,
+    # then the other half fails on P. Each request then runs alone, and A, whose A0 was delivered already, must get
+    # A1 once more, not A0 twice (which completed it with a row missing).
+    backend = MemoryBoundBackend(capacity=12)
+    a_rows = [[1, 2], [5, 6, 7, 8, 9]]
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=10_000, wait_s=0))
+        blocker = await occupy(batcher, backend)
+        a, c, p = (batcher.submit(a_rows), batcher.submit([[3, 3, 3]]), batcher.submit([[POISON, 1, 1, 1, 1]]))
+        backend.release()
+        await blocker
+        assert_encodes(await a.result(), a_rows)
+        assert_encodes(await c.result(), [[3, 3, 3]])
+        with pytest.raises(ModelFailure, match="poisoned row"):
+            await p.result()
+        # The halves, then A1 alone (not A0 again), then P alone (failing again); C is not run again.
+        assert backend.batches[-4:] == [[a_rows[0], [3, 3, 3]], [a_rows[1], [POISON, 1, 1, 1, 1]], [a_rows[1]],
+                                        [[POISON, 1, 1, 1, 1]]]
+        await batcher.stop()
+
+    run(main())
