@@ -186,21 +186,35 @@ class Worker:
         self._post(self._delivery.batch_failed, batch, error)
 
     def _run_each_request(self, batch: list[Row]) -> None:
-        """The rows of each request of a failed batch as a batch of their own: only the failing ones fail."""
+        """Run a failed batch again by halves, its requests whole, halving the halves that fail again: only the
+        requests the model fails on alone fail, at a few batches' cost (not one per request)."""
         jobs: dict[int, list[Row]] = {}
         for row in batch:
             jobs.setdefault(id(row.job), []).append(row)
-        failed = 0
-        for rows in jobs.values():
-            alive = [r for r in rows if not r.job.dead and not r.computed]  # computed: by a half, out of memory
-            if not alive:
-                continue
-            try:
-                self._compute(alive)
-            except Exception as exc:
-                failed += 1
-                self._fail(alive, exc)
-        log.warning("the %d requests of the failed batch ran one by one: %d failed again", len(jobs), failed)
+        groups = list(jobs.values())
+        failed = self._bisect(groups[: len(groups) // 2]) + self._bisect(groups[len(groups) // 2 :])
+        log.warning("the %d requests of the failed batch ran again by halves: %d failed alone", len(groups), failed)
+
+    def _bisect(self, groups: list[list[Row]]) -> int:
+        """Run the rows of `groups` (a request's rows each) not yet computed; returns how many requests failed."""
+        now = time.monotonic()
+        expired = [g[0].job for g in groups if not g[0].job.dead and g[0].job.deadline is not None
+                   and now > g[0].job.deadline]
+        for job in expired:  # their callers hear of it, as they would from the queue
+            job.failed = True
+        if expired:
+            self._post(self._delivery.dropped, expired, sum(len(g) for g in groups if g[0].job in expired))
+        groups = [alive for g in groups if (alive := [r for r in g if not r.job.dead and not r.computed])]
+        if not groups:
+            return 0
+        try:
+            self._compute([row for g in groups for row in g])
+            return 0
+        except Exception as exc:
+            if len(groups) == 1:
+                self._fail(groups[0], exc)
+                return 1
+            return self._bisect(groups[: len(groups) // 2]) + self._bisect(groups[len(groups) // 2 :])
 
     def _compute(self, batch: list[Row]) -> None:
         """Run the batch and post its vectors; out of memory, run each half (shorter rows first) the same

@@ -36,10 +36,11 @@ def test_a_failing_batch_fails_only_the_request_that_fails_alone_and_the_worker_
         await blocker
         with pytest.raises(ModelFailure, match="poisoned row"):
             await poisoned.result()
-        assert_encodes(await first.result(), [[1, 2, 3, 4]])  # its batch-mates run again, each on its own
+        assert_encodes(await first.result(), [[1, 2, 3, 4]])  # its batch-mates run again, by halves
         assert_encodes(await second.result(), [[5, 6, 7, 8], [9, 10, 11, 12]])
         assert batcher.totals.failed_batches == 1
-        assert [len(b) for b in backend.batches[-4:]] == [4, 1, 1, 2]  # the batch, then request by request
+        # The batch; its halves (first | poisoned, second); the failing half's halves.
+        assert [len(b) for b in backend.batches[-5:]] == [4, 1, 3, 1, 2]
         after = batcher.submit([[1, 2, 3, 4]])
         assert_encodes(await after.result(), [[1, 2, 3, 4]])
         await batcher.stop()
@@ -207,6 +208,24 @@ def test_a_failure_after_an_out_of_memory_split_reruns_only_rows_not_yet_compute
         # The halves, then A1 alone (not A0 again), then P alone (failing again); C is not run again.
         assert backend.batches[-4:] == [[a_rows[0], [3, 3, 3]], [a_rows[1], [POISON, 1, 1, 1, 1]], [a_rows[1]],
                                         [[POISON, 1, 1, 1, 1]]]
+        await batcher.stop()
+
+    run(main())
+
+
+def test_one_bad_request_among_many_costs_a_few_batches_not_one_per_request() -> None:
+    backend = FakeBackend()
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=10_000, wait_s=0))
+        blocker = await occupy(batcher, backend)
+        jobs = [batcher.submit([[POISON if i == 37 else 100 + i, 1, 2]]) for i in range(64)]
+        calls = len(backend.batches)
+        backend.release()
+        await blocker
+        outcomes = await asyncio.gather(*(job.result() for job in jobs), return_exceptions=True)
+        assert [i for i, o in enumerate(outcomes) if isinstance(o, ModelFailure)] == [37]
+        assert len(backend.batches) - calls == 1 + 2 * 6  # the batch, then two halves per level of 64 -> 1
         await batcher.stop()
 
     run(main())
