@@ -335,7 +335,7 @@ def _capture_graphs(runner: Runner) -> bool:
 def _warm_up(batcher: Batcher, tokenizer: TextTokenizer) -> None:
     started = time.monotonic()
     row = tokenizer.wrap(tokenizer.content_ids(["warm up the model"], Task.SEARCH_QUERY.prefix)[0])
-    check_warm_up(batcher.run_now([row, row[:-2] + row[-1:]]), "warm up the model")
+    check_warm_up(lambda: batcher.run_now([row, row[:-2] + row[-1:]]), "warm up the model")
     log.info("warm-up took %.2fs", time.monotonic() - started)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,15 @@ def _check_zero_tensors(file: Path) -> None:
                                          "early, or an edited file); download it again")
 
 
-def check_warm_up(vectors: np.ndarray, text: str) -> None:
-    """Refuse a model whose pooled vectors for `text` and for it less one token are not finite, or tell them
-    apart no more than rounding does (or have no direction): its vectors would say nothing of the texts."""
+def check_warm_up(run: Callable[[], np.ndarray], text: str) -> None:
+    """Refuse a model that fails to run `run` (the pooled vectors of `text` and of it less one token), or
+    whose vectors are not finite, or tell the two apart no more than rounding does (or have no direction):
+    its vectors would say nothing of the texts."""
+    try:
+        vectors = run()
+    except Exception as exc:  # e.g. a variant's kernel that cannot take this model's shapes
+        raise StartupError(f"the model fails on the warm-up text {text!r}: {type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:300]}") from None
     if not np.isfinite(vectors).all():
         raise StartupError(f"the model gives NaN or infinity for the warm-up text {text!r}: its weights (or the "
                            "variant's arithmetic) are broken, so no vector it makes can be trusted")

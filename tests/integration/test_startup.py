@@ -269,3 +269,10 @@ def test_a_grace_period_ending_mid_batch_exits_cleanly(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert "rows uncomputed" in out and "terminate called" not in out
     assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+
+
+def test_a_variant_whose_kernel_cannot_run_the_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    # bitsandbytes' 4-bit blocks are 64 wide: a 32-wide model loads as nf4, then its first forward raised, and the
+    # server exited 1 with a traceback.
+    model = write_tiny_nomic(tmp_path, hidden=32, layers=1, heads=4, inner=64)
+    assert _start_fails(model, variant="nf4").startswith("the model fails on the warm-up text 'warm up the model': ")
