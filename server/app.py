@@ -42,6 +42,7 @@ from server.model.source import resolve_model
 from server.model.spec import read_model_spec
 from server.model.tokenizer import load_tokenizer
 from server.observability.metrics import Metrics
+from server.signals import stop_signals
 from server.supervisor import worker_memory
 from server.transport.metrics_hooks import MetricsHooks
 from server.transport.options import grpc_options
@@ -344,12 +345,12 @@ class StoppedWhileStarting(Exception):
 
 
 async def run(config: ServerConfig, on_serving: Callable[[int | None], None] = lambda metrics_port: None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; `on_serving` hears of SERVING, with the metrics port (None:
+    """Serve until SIGTERM, SIGINT or SIGHUP, then drain; `on_serving` hears of SERVING, with the metrics port (None:
     no metrics). A second signal exits at once.
 
     A worker of --workers hears a stop from several senders at once (its supervisor; the kernel when the
     supervisor dies, once per thread of it; a process manager signalling the whole group), so it takes every
-    SIGTERM or SIGINT as that one stop, and exits at once on SIGQUIT, which only its supervisor sends.
+    stop signal as that one stop, and exits at once on SIGQUIT, which only its supervisor sends.
 
     Raises StoppedWhileStarting when the signal comes before SERVING: the caller leaves without waiting
     for the loader thread.
@@ -372,7 +373,7 @@ async def run(config: ServerConfig, on_serving: Callable[[int | None], None] = l
                     "" if sig == signal.SIGQUIT else " again", requests, rows)
         exit_now(128 + sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, *((signal.SIGQUIT,) if worker else ())):
+    for sig in (*stop_signals(), *((signal.SIGQUIT,) if worker else ())):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         start = asyncio.ensure_future(app.start())

@@ -7,7 +7,7 @@ each with a model of its own. It imports neither torch nor grpc and serves nothi
 
 - Workers start one at a time, each once the one before is SERVING, so each sizes its model and batch budget
   from the memory the ones before left it (a share of it: server.app.worker_memory).
-- SIGTERM or SIGINT here reaches every worker as SIGTERM: each drains as a single server does, and a second
+- SIGTERM, SIGINT or SIGHUP here reaches every worker as SIGTERM: each drains as a single server does, and a second
   signal makes each exit at once (SIGQUIT: a worker takes further SIGTERMs as the same stop, since it may
   get one from a process manager too). Workers run in sessions of their own, so a Ctrl-C in a terminal
   reaches them only through here; they get SIGTERM if this process dies.
@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 from server.config import ServerConfig
 from server.observability.workers import WorkerMetrics, WorkerMetricsServer
+from server.signals import stop_signals
 from server.transport.ports import PortRefused, free_addresses
 
 log = logging.getLogger("server.supervisor")
@@ -80,7 +81,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
                 if worker.poll() is None:
                     worker.send_signal(signal.SIGQUIT)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         signal.signal(sig, on_signal)
     try:
         code = _run(config, argv, workers, pipes, signals, metrics.workers if metrics else None)

@@ -276,3 +276,31 @@ def test_a_variant_whose_kernel_cannot_run_the_model_is_refused_in_one_line(tmp_
     # server exited 1 with a traceback.
     model = write_tiny_nomic(tmp_path, hidden=32, layers=1, heads=4, inner=64)
     assert _start_fails(model, variant="nf4").startswith("the model fails on the warm-up text 'warm up the model': ")
+
+
+def test_sighup_drains_like_sigterm_unless_ignored(tiny_original: Path) -> None:
+    # A closed terminal: it killed the server at once, dropping calls in flight. Under nohup it is ignored.
+    port = free_port()
+    proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", str(port), "--threads", "1")
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", lambda: proc.poll() is None, timeout=120)
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "shutting down" in out and "Traceback" not in out, out
+    port = free_port()
+    ignored = subprocess.Popen(
+        ["nohup", sys.executable, "-m", "server", "--model", str(tiny_original), "--host", "127.0.0.1", "--port",
+         str(port), "--threads", "1"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", lambda: ignored.poll() is None, timeout=120)
+        ignored.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert ignored.poll() is None
+        wait_until_serving(f"127.0.0.1:{port}", lambda: ignored.poll() is None, timeout=10)
+        ignored.send_signal(signal.SIGTERM)
+        assert ignored.wait(60) == 0
+    finally:
+        ignored.kill()
