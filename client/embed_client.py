@@ -39,6 +39,10 @@ Resp = TypeVar("Resp")
 DEFAULT_RETRY = RetryPolicy()
 
 
+# Concurrent streams of one embed_stream: one per server behind a target is the use, and each opens a call.
+MAX_STREAMS = 64
+
+
 class ClientSettings:
     """What the blocking and the asyncio clients share: the connection, the per-call timeout, retries."""
 
@@ -59,8 +63,8 @@ class ClientSettings:
                         timeout: float | None, reconnect_timeout: float) -> StreamSettings:
         limits = BatchLimits(whole_number("batch_size", batch_size, 1), whole_number("batch_tokens", batch_tokens, 1))
         reconnect = positive_seconds("reconnect_timeout", reconnect_timeout)
-        return StreamSettings(limits, whole_number("window", window, 1), whole_number("streams", streams, 1),
-                              seconds("timeout", timeout), reconnect)
+        lanes = whole_number("streams", streams, 1, MAX_STREAMS)
+        return StreamSettings(limits, whole_number("window", window, 1), lanes, seconds("timeout", timeout), reconnect)
 
 
 class EmbedClient(ClientSettings):

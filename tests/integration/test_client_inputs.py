@@ -347,7 +347,8 @@ STREAM_NUMBERS = [
     ({"batch_size": 0}, ValueError, r"batch_size must be at least 1, not 0"),
     ({"batch_tokens": 2.5}, TypeError, r"batch_tokens must be an int, not float"),
     ({"window": -1}, ValueError, r"window must be at least 1, not -1"),
-    ({"streams": 0}, ValueError, r"streams must be at least 1, not 0"),
+    ({"streams": 0}, ValueError, r"streams must be from 1 to 64, not 0"),
+    ({"streams": 20_000}, ValueError, r"streams must be from 1 to 64, not 20000"),  # each opens a call
     ({"timeout": float("nan")}, ValueError, r"timeout must be a positive number of seconds or None, not nan"),
     ({"timeout": -1}, ValueError, r"timeout must be a positive number of seconds or None, not -1"),
     # No unlimited reconnect_timeout: the message must not offer None.
