@@ -273,23 +273,16 @@ def test_a_tokenizer_with_other_special_tokens_is_refused(tiny_original: Path, t
     assert "special tokens are not the model's" in _refusal(model)
 
 
-def test_a_tokenizer_that_keeps_accents_is_refused(tiny_original: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("switch", ["strip_accents", "tokenize_chinese_chars"])
+def test_a_tokenizer_with_another_normalizer_is_refused(tiny_original: Path, tmp_path: Path, switch: str) -> None:
+    # Plain English tokenizes the same without CJK splitting; Chinese and Japanese text would get other ids.
+    # transformers builds the normalizer from tokenizer_config.json's switches, whatever tokenizer.json's says.
     model = _copy(tiny_original, tmp_path / "m")
     tok = json.loads((model / "tokenizer.json").read_text())
-    tok["normalizer"]["strip_accents"] = False
+    tok["normalizer"][{"tokenize_chinese_chars": "handle_chinese_chars"}.get(switch, switch)] = False
     (model / "tokenizer.json").write_text(json.dumps(tok))
     config = json.loads((model / "tokenizer_config.json").read_text())
-    config["strip_accents"] = False
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    assert "not the model's" in _refusal(model)
-
-
-def test_a_tokenizer_that_keeps_cjk_words_whole_is_refused(tiny_original: Path, tmp_path: Path) -> None:
-    # Plain English tokenizes the same either way; Chinese and Japanese text would get other ids. transformers
-    # builds the normalizer from tokenizer_config.json's switches, whatever tokenizer.json's says.
-    model = _copy(tiny_original, tmp_path / "m")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config["tokenize_chinese_chars"] = False
+    config[switch] = False
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     assert "not the model's" in _refusal(model)
 
