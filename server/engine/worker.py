@@ -159,14 +159,14 @@ class Worker:
         except Exception as exc:  # every caller of the batch hears of it; the worker lives on
             log.exception("model batch of %d rows failed", len(batch))
             # A model that cannot run the warm-up rows either would fail every batch from now on; else an input
-            # the model cannot take is the fault, and it fails its own request only: each request's rows run
-            # again on their own.
+            # the model cannot take is the fault, and it fails its own request only: the batch runs again by
+            # halves of whole requests.
             if not isinstance(exc, EmbedError) and not self.broken and self._probe_fails(errors_count=True):
                 log.error("the warm-up rows fail too: the model is broken")
                 self._fail(batch, exc)
                 self._mark_broken(ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
             elif not isinstance(exc, EmbedError) and not self.broken and len({id(r.job) for r in batch}) > 1:
-                self._run_each_request(batch)
+                self._rerun_by_halves(batch)
             else:
                 self._fail(batch, exc)
             return
@@ -185,7 +185,7 @@ class Worker:
             f"the model failed on a batch of {len(batch)} rows: {type(exc).__name__}: {exc}")
         self._post(self._delivery.batch_failed, batch, error)
 
-    def _run_each_request(self, batch: list[Row]) -> None:
+    def _rerun_by_halves(self, batch: list[Row]) -> None:
         """Run a failed batch again by halves, its requests whole, halving the halves that fail again: only the
         requests the model fails on alone fail, at a few batches' cost (not one per request)."""
         jobs: dict[int, list[Row]] = {}

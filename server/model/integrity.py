@@ -4,7 +4,8 @@
   `hf download --local-dir` records that sha256 in `.cache/huggingface/download/<file>.metadata`: a file
   whose content no longer has that hash was cut, zero-filled or overwritten.
 - Anywhere, a run of zero bytes (an aligned 64 KiB block of them) where trained weights lie: what a
-  pre-allocated download that stopped, or a lost disk block, leaves. Trained float weights have no such runs.
+  pre-allocated download that stopped leaves. Trained float weights have no such runs (shorter runs, as a lost
+  4 KiB disk block leaves, go unseen: an embedding row of zeros may be real).
 - A weight tensor that is all zeros (a LayerNorm scale of zeros gives every text the same vector). Biases
   may be zero, so they are not checked.
 
@@ -86,7 +87,7 @@ def _check_zero_blocks(file: Path) -> None:
             offset = start + (first + int(empty[0])) * ZERO_BLOCK
             raise StartupError(
                 f"{file} is damaged: {ZERO_BLOCK // 1024} KiB of zero bytes at offset {offset} of {data.size}, where "
-                "its weights lie (a download that stopped early, or a lost disk block); download it again")
+                "its weights lie (a download that stopped early?); download it again")
 
 
 def _check_zero_tensors(file: Path) -> None:
@@ -98,7 +99,7 @@ def _check_zero_tensors(file: Path) -> None:
             # As bytes: +0.0 is all zero bits in every float format, and any() need not exist for all (FP8).
             if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.view(torch.uint8).any():
                 raise StartupError(f"{file} is damaged: its weight {key} is all zeros (a download that stopped "
-                                         "early, or an edited file); download it again")
+                                   "early, or an edited file); download it again")
 
 
 def check_warm_up(run: Callable[[], np.ndarray], text: str) -> None:
