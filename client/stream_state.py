@@ -158,4 +158,3 @@ def batch_error(batch: Batch, error: pb.StreamError) -> EmbedError:
     retry_after = error.retry_delay.ToNanoseconds() / 1e9 if error.HasField("retry_delay") else None
     return EmbedError(status_code(error.code), message, field=_TEXT_FIELD.sub(whole_input, field),
                       retry_after_s=retry_after)
-
