@@ -148,11 +148,12 @@ def batch_error(batch: Batch, error: pb.StreamError) -> EmbedError:
             return whole_input(match)
         return f"{whole_input(match)} (line {batch.line_numbers[index]})"
 
-    message, field = _TEXT_FIELD.sub(with_line, error.message), error.field
+    message, field = error.message, error.field
     if field == "texts" and len(batch.texts) == 1:  # a per-request limit one text exceeds alone: that text's
         field = "texts[0]"
-        if batch.line_numbers:
-            message = f"line {batch.line_numbers[0]}: {message}"
+        reason = message.removeprefix("texts: ").split("; split the batch")[0]  # no split can help it
+        message = f"texts[0]: {reason}, with this text alone"
+    message = _TEXT_FIELD.sub(with_line, message)
     if not field.startswith("texts["):  # not about one text: say which batch it was
         message = f"batch of texts[{batch.start}..{batch.start + len(batch.texts) - 1}]: {message}"
     retry_after = error.retry_delay.ToNanoseconds() / 1e9 if error.HasField("retry_delay") else None

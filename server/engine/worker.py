@@ -197,14 +197,14 @@ class Worker:
 
     def _bisect(self, groups: list[list[Row]]) -> int:
         """Run the rows of `groups` (a request's rows each) not yet computed; returns how many requests failed."""
-        now = time.monotonic()
-        expired = [g[0].job for g in groups if not g[0].job.dead and g[0].job.deadline is not None
-                   and now > g[0].job.deadline]
-        for job in expired:  # their callers hear of it, as they would from the queue
-            job.failed = True
-        if expired:
-            self._post(self._delivery.dropped, expired, sum(len(g) for g in groups if g[0].job in expired))
         groups = [alive for g in groups if (alive := [r for r in g if not r.job.dead and not r.computed])]
+        now = time.monotonic()
+        expired = [g for g in groups if g[0].job.deadline is not None and now > g[0].job.deadline]
+        if expired:  # their callers hear of it, as they would from the queue
+            for g in expired:
+                g[0].job.failed = True
+            self._post(self._delivery.dropped, [g[0].job for g in expired], sum(map(len, expired)))
+            groups = [g for g in groups if not g[0].job.failed]
         if not groups:
             return 0
         try:

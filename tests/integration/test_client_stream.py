@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import threading
 import time
@@ -229,4 +230,10 @@ def test_a_text_over_a_per_request_limit_alone_is_named(tiny_original: Path) -> 
             srv.client() as client, pytest.raises(EmbedError) as refused:
         list(client.embed_stream(texts, "search_query", long_text_mode="mean"))
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and refused.value.field == "texts[2]"
-    assert "tokens exceed the limit of 32 tokens per request" in str(refused.value)
+    assert refused.value.details == ("texts[2]: 192 tokens exceed the limit of 32 tokens per request, with this "
+                                     "text alone")
+    lines = io.StringIO("".join(f"{text}\n\n" for text in texts))  # a file: blank lines between texts
+    with running_server(str(tiny_original), max_input_tokens=16, max_request_tokens=32) as srv, \
+            srv.client() as client, pytest.raises(EmbedError) as refused:
+        list(client.embed_stream(lines, "search_query", long_text_mode="mean"))
+    assert refused.value.details.startswith("texts[2] (line 5): 192 tokens exceed the limit")

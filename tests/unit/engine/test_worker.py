@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -226,6 +227,28 @@ def test_one_bad_request_among_many_costs_a_few_batches_not_one_per_request() ->
         outcomes = await asyncio.gather(*(job.result() for job in jobs), return_exceptions=True)
         assert [i for i, o in enumerate(outcomes) if isinstance(o, ModelFailure)] == [37]
         assert len(backend.batches) - calls == 1 + 2 * 6  # the batch, then two halves per level of 64 -> 1
+        await batcher.stop()
+
+    run(main())
+
+
+def test_a_request_an_out_of_memory_half_answered_is_not_dropped_when_its_deadline_passes_later() -> None:
+    # Out of memory: X's half runs (0.5 s) and answers it within its deadline; P's half then fails (another 0.5 s),
+    # and the reruns come after X's deadline: X was answered, so it is neither failed nor counted dropped.
+    backend = MemoryBoundBackend(capacity=8)
+    backend.seconds_per_batch = 0.5
+
+    async def main() -> None:
+        batcher = await started(backend, BatchPolicy(max_batch_tokens=10_000, wait_s=0))
+        blocker = await occupy(batcher, backend)
+        x = batcher.submit([[1, 2]], deadline=time.monotonic() + 0.75 + backend.seconds_per_batch)
+        p = batcher.submit([[POISON, 1, 1, 1, 1]])
+        backend.release()
+        await blocker
+        assert_encodes(await x.result(), [[1, 2]])
+        with pytest.raises(ModelFailure):
+            await p.result()
+        assert not x.failed and batcher.totals.dropped_rows == 0
         await batcher.stop()
 
     run(main())
