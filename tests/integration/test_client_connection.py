@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,16 @@ def test_overload_carries_a_retry_hint_and_retries_succeed(overloaded: RunningSe
         async with AsyncEmbedClient(overloaded.target, retry=retry) as client:
             return await asyncio.gather(*(client.embed(texts) for _ in range(12)), return_exceptions=True)
 
-    refused = [r for r in asyncio.run(burst(NO_RETRIES)) if isinstance(r, BaseException)]
+    # A model slow enough that the burst arrives while the first request is computed: else, on a busy machine,
+    # each request could be done before the next one arrives, and none refused.
+    assert overloaded.app.loaded is not None
+    runner = overloaded.app.loaded.runner
+    fast = runner.run
+    runner.run = lambda rows: (time.sleep(0.2), fast(rows))[1]  # type: ignore[method-assign]
+    try:
+        refused = [r for r in asyncio.run(burst(NO_RETRIES)) if isinstance(r, BaseException)]
+    finally:
+        runner.run = fast  # type: ignore[method-assign]
     assert refused and all(isinstance(r, EmbedError) for r in refused)
     assert {r.code for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # type: ignore[union-attr]
     assert all(r.retry_after_s and r.retry_after_s > 0 for r in refused)  # type: ignore[union-attr]
