@@ -61,6 +61,14 @@ class EmbedResult:
         return sum(e.tokens for e in self.embeddings)
 
 
+def usable_rows(pooled: np.ndarray) -> np.ndarray:
+    """Per row of a batch's pooled vectors, whether it may be served: finite, and not one value in every
+    component (what a model gone bad gives: layer_norm and L2 normalization would make it zero or a fixed
+    direction, the same for every text)."""
+    finite = np.isfinite(pooled).all(axis=1)
+    return finite & (pooled != pooled[:, :1]).any(axis=1) if pooled.shape[1] > 1 else finite
+
+
 # Fewer tokens per text than this leave no room for a task prefix and text between the special tokens.
 MIN_MAX_TOKENS = 16
 NOMIC_MIN_DIMENSIONS = 64  # the smallest Matryoshka width nomic-embed-text-v1.5 was trained for

@@ -41,7 +41,8 @@ class ModelFailure(EmbedError):
 
 
 class NonFiniteVector(ModelFailure):
-    """The model gave a vector with NaN or infinity for row `row` of a request; it is never returned."""
+    """The model gave a vector with NaN, infinity or no direction (server.domain.usable_rows) for row `row` of a
+    request; it is never returned."""
 
     def __init__(self, row: int, message: str) -> None:
         super().__init__(message)

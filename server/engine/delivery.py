@@ -54,7 +54,7 @@ class Delivery:
     def non_finite(self, rows: list[Row], event: NonFiniteEvent) -> None:
         self.totals.non_finite_rows += len(rows)
         for row in sorted(rows, key=lambda r: r.index):  # a request hears of its first such row
-            row.job.fail(NonFiniteVector(row.index, "the model gave a vector with NaN or infinity"))
+            row.job.fail(NonFiniteVector(row.index, "the model gave a vector with NaN, infinity or no direction"))
         if self.on_non_finite:
             self.on_non_finite(event)
 

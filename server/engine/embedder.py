@@ -75,8 +75,8 @@ class Embedder:
             raise
         except NonFiniteVector as error:  # name the text, not the model row (a text may have several windows)
             text = bisect.bisect_right(list(itertools.accumulate(len(r.rows) for r in per_text)), error.row)
-            raise ModelFailure(f"texts[{text}]: the model gave this text a vector with NaN or infinity; "
-                               "no vector is returned for it") from None
+            raise ModelFailure(f"texts[{text}]: the model gave this text a vector with NaN, infinity or no "
+                               "direction; no vector is returned for it") from None
         if not whole:
             vectors = self._average_windows(vectors, per_text, options.dimensions, layer_norm)
         embeddings = [Embedding(vector=vector, tokens=rows.tokens, truncated=rows.truncated, windows=len(rows.rows))

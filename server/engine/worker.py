@@ -3,9 +3,10 @@ posts the outcome to the event loop.
 
 A batch the device has no memory for is split in halves and retried down to single rows (only a row that does
 not fit alone fails), and later batches are held below the size that failed until enough have run. A vector
-with NaN or infinity is never delivered: its request fails, and the backend's health check on the warm-up
-rows tells a model that has gone bad (health follows) from an input it cannot embed. Any other failure
-reaches every request in the batch, and the thread lives on.
+with NaN, infinity or no direction is never delivered: its request fails, and the backend's health check on
+the warm-up rows tells a model that has gone bad (health follows) from an input it cannot embed. Any other
+failure is followed by the same check: a broken model fails the batch, else it runs again by halves, and only
+requests that fail alone fail. The thread lives on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from server.domain import usable_rows
 from server.engine import matryoshka
 from server.engine.admission import Throughput
 from server.engine.backend import Backend
@@ -228,9 +230,9 @@ class Worker:
         if len(vectors) != len(batch):
             raise RuntimeError(f"the model returned {len(vectors)} vectors for {len(batch)} rows")
         seconds = time.monotonic() - started
-        finite = np.isfinite(vectors).all(axis=1)  # one pass over the batch
-        if not finite.all():
-            self._non_finite([row for row, ok in zip(batch, finite, strict=True) if not ok], len(batch))
+        usable = usable_rows(vectors)  # one pass over the batch
+        if not usable.all():
+            self._non_finite([row for row, ok in zip(batch, usable, strict=True) if not ok], len(batch))
         finished = matryoshka.finish_batch(vectors, [r.job.finish for r in batch])
         tokens = sum(r.length for r in batch)
         self._throughput.observe(tokens, seconds)
@@ -267,7 +269,7 @@ class Worker:
         for row in bad:
             row.job.failed = True
         broken = self._probe_fails()
-        log.error("the model gave %d of %d rows non-finite vectors (NaN or infinity); their requests fail%s",
+        log.error("the model gave %d of %d rows vectors with NaN, infinity or no direction; their requests fail%s",
                   len(bad), batch_rows, "; the warm-up rows do too: the model is broken" if broken else "")
         self._post(self._delivery.non_finite, bad, NonFiniteEvent(len(bad), batch_rows, broken))
         if broken and not self.broken:

@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
+from server.domain import usable_rows
 from server.errors import OutOfMemory
 from server.model.buckets import Buckets, fill
 from server.model.device import release_cached_memory
@@ -115,9 +116,9 @@ class Runner:
         return self.threads
 
     def healthy(self, rows: Sequence[Sequence[int]]) -> bool:
-        """Whether `rows` (the warm-up's) still give one finite vector each."""
+        """Whether `rows` (the warm-up's) still give one usable vector each (server.domain.usable_rows)."""
         vectors = self.run(rows)
-        return len(vectors) == len(rows) and bool(np.isfinite(vectors).all())
+        return len(vectors) == len(rows) and bool(usable_rows(vectors).all())
 
     def _unpadded(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         packing = Packing.of(rows, self.device)

@@ -41,8 +41,8 @@ class Metrics:
                                   "Padded tokens a model batch may hold now (lowered after out-of-memory)",
                                   registry=r)
         self.non_finite = Counter("nomic_embed_non_finite_vectors",
-                                  "Vectors with NaN or infinity the model gave (never returned; their requests "
-                                  "failed INTERNAL)", registry=r)
+                                  "Vectors with NaN, infinity or no direction the model gave (never returned; "
+                                  "their requests failed INTERNAL)", registry=r)
         self.model_broken = Gauge("nomic_embed_model_broken",
                                   "1 while the model is broken: after a batch failed or gave non-finite vectors, "
                                   "the warm-up texts did too (health NOT_SERVING until they pass again)",

@@ -75,15 +75,22 @@ def test_a_stream_message_given_a_nan_vector_gets_its_error_and_the_stream_goes_
     assert replies[1].error.message.startswith("texts[0]: the model gave this text a vector with NaN")
 
 
-def test_a_model_gone_bad_at_run_time_is_taken_out_of_service(tiny_original: Path) -> None:
+@pytest.mark.parametrize("damage", ["nan", "zeros"])
+def test_a_model_gone_bad_at_run_time_is_taken_out_of_service(tiny_original: Path, damage: str) -> None:
     with running_server(str(tiny_original)) as srv:
         stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
         assert stub.Embed(pb.EmbedRequest(texts=[CLEAN], task=pb.TASK_CLUSTERING), timeout=30).embeddings
         assert _health(srv) == health_pb2.HealthCheckResponse.SERVING
-        # The served model's weights change under it (as memory corruption would): every output is NaN now,
-        # the warm-up texts' included.
+        # The served model's weights change under it (as memory corruption would): every output is NaN now, or,
+        # with the last LayerNorm zeroed, every token and so every pooled vector all zeros (no direction: its
+        # layer_norm and L2 normalization gave a zero vector, served OK), the warm-up texts' included.
         with torch.no_grad():
-            next(p for n, p in srv.app.loaded.runner.model.named_parameters() if "norm" in n.lower())[0] = np.nan
+            params = srv.app.loaded.runner.model.named_parameters()
+            if damage == "nan":
+                next(p for n, p in params if "norm" in n.lower())[0] = np.nan
+            else:
+                for _, p in [(n, p) for n, p in params if "norm" in n.lower()][-2:]:  # the last one's scale, bias
+                    p.zero_()
         with pytest.raises(grpc.RpcError) as info:
             stub.Embed(pb.EmbedRequest(texts=[CLEAN, "another text"], task=pb.TASK_CLUSTERING), timeout=30)
         assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details().startswith("texts[0]:")
