@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
+from cryptography import x509
 
 from server.errors import StartupError
 from server.transport.files import read_file
@@ -31,8 +33,11 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None)
     root = read_file(client_ca, "client CA", "--tls-client-ca") if client_ca else None
     _check_certificates(pair[1], f"the TLS certificate {cert} (--tls-cert)")
     _check_pair(cert, key)
+    own = pair[1][: _first_end(pair[1])]  # the server's own certificate; the rest of a chain is its issuers
+    _check_dates(own, f"the TLS certificate {cert} (--tls-cert)", "every client would refuse it")
     if root is not None:
         _check_certificates(root, f"the client CA {client_ca} (--tls-client-ca)")
+        _check_client_ca(root, f"the client CA {client_ca} (--tls-client-ca)")
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
@@ -41,6 +46,44 @@ def _check_certificates(pem: bytes, what: str) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError, ValueError):
         raise StartupError(f"{what} holds no PEM certificate") from None
+
+
+def _first_end(pem: bytes) -> int:
+    """Where the first certificate of a PEM chain (the server's own) ends."""
+    end = pem.find(b"-----END CERTIFICATE-----")
+    return len(pem) if end < 0 else end + len(b"-----END CERTIFICATE-----")
+
+
+def _certificates(pem: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:  # what ssl accepts and cryptography does not: leave it to the handshake
+        return []
+
+
+def _check_dates(pem: bytes, what: str, consequence: str) -> None:
+    """Refuse certificates outside their validity period now (all of them, for a bundle)."""
+    certs = _certificates(pem)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = [c for c in certs if c.not_valid_before_utc <= now <= c.not_valid_after_utc]
+    if certs and not valid:
+        c = certs[0]
+        when = (f"expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC" if c.not_valid_after_utc < now
+                else f"is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+        raise StartupError(f"{what} {when}: {consequence}")
+
+
+def _check_client_ca(pem: bytes, what: str) -> None:
+    _check_dates(pem, what, "no client certificate would be accepted")
+    for cert in _certificates(pem):
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            log.warning("%s holds %s, which is not a CA certificate (no basicConstraints CA:TRUE): a client is "
+                        "accepted only with that very certificate, not with one it issued", what,
+                        cert.subject.rfc4514_string())
 
 
 def _check_pair(cert: str, key: str) -> None:

@@ -42,14 +42,16 @@ class Authority:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, *, server: bool) -> Pem:
+    def issue(self, common_name: str, *, server: bool, valid_from_days: float = 0, valid_days: float = 1) -> Pem:
+        """A certificate valid from `valid_from_days` (minus 5 minutes) for `valid_days` days: negative start and
+        a short span make an expired one, a positive start one not yet valid."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
+        start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=valid_from_days, minutes=-5)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=valid_days))
             .add_extension(x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )

@@ -144,3 +144,30 @@ def test_a_token_file_that_is_not_text_is_refused(tmp_path: Path) -> None:
     token_file = tmp_path / "tokens"
     token_file.write_bytes(b"\xff\xfe token\n")
     assert _start_fails(tmp_path, auth_token_file=str(token_file)) == f"the token file {token_file} is not UTF-8 text"
+
+
+@pytest.mark.parametrize(("start", "days", "when"), [(-3, 1, "expired on "), (2, 1, "is not valid before ")])
+def test_a_certificate_outside_its_dates_is_refused(pki: dict, tmp_path: Path, start: float, days: float,
+                                                   when: str) -> None:
+    # It served, and every client's handshake failed, even one trusting that very certificate.
+    cert, key = pki["ca"].issue("localhost", server=True, valid_from_days=start, valid_days=days).write(tmp_path, "s")
+    message = _start_fails(tmp_path, tls_cert=cert, tls_key=key)
+    assert message.startswith(f"the TLS certificate {cert} (--tls-cert) {when}")
+    assert message.endswith(" UTC: every client would refuse it")
+    expired_ca = tmp_path / "expired-ca.crt"
+    expired_ca.write_bytes(pki["ca"].issue("old CA", server=False, valid_from_days=-3, valid_days=1).cert)
+    message = _start_fails(tmp_path, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                           tls_client_ca=str(expired_ca))
+    assert message.startswith(f"the client CA {expired_ca} (--tls-client-ca) expired on ")
+    assert message.endswith(": no client certificate would be accepted")
+
+
+def test_a_client_ca_that_is_not_a_ca_is_served_with_a_warning(tiny_original: Path, pki: dict, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Only a client presenting that very certificate gets in, none it issued: pinning, or a mistake.
+    leaf = tmp_path / "leaf.crt"
+    leaf.write_bytes(pki["client"].cert)
+    with running_server(str(tiny_original), tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                        tls_client_ca=str(leaf)):
+        pass
+    assert f"the client CA {leaf} (--tls-client-ca) holds CN=client, which is not a CA certificate" in caplog.text
