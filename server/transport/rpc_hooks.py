@@ -13,12 +13,21 @@ Begin = Callable[[grpc.aio.ServicerContext], Any]
 End = Callable[[grpc.aio.ServicerContext, Any, bool], None]
 
 
+# A caller's deadline passes on its side first: the server's copy of it starts when the call arrives. So a call
+# the caller cancels this close to the server's deadline was, for the caller, DEADLINE_EXCEEDED.
+DEADLINE_SLACK_S = 0.05
+
+
 def final_code(context: grpc.aio.ServicerContext, ok: bool) -> str:
     """The name of the status code a call ended with: the one set (abort, set_code), else what the way it
-    ended says (`ok`: the handler returned normally)."""
+    ended says (`ok`: the handler returned normally; past the deadline, gRPC sent DEADLINE_EXCEEDED instead,
+    as when a stream's requests end because its deadline passed)."""
     code = context.code()
     if code is None:
-        return "OK" if ok else "CANCELLED" if context.cancelled() else "UNKNOWN"
+        if ok:
+            remaining = context.time_remaining()
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "OK"
+        return "CANCELLED" if context.cancelled() else "UNKNOWN"
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name  # type: ignore[arg-type]
 
 
@@ -27,7 +36,7 @@ def _note_cancelled(context: grpc.aio.ServicerContext) -> None:
     tells the handler nothing else. Say which, for the hooks; the caller is gone, so nothing is sent."""
     if context.code() is None:
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
         context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,3 +103,30 @@ def test_streams_the_caller_cancels_are_counted_cancelled(tiny_original: Path) -
             assert list(pool.map(cancel_after, [1, 3, 9] * 8)) == [1, 3, 9] * 8
         codes = _codes_once_counted(srv.app.metrics_port, "EmbedStream", 24)
     assert codes == {"CANCELLED": 24}
+
+
+def test_streams_whose_deadline_passes_while_idle_are_counted_deadline_exceeded(tiny_original: Path) -> None:
+    """After one answer the caller sends nothing more and its deadline passes: gRPC ends the request stream, the
+    handler returns normally, and the caller sees DEADLINE_EXCEEDED. It was counted OK (or CANCELLED)."""
+    with running_server(str(tiny_original), metrics_port=0) as srv:
+        assert srv.app.metrics_port
+        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
+        done = threading.Event()
+
+        def idle_after_one(_: int) -> grpc.StatusCode | None:
+            def messages() -> Iterator[pb.EmbedStreamRequest]:
+                yield pb.EmbedStreamRequest(id="1", request=pb.EmbedRequest(texts=["idle"], task=pb.TASK_RAW))
+                done.wait(10)
+
+            try:
+                list(stub.EmbedStream(messages(), timeout=0.5))
+            except grpc.RpcError as exc:
+                return exc.code()
+            return None
+
+        with ThreadPoolExecutor(8) as pool:
+            seen = list(pool.map(idle_after_one, range(8)))
+        done.set()
+        assert seen == [grpc.StatusCode.DEADLINE_EXCEEDED] * 8
+        codes = _codes_once_counted(srv.app.metrics_port, "EmbedStream", 8)
+    assert codes == {"DEADLINE_EXCEEDED": 8}
