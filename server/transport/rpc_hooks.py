@@ -13,30 +13,34 @@ Begin = Callable[[grpc.aio.ServicerContext], Any]
 End = Callable[[grpc.aio.ServicerContext, Any, bool], None]
 
 
-# A caller's deadline passes on its side first: the server's copy of it starts when the call arrives. So a call
-# the caller cancels this close to the server's deadline was, for the caller, DEADLINE_EXCEEDED.
-DEADLINE_SLACK_S = 0.05
+# A caller's deadline passes on its side first: the server's copy of it starts when the call arrives, later by
+# the time the call took to be sent (on a loaded caller, a good part of a second). So a call cancelled this close
+# to the server's deadline was, for the caller, DEADLINE_EXCEEDED; one cancelled earlier counts as CANCELLED.
+DEADLINE_SLACK_S = 0.25
 
 
 def final_code(context: grpc.aio.ServicerContext, ok: bool) -> str:
     """The name of the status code a call ended with: the one set (abort, set_code), else what the way it
-    ended says (`ok`: the handler returned normally; past the deadline, gRPC sent DEADLINE_EXCEEDED instead,
-    as when a stream's requests end because its deadline passed)."""
+    ended says (`ok`: the handler returned normally; but a call cancelled meanwhile, as a stream whose
+    requests end because its caller's deadline passed, or one past its deadline, was not answered OK)."""
     code = context.code()
     if code is None:
-        if ok:
-            remaining = context.time_remaining()
-            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "OK"
-        return "CANCELLED" if context.cancelled() else "UNKNOWN"
+        if context.cancelled() or (ok and _expired(context, 0.0)):
+            return "DEADLINE_EXCEEDED" if _expired(context, DEADLINE_SLACK_S) else "CANCELLED"
+        return "OK" if ok else "UNKNOWN"
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name  # type: ignore[arg-type]
+
+
+def _expired(context: grpc.aio.ServicerContext, slack: float) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= slack
 
 
 def _note_cancelled(context: grpc.aio.ServicerContext) -> None:
     """The handler was cancelled: gRPC ended the call (the caller cancelled it, or its deadline passed) and
     tells the handler nothing else. Say which, for the hooks; the caller is gone, so nothing is sent."""
     if context.code() is None:
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        expired = _expired(context, DEADLINE_SLACK_S)
         context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
 
 
