@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,31 +104,3 @@ def test_streams_the_caller_cancels_are_counted_cancelled(tiny_original: Path) -
         codes = _codes_once_counted(srv.app.metrics_port, "EmbedStream", 24)
     assert codes == {"CANCELLED": 24}
 
-
-def test_streams_whose_deadline_passes_while_idle_are_counted_deadline_exceeded(tiny_original: Path) -> None:
-    """After one answer the caller sends nothing more and its deadline passes: gRPC ends the request stream, the
-    handler returns normally, and the caller sees DEADLINE_EXCEEDED. It was counted OK (or CANCELLED)."""
-    with running_server(str(tiny_original), metrics_port=0) as srv:
-        assert srv.app.metrics_port
-        stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
-        done = threading.Event()
-
-        def idle_after_one(_: int) -> grpc.StatusCode | None:
-            def messages() -> Iterator[pb.EmbedStreamRequest]:
-                yield pb.EmbedStreamRequest(id="1", request=pb.EmbedRequest(texts=["idle"], task=pb.TASK_RAW))
-                done.wait(10)
-
-            try:
-                list(stub.EmbedStream(messages(), timeout=0.5))
-            except grpc.RpcError as exc:
-                return exc.code()
-            return None
-
-        with ThreadPoolExecutor(8) as pool:
-            seen = list(pool.map(idle_after_one, range(8)))
-        done.set()
-        assert seen == [grpc.StatusCode.DEADLINE_EXCEEDED] * 8
-        codes = _codes_once_counted(srv.app.metrics_port, "EmbedStream", 8)
-    # Never OK. The server tells a deadline from a cancel by its own copy of the deadline, which starts when the
-    # call arrives: a caller slow to send (a loaded test machine) can make one look cancelled.
-    assert set(codes) <= {"DEADLINE_EXCEEDED", "CANCELLED"} and codes.get("DEADLINE_EXCEEDED", 0) >= 1, codes
