@@ -163,11 +163,12 @@ class Worker:
             # A model that cannot run the warm-up rows either would fail every batch from now on; else an input
             # the model cannot take is the fault, and it fails its own request only: the batch runs again by
             # halves of whole requests.
-            if not isinstance(exc, EmbedError) and not self.broken and self._probe_fails(errors_count=True):
+            judged = not isinstance(exc, EmbedError) and not self.broken  # else the error says it all
+            if judged and self._probe_fails(errors_count=True):
                 log.error("the warm-up rows fail too: the model is broken")
                 self._fail(batch, exc)
                 self._mark_broken(ModelBrokenEvent(len(batch), f"{type(exc).__name__}: {exc}"))
-            elif not isinstance(exc, EmbedError) and not self.broken and len({id(r.job) for r in batch}) > 1:
+            elif judged and len({id(r.job) for r in batch}) > 1:
                 self._rerun_by_halves(batch)
             else:
                 self._fail(batch, exc)
@@ -194,7 +195,7 @@ class Worker:
         for row in batch:
             jobs.setdefault(id(row.job), []).append(row)
         groups = list(jobs.values())
-        failed = self._bisect(groups[: len(groups) // 2]) + self._bisect(groups[len(groups) // 2 :])
+        failed = self._bisect_halves(groups)
         log.warning("the %d requests of the failed batch ran again by halves: %d failed alone", len(groups), failed)
 
     def _bisect(self, groups: list[list[Row]]) -> int:
@@ -216,7 +217,11 @@ class Worker:
             if len(groups) == 1:
                 self._fail(groups[0], exc)
                 return 1
-            return self._bisect(groups[: len(groups) // 2]) + self._bisect(groups[len(groups) // 2 :])
+            return self._bisect_halves(groups)
+
+    def _bisect_halves(self, groups: list[list[Row]]) -> int:
+        middle = len(groups) // 2
+        return self._bisect(groups[:middle]) + self._bisect(groups[middle:])
 
     def _compute(self, batch: list[Row]) -> None:
         """Run the batch and post its vectors; out of memory, run each half (shorter rows first) the same

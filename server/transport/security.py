@@ -33,8 +33,8 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None)
     root = read_file(client_ca, "client CA", "--tls-client-ca") if client_ca else None
     _check_certificates(pair[1], f"the TLS certificate {cert} (--tls-cert)")
     _check_pair(cert, key)
-    own = pair[1][: _first_end(pair[1])]  # the server's own certificate; the rest of a chain is its issuers
-    _check_dates(own, f"the TLS certificate {cert} (--tls-cert)", "every client would refuse it")
+    # The server's own certificate, the first of its chain (the others are its issuers).
+    _check_dates(_certificates(pair[1])[:1], f"the TLS certificate {cert} (--tls-cert)", "every client would refuse it")
     if root is not None:
         _check_certificates(root, f"the client CA {client_ca} (--tls-client-ca)")
         _check_client_ca(root, f"the client CA {client_ca} (--tls-client-ca)")
@@ -48,12 +48,6 @@ def _check_certificates(pem: bytes, what: str) -> None:
         raise StartupError(f"{what} holds no PEM certificate") from None
 
 
-def _first_end(pem: bytes) -> int:
-    """Where the first certificate of a PEM chain (the server's own) ends."""
-    end = pem.find(b"-----END CERTIFICATE-----")
-    return len(pem) if end < 0 else end + len(b"-----END CERTIFICATE-----")
-
-
 def _certificates(pem: bytes) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem)
@@ -61,9 +55,8 @@ def _certificates(pem: bytes) -> list[x509.Certificate]:
         return []
 
 
-def _check_dates(pem: bytes, what: str, consequence: str) -> None:
-    """Refuse certificates outside their validity period now (all of them, for a bundle)."""
-    certs = _certificates(pem)
+def _check_dates(certs: list[x509.Certificate], what: str, consequence: str) -> None:
+    """Refuse certificates all outside their validity period now."""
     now = datetime.datetime.now(datetime.UTC)
     valid = [c for c in certs if c.not_valid_before_utc <= now <= c.not_valid_after_utc]
     if certs and not valid:
@@ -74,8 +67,9 @@ def _check_dates(pem: bytes, what: str, consequence: str) -> None:
 
 
 def _check_client_ca(pem: bytes, what: str) -> None:
-    _check_dates(pem, what, "no client certificate would be accepted")
-    for cert in _certificates(pem):
+    certs = _certificates(pem)
+    _check_dates(certs, what, "no client certificate would be accepted")
+    for cert in certs:
         try:
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         except x509.ExtensionNotFound:
