@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -16,9 +17,22 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
+# A caller's id may hold any printable ASCII (server.transport.request_ids): one with a space, a bracket, a quote
+# or a backslash is written quoted, with `"` and `\` escaped, so it cannot end the field or forge another.
+_NEEDS_QUOTES = re.compile(r'[\s\[\]"\\]')
+
+
+def text_field(value: str) -> str:
+    """`value` as it stands in a text line: bare, or double-quoted with each double quote and backslash escaped
+    by a backslash."""
+    if not value or _NEEDS_QUOTES.search(value):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return value
+
+
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message`, with ` [request_id=...]` inside a request; a worker of --workers says
-    which it is: `time LEVEL worker N logger: message`."""
+    """`time LEVEL logger: message`, with ` [request_id=...]` inside a request (text_field); a worker of
+    --workers says which it is: `time LEVEL worker N logger: message`."""
 
     def __init__(self, worker: int | None = None) -> None:
         tag = "" if worker is None else f"worker {worker} "
@@ -27,7 +41,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         request_id = REQUEST_ID.get()
-        return line if request_id is None else f"{line} [request_id={request_id}]"
+        return line if request_id is None else f"{line} [request_id={text_field(request_id)}]"
 
 
 class JsonFormatter(logging.Formatter):

@@ -133,3 +133,12 @@ def test_bad_log_flags_exit_with_usage(argv: list[str], capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         parse_args(argv, env={})
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("caller_id", ['a ] [request_id=forged', 'say "hi"', "back\\slash", "[x]"])
+def test_a_text_line_cannot_be_given_a_forged_request_id(restore_logging: None, caller_id: str) -> None:
+    assert request_id((("x-request-id", caller_id),)) == caller_id  # printable ASCII: kept as sent
+    first = _log_through("text", caller_id).splitlines()[0]
+    fields = re.findall(r'\[request_id=("(?:[^"\\]|\\.)*"|[^\]\s]*)\]', first)
+    assert len(fields) == 1 and first.endswith(f"[request_id={fields[0]}]")
+    assert json.loads(fields[0]) == caller_id  # quoted as a JSON string would be, and read back whole
