@@ -1,7 +1,7 @@
 """How much faster int8 matmuls are than float32 ones on this CPU, at NomicBERT's projection shapes: the
 ceiling on what an int8 variant can gain over fp32, since the projections are nearly all of the model's compute.
 
-    .venv/bin/python -m scripts.int8_gemm_ceiling [--tokens 256] [--repeats 20] [--isa native,avx2]
+    .venv/bin/python -m scripts.int8_gemm_ceiling [--tokens 256] [--repeats 20] [--isa native,avx2,avx2_vnni]
 
 Per instruction-set mode (each in a process of its own, the modes in turns): float32 `F.linear` (torch's
 BLAS), fbgemm's dynamic int8 Linear as the library runs it (`int8-dynamic`'s kernel, one activation range per
@@ -9,6 +9,8 @@ call), the int8-token variant's fbgemm kernel (each token on its own range) and,
 products, its compiled `torch._int_mm` kernel. `avx2` restricts every library to AVX2 (ATEN_CPU_CAPABILITY,
 MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, FBGEMM_ENABLE_INSTRUCTIONS): an emulation of an AVX2-only CPU on
 a newer one, whose AVX2 units need not match the older CPUs'; an AVX2 host's own figures settle it.
+`avx2_vnni` is the same but lets oneDNN use AVX-VNNI, the 256-bit int8 dot product of CPUs without AVX-512
+(Intel's since Alder Lake): `int_mm` runs there, and this measures what it gains on such a CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from server.model.device import cpu_flags, speed_flags
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (768, 3072), (3072, 768))
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+ISA_ENV = {"native": {}, "avx2": AVX2_ENV, "avx2_vnni": {**AVX2_ENV, "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}}
+# The modes whose CPU has an int8 dot product for `int_mm` (this CPU's own flags decide for native).
+INT_MM_ISAS = ("native", "avx2_vnni")
 
 
 def _best(run: Callable[[], object], repeats: int) -> float:
@@ -67,7 +72,7 @@ def _measure(tokens: int, repeats: int, with_int_mm: bool) -> dict[str, float]:
 
 def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    with_int_mm = int8.kernel_for(cpu_flags()) == "int_mm" and args.isa == "native"
+    with_int_mm = int8.kernel_for(cpu_flags()) == "int_mm" and args.isa in INT_MM_ISAS
     result = {"capability": torch.backends.cpu.get_cpu_capability(),
               "seconds": _measure(args.tokens, args.repeats, with_int_mm)}
     print(json.dumps(result))
@@ -79,17 +84,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20, help="passes per method and round; the fastest counts")
     p.add_argument("--rounds", type=int, default=2, help="turns of every mode")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--isa", default="native,avx2", help="modes: native (what the CPU has) and avx2")
+    p.add_argument("--isa", default="native,avx2", help=f"modes, of {', '.join(ISA_ENV)}: native is what the CPU has")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
+    unknown = [isa for isa in args.isa.split(",") if isa not in ISA_ENV]
+    if unknown:
+        p.error(f"--isa: unknown mode {unknown[0]!r}; expected some of {', '.join(ISA_ENV)}")
     flops = 2 * args.tokens * sum(i * o for i, o in SHAPES)
     print(f"CPU flags: {speed_flags()}; {args.threads} threads; {args.tokens} tokens through NomicBERT's five "
           f"projections ({flops / 1e9:.2f} GFLOP per pass)")
     for round_ in range(1, args.rounds + 1):
         for isa in args.isa.split(","):
-            env = {**os.environ, **(AVX2_ENV if isa == "avx2" else {})}
+            env = {**os.environ, **ISA_ENV[isa]}
             out = subprocess.run([sys.executable, "-m", "scripts.int8_gemm_ceiling", "--child", "--isa", isa,
                                   "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                                   "--threads", str(args.threads)], env=env, capture_output=True, text=True,
