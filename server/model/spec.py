@@ -48,10 +48,13 @@ _NOMIC_REQUIRED: dict[str, object] = {
 _V5_REQUIRED: dict[str, object] = {"hidden_act": "silu"}
 # What the original remote code (configuration_hf_nomic_bert.NomicBertConfig, which a config's auto_map names)
 # takes for a setting its config leaves out, where that is not what the server runs: no rotary positions, GPT-2's
-# activation, biases. transformers' own nomic_bert takes the supported values instead.
+# activation, biases (refused). transformers' own nomic_bert takes the supported values instead.
 _ORIGINAL_DEFAULTS: dict[str, object] = {"activation_function": "gelu_new", "rotary_emb_fraction": 0.0,
                                          "qkv_proj_bias": True, "mlp_fc1_bias": True, "mlp_fc2_bias": True}
-_ORIGINAL_ROTARY_BASE = 10_000.0
+# The original code's own default base changed between its published versions (1000, later 10_000), so a config
+# that names that code and leaves the base out means whichever version loads: it is refused, not guessed.
+_ORIGINAL_ROTARY_BASES = "1000 in some published versions and 10000 in others"
+_ORIGINAL_EPSILON = 1e-5  # GPT-2's, which the original config inherits (transformers' nomic_bert takes 1e-12)
 _ROPE_TYPES = ("default", "dynamic")  # our per-row rotary replaces either (dynamic NTK, factor from --rotary-...)
 DEFAULT_TRAINED_POSITIONS = 2048  # nomic-bert-2048: the trained length when a config names none
 
@@ -142,6 +145,8 @@ def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[s
         overrides[v5] = raw[original]
         if raw.get(v5) is not None and not _same(raw[original], raw[v5]):
             conflicts.append(f"{original}={raw[original]!r} vs {v5}={raw[v5]!r}")
+    if remote and raw.get("layer_norm_epsilon") is None and raw.get("layer_norm_eps") is None:
+        overrides["layer_norm_eps"] = _ORIGINAL_EPSILON
     if raw.get("n_embd") is not None and raw.get("n_inner") is None and raw.get("intermediate_size") is None:
         overrides["intermediate_size"] = 4 * int(raw["n_embd"])  # the original GPT-2 style default
     rope = raw.get("rope_parameters") or {}
@@ -156,7 +161,10 @@ def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[s
     for key, value in bases.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise StartupError(f"config.json: {key}={value!r} is not a number")  # float(True) would be 1.0
-    (first, given), *others = bases.items() or [("", _ORIGINAL_ROTARY_BASE if remote else 1000.0)]
+    if remote and not bases:
+        raise StartupError("config.json has no rotary_emb_base: the original code its auto_map names takes "
+                           f"{_ORIGINAL_ROTARY_BASES}; set it (nomic-embed-text-v1.5 publishes 1000)")
+    (first, given), *others = bases.items() or [("", 1000.0)]
     conflicts += [f"{first}={given!r} vs {key}={value!r}" for key, value in others if not _same(given, value)]
     base = float(given)  # 0 included: refused below, never replaced by the default
     own = raw.get("rotary_scaling_factor") or rope.get("factor")

@@ -221,12 +221,27 @@ def test_a_setting_left_out_of_a_remote_code_config_means_the_original_codes_def
     read_model_spec(_write(tmp_path, v5))  # transformers' own nomic_bert: its defaults are the supported ones
 
 
-def test_a_rotary_base_left_out_is_the_default_of_the_code_that_reads_the_config(tmp_path: Path) -> None:
+def test_a_rotary_base_left_out_is_refused_where_the_code_that_reads_the_config_changed_its_default(
+        tmp_path: Path) -> None:
+    # configuration_hf_nomic_bert.NomicBertConfig, as published over time, defaults rotary_emb_base to 1000 in
+    # some versions and to 10_000 in others: a config naming that code without a base means either.
     original = {k: v for k, v in hub_config(**PUBLISHED, config_style="original").items()  # type: ignore[arg-type]
                 if k != "rotary_emb_base"}
-    spec = read_model_spec(_write(tmp_path, original))
-    assert spec.rotary is not None and spec.rotary.base == 10_000.0
+    with pytest.raises(StartupError, match=r"config.json has no rotary_emb_base: the original code its auto_map "
+                                           r"names takes 1000 in some published versions and 10000 in others"):
+        read_model_spec(_write(tmp_path, original))
     v5 = {k: v for k, v in hub_config(**PUBLISHED, config_style="v5").items()  # type: ignore[arg-type]
           if k not in ("rotary_emb_base", "rope_parameters")}
     spec = read_model_spec(_write(tmp_path, v5))
-    assert spec.rotary is not None and spec.rotary.base == 1000.0
+    assert spec.rotary is not None and spec.rotary.base == 1000.0  # transformers' nomic_bert's default
+
+
+def test_a_layer_norm_epsilon_left_out_is_the_default_of_the_code_that_reads_the_config(tmp_path: Path) -> None:
+    # The original NomicBertConfig subclasses GPT2Config, whose layer_norm_epsilon defaults to 1e-5;
+    # transformers' nomic_bert takes 1e-12.
+    original = {k: v for k, v in hub_config(**PUBLISHED, config_style="original").items()  # type: ignore[arg-type]
+                if k != "layer_norm_epsilon"}
+    assert read_model_spec(_write(tmp_path, original)).config.layer_norm_eps == 1e-5
+    v5 = {k: v for k, v in hub_config(**PUBLISHED, config_style="v5").items()  # type: ignore[arg-type]
+          if k not in ("layer_norm_epsilon", "layer_norm_eps")}
+    assert read_model_spec(_write(tmp_path, v5)).config.layer_norm_eps == 1e-12
