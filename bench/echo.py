@@ -98,8 +98,8 @@ def servicer(level: str, width: int, model: Path | None) -> Echo:
         from server.model.tokenizer import load_tokenizer
 
         return Echo(width, TextTokenizer(*load_tokenizer(model)), lambda rows: np.zeros((len(rows), width), np.float32))
-    from server.app import load
     from server.config import parse_args
+    from server.loading import load
 
     loaded = load(parse_args(["--model", str(model), "--variant", "fp32", "--threads", "1"]))
     return Echo(width, loaded.embedder.tokenizer, loaded.runner.run)

@@ -45,28 +45,34 @@ def checked_embeddings(response: pb.EmbedResponse, texts: int, options: EmbedOpt
     return vectors
 
 
-# What computed a vector: (model_id, variant, weights_digest); the digest is "" from servers that do not say.
-Model = tuple[str, str, str]
+# What computed a vector: (model_id, variant, weights_digest, model_digest); a digest is "" from servers that do
+# not say (older ones give no model digest).
+Model = tuple[str, str, str, str]
+_DIGESTS = ("weights", "model")
 
 
 def served_model(response: pb.EmbedResponse) -> Model:
     m = response.metadata
-    return m.model_id, m.variant, m.weights_digest
+    return m.model_id, m.variant, m.weights_digest, m.model_digest
 
 
 def same_model(a: Model, b: Model) -> bool:
-    """Whether vectors of `a` and `b` are comparable: one model and variant, and one digest where both say."""
-    return a[:2] == b[:2] and (a[2] == b[2] or "" in (a[2], b[2]))
+    """Whether vectors of `a` and `b` are comparable: one model and variant, and one digest of each kind where
+    both say."""
+    return a[:2] == b[:2] and all(x == y or "" in (x, y) for x, y in zip(a[2:], b[2:], strict=True))
 
 
 def held_to(held: Model | None, answered: Model) -> Model:
     """What a run holds to once `answered` (comparable to `held`) came: the first answer's model, with the
-    first digest any answer gave."""
-    return answered if held is None or (answered[2] and not held[2]) else held
+    first digest of each kind any answer gave."""
+    if held is None:
+        return answered
+    return held[0], held[1], held[2] or answered[2], held[3] or answered[3]
 
 
 def describe_model(model: Model) -> str:
-    return f"{model[0]} (variant {model[1]}" + (f", weights {model[2]})" if model[2] else ")")
+    digests = "".join(f", {kind} {digest}" for kind, digest in zip(_DIGESTS, model[2:], strict=True) if digest)
+    return f"{model[0]} (variant {model[1]}{digests})"
 
 
 class ModelGuard:

@@ -141,7 +141,7 @@ def run_embed(args: argparse.Namespace) -> None:
                 started, tokens = time.monotonic(), 0
                 for batch in stream:
                     # The first answer's model is recorded before any row; each later one must be the same.
-                    record.answered((batch.model_id, batch.variant, batch.weights_digest))
+                    record.answered(batch.model)
                     writer.write([records.popleft() for _ in batch.texts], batch.embeddings)
                     tokens += batch.total_tokens
                     bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tokens/s",

@@ -60,6 +60,7 @@ class ServerInfo:
     pooling: str = ""
     server_version: str = ""
     weights_digest: str = ""
+    model_digest: str = ""
 
     @classmethod
     def from_pb(cls, r: pb.InfoResponse) -> ServerInfo:
@@ -69,6 +70,7 @@ class ServerInfo:
             weight_bytes=r.weight_bytes, task_prefixes=r.task_prefixes,
             max_texts_per_request=r.limits.max_texts_per_request, max_batch_tokens=r.limits.max_batch_tokens,
             pooling=r.pooling, server_version=r.server_version, weights_digest=r.weights_digest,
+            model_digest=r.model_digest,
         )
 
 
@@ -88,6 +90,12 @@ class EmbeddedBatch:
     model_id: str = ""  # the model and variant that computed the batch (the same for every batch of a stream)
     variant: str = ""
     weights_digest: str = ""  # and its weights ("" from a server that does not say)
+    model_digest: str = ""  # and all else that decided the vectors ("" from a server that does not say)
+
+    @property
+    def model(self) -> tuple[str, str, str, str]:
+        """What computed the batch, as client.checks.Model."""
+        return self.model_id, self.variant, self.weights_digest, self.model_digest
 
     @property
     def total_tokens(self) -> int:

@@ -15,7 +15,7 @@ from client.checks import Model, describe_model, held_to, same_model
 from client.errors import EmbedError
 from client.files import InputError
 
-_MODEL_KEYS = ("model_id", "variant", "weights_digest")
+_MODEL_KEYS = ("model_id", "variant", "weights_digest", "model_digest")
 
 
 class PartRefused(Exception):
@@ -60,9 +60,9 @@ class RunRecord:
             if saved.get(key) != value:
                 raise InputError(f"{self.part} was written with {key}={saved.get(key)!r} where this run has "
                                  f"{key}={value!r}: not this run's output; remove it to start over")
-        if all(isinstance(saved.get(k), str) for k in _MODEL_KEYS[:2]):  # records of older clients lack the digest
-            digest = saved.get("weights_digest")
-            self.model = (saved["model_id"], saved["variant"], digest if isinstance(digest, str) else "")
+        if all(isinstance(saved.get(k), str) for k in _MODEL_KEYS[:2]):  # records of older clients lack digests
+            weights, model = (d if isinstance(d := saved.get(k), str) else "" for k in _MODEL_KEYS[2:])
+            self.model = (saved["model_id"], saved["variant"], weights, model)
 
     def created(self) -> None:
         """PATH.part was created (not resumed): record this run's parameters."""

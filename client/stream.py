@@ -34,7 +34,7 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 import grpc
 
 from client.batching import batches
-from client.checks import ModelGuard, checked_embeddings
+from client.checks import ModelGuard, checked_embeddings, served_model
 from client.errors import EmbedError, client_closed, from_rpc_error, status_code
 from client.files import numbered, text_lines
 from client.options import EmbedOptions, ordered
@@ -332,7 +332,7 @@ class AsyncEmbedStream:
             self._model.check(response)
             result: EmbeddedBatch | EmbedError = EmbeddedBatch(
                 batch.start, batch.texts, vectors, [e.tokens for e in response.embeddings], batch.line_numbers,
-                response.metadata.model_id, response.metadata.variant, response.metadata.weights_digest)
+                *served_model(response))
         else:
             result = batch_error(batch, message.error)
             if result.code is grpc.StatusCode.UNAVAILABLE and self._away_retry(batch):

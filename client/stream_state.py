@@ -114,7 +114,7 @@ def _joined(parts: list[EmbeddedBatch]) -> EmbeddedBatch:
     numbers = None if first.line_numbers is None else [n for p in parts for n in p.line_numbers or ()]
     return EmbeddedBatch(first.start, [t for p in parts for t in p.texts],
                          np.concatenate([p.embeddings for p in parts]), [n for p in parts for n in p.tokens],
-                         numbers, first.model_id, first.variant, first.weights_digest)
+                         numbers, *first.model)
 
 
 @dataclass(eq=False)

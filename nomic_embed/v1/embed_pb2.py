@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anomic_embed/v1/embed.proto\x12\x0enomic_embed.v1\x1a\x1egoogle/protobuf/duration.proto\"\xcb\x01\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\"\n\x04task\x18\x02 \x01(\x0e\x32\x14.nomic_embed.v1.Task\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x34\n\x0elong_text_mode\x18\x04 \x01(\x0e\x32\x1c.nomic_embed.v1.LongTextMode\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12*\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x18.nomic_embed.v1.Encoding\"_\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0f\n\x07windows\x18\x04 \x01(\r\x12\x0e\n\x06packed\x18\x05 \x01(\x0c\"\xb4\x02\n\x10ResponseMetadata\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x04\x12-\n\nqueue_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0einference_time\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x18.nomic_embed.v1.Encoding\x12\x16\n\x0eweights_digest\x18\t \x01(\t\"r\n\rEmbedResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.nomic_embed.v1.Embedding\x12\x32\n\x08metadata\x18\x02 \x01(\x0b\x32 .nomic_embed.v1.ResponseMetadata\"O\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.nomic_embed.v1.EmbedRequest\"k\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12.\n\x0bretry_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8c\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.nomic_embed.v1.EmbedResponseH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.nomic_embed.v1.StreamErrorH\x00\x42\x08\n\x06result\"\r\n\x0bInfoRequest\"\xdc\x01\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x04 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x05 \x01(\r\x12\x1a\n\x12max_request_tokens\x18\x06 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x04\x12\x18\n\x10max_queue_tokens\x18\x08 \x01(\x04\"\xfc\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x16\n\x0evariant_reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x06 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12&\n\x06limits\x18\t \x01(\x0b\x32\x16.nomic_embed.v1.Limits\x12\x15\n\rtask_prefixes\x18\n \x01(\x08\x12\x0f\n\x07pooling\x18\x0b \x01(\t\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x10\n\x08revision\x18\r \x01(\t\x12\x19\n\x11trained_positions\x18\x0e \x01(\r\x12\x18\n\x10\x62\x61tch_dependence\x18\x0f \x01(\t\x12\x16\n\x0eweights_digest\x18\x10 \x01(\t\"D\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\"\n\x04task\x18\x02 \x01(\x0e\x32\x14.nomic_embed.v1.Task\"1\n\rTokenizedText\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\"@\n\x10TokenizeResponse\x12,\n\x05texts\x18\x01 \x03(\x0b\x32\x1d.nomic_embed.v1.TokenizedText*\x89\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_SEARCH_DOCUMENT\x10\x01\x12\x15\n\x11TASK_SEARCH_QUERY\x10\x02\x12\x13\n\x0fTASK_CLUSTERING\x10\x03\x12\x17\n\x13TASK_CLASSIFICATION\x10\x04\x12\x0c\n\x08TASK_RAW\x10\x05*~\n\x0cLongTextMode\x12\x1e\n\x1aLONG_TEXT_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LONG_TEXT_MODE_TRUNCATE\x10\x01\x12\x18\n\x14LONG_TEXT_MODE_ERROR\x10\x02\x12\x17\n\x13LONG_TEXT_MODE_MEAN\x10\x03*y\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x14\n\x10\x45NCODING_UBINARY\x10\x04\x32\xc2\x02\n\x0c\x45mbedService\x12\x44\n\x05\x45mbed\x12\x1c.nomic_embed.v1.EmbedRequest\x1a\x1d.nomic_embed.v1.EmbedResponse\x12Z\n\x0b\x45mbedStream\x12\".nomic_embed.v1.EmbedStreamRequest\x1a#.nomic_embed.v1.EmbedStreamResponse(\x01\x30\x01\x12\x41\n\x04Info\x12\x1b.nomic_embed.v1.InfoRequest\x1a\x1c.nomic_embed.v1.InfoResponse\x12M\n\x08Tokenize\x12\x1f.nomic_embed.v1.TokenizeRequest\x1a .nomic_embed.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anomic_embed/v1/embed.proto\x12\x0enomic_embed.v1\x1a\x1egoogle/protobuf/duration.proto\"\xcb\x01\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\"\n\x04task\x18\x02 \x01(\x0e\x32\x14.nomic_embed.v1.Task\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x34\n\x0elong_text_mode\x18\x04 \x01(\x0e\x32\x1c.nomic_embed.v1.LongTextMode\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12*\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x18.nomic_embed.v1.Encoding\"_\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x0f\n\x07windows\x18\x04 \x01(\r\x12\x0e\n\x06packed\x18\x05 \x01(\x0c\"\xca\x02\n\x10ResponseMetadata\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x04 \x01(\x04\x12-\n\nqueue_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0einference_time\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x18.nomic_embed.v1.Encoding\x12\x16\n\x0eweights_digest\x18\t \x01(\t\x12\x14\n\x0cmodel_digest\x18\n \x01(\t\"r\n\rEmbedResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.nomic_embed.v1.Embedding\x12\x32\n\x08metadata\x18\x02 \x01(\x0b\x32 .nomic_embed.v1.ResponseMetadata\"O\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.nomic_embed.v1.EmbedRequest\"k\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12.\n\x0bretry_delay\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8c\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.nomic_embed.v1.EmbedResponseH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.nomic_embed.v1.StreamErrorH\x00\x42\x08\n\x06result\"\r\n\x0bInfoRequest\"\xdc\x01\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_rows\x18\x04 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x05 \x01(\r\x12\x1a\n\x12max_request_tokens\x18\x06 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x04\x12\x18\n\x10max_queue_tokens\x18\x08 \x01(\x04\"\x92\x03\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x16\n\x0evariant_reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x06 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12&\n\x06limits\x18\t \x01(\x0b\x32\x16.nomic_embed.v1.Limits\x12\x15\n\rtask_prefixes\x18\n \x01(\x08\x12\x0f\n\x07pooling\x18\x0b \x01(\t\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x10\n\x08revision\x18\r \x01(\t\x12\x19\n\x11trained_positions\x18\x0e \x01(\r\x12\x18\n\x10\x62\x61tch_dependence\x18\x0f \x01(\t\x12\x16\n\x0eweights_digest\x18\x10 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x11 \x01(\t\"D\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\"\n\x04task\x18\x02 \x01(\x0e\x32\x14.nomic_embed.v1.Task\"1\n\rTokenizedText\x12\x13\n\x0btoken_count\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\"@\n\x10TokenizeResponse\x12,\n\x05texts\x18\x01 \x03(\x0b\x32\x1d.nomic_embed.v1.TokenizedText*\x89\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_SEARCH_DOCUMENT\x10\x01\x12\x15\n\x11TASK_SEARCH_QUERY\x10\x02\x12\x13\n\x0fTASK_CLUSTERING\x10\x03\x12\x17\n\x13TASK_CLASSIFICATION\x10\x04\x12\x0c\n\x08TASK_RAW\x10\x05*~\n\x0cLongTextMode\x12\x1e\n\x1aLONG_TEXT_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LONG_TEXT_MODE_TRUNCATE\x10\x01\x12\x18\n\x14LONG_TEXT_MODE_ERROR\x10\x02\x12\x17\n\x13LONG_TEXT_MODE_MEAN\x10\x03*y\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x14\n\x10\x45NCODING_UBINARY\x10\x04\x32\xc2\x02\n\x0c\x45mbedService\x12\x44\n\x05\x45mbed\x12\x1c.nomic_embed.v1.EmbedRequest\x1a\x1d.nomic_embed.v1.EmbedResponse\x12Z\n\x0b\x45mbedStream\x12\".nomic_embed.v1.EmbedStreamRequest\x1a#.nomic_embed.v1.EmbedStreamResponse(\x01\x30\x01\x12\x41\n\x04Info\x12\x1b.nomic_embed.v1.InfoRequest\x1a\x1c.nomic_embed.v1.InfoResponse\x12M\n\x08Tokenize\x12\x1f.nomic_embed.v1.TokenizeRequest\x1a .nomic_embed.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nomic_embed.v1.embed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=1950
-  _globals['_TASK']._serialized_end=2087
-  _globals['_LONGTEXTMODE']._serialized_start=2089
-  _globals['_LONGTEXTMODE']._serialized_end=2215
-  _globals['_ENCODING']._serialized_start=2217
-  _globals['_ENCODING']._serialized_end=2338
+  _globals['_TASK']._serialized_start=1994
+  _globals['_TASK']._serialized_end=2131
+  _globals['_LONGTEXTMODE']._serialized_start=2133
+  _globals['_LONGTEXTMODE']._serialized_end=2259
+  _globals['_ENCODING']._serialized_start=2261
+  _globals['_ENCODING']._serialized_end=2382
   _globals['_EMBEDREQUEST']._serialized_start=79
   _globals['_EMBEDREQUEST']._serialized_end=282
   _globals['_EMBEDDING']._serialized_start=284
   _globals['_EMBEDDING']._serialized_end=379
   _globals['_RESPONSEMETADATA']._serialized_start=382
-  _globals['_RESPONSEMETADATA']._serialized_end=690
-  _globals['_EMBEDRESPONSE']._serialized_start=692
-  _globals['_EMBEDRESPONSE']._serialized_end=806
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=808
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=887
-  _globals['_STREAMERROR']._serialized_start=889
-  _globals['_STREAMERROR']._serialized_end=996
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=999
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1139
-  _globals['_INFOREQUEST']._serialized_start=1141
-  _globals['_INFOREQUEST']._serialized_end=1154
-  _globals['_LIMITS']._serialized_start=1157
-  _globals['_LIMITS']._serialized_end=1377
-  _globals['_INFORESPONSE']._serialized_start=1380
-  _globals['_INFORESPONSE']._serialized_end=1760
-  _globals['_TOKENIZEREQUEST']._serialized_start=1762
-  _globals['_TOKENIZEREQUEST']._serialized_end=1830
-  _globals['_TOKENIZEDTEXT']._serialized_start=1832
-  _globals['_TOKENIZEDTEXT']._serialized_end=1881
-  _globals['_TOKENIZERESPONSE']._serialized_start=1883
-  _globals['_TOKENIZERESPONSE']._serialized_end=1947
-  _globals['_EMBEDSERVICE']._serialized_start=2341
-  _globals['_EMBEDSERVICE']._serialized_end=2663
+  _globals['_RESPONSEMETADATA']._serialized_end=712
+  _globals['_EMBEDRESPONSE']._serialized_start=714
+  _globals['_EMBEDRESPONSE']._serialized_end=828
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=830
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=909
+  _globals['_STREAMERROR']._serialized_start=911
+  _globals['_STREAMERROR']._serialized_end=1018
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=1021
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1161
+  _globals['_INFOREQUEST']._serialized_start=1163
+  _globals['_INFOREQUEST']._serialized_end=1176
+  _globals['_LIMITS']._serialized_start=1179
+  _globals['_LIMITS']._serialized_end=1399
+  _globals['_INFORESPONSE']._serialized_start=1402
+  _globals['_INFORESPONSE']._serialized_end=1804
+  _globals['_TOKENIZEREQUEST']._serialized_start=1806
+  _globals['_TOKENIZEREQUEST']._serialized_end=1874
+  _globals['_TOKENIZEDTEXT']._serialized_start=1876
+  _globals['_TOKENIZEDTEXT']._serialized_end=1925
+  _globals['_TOKENIZERESPONSE']._serialized_start=1927
+  _globals['_TOKENIZERESPONSE']._serialized_end=1991
+  _globals['_EMBEDSERVICE']._serialized_start=2385
+  _globals['_EMBEDSERVICE']._serialized_end=2707
 # @@protoc_insertion_point(module_scope)

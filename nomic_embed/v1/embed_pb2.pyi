@@ -80,7 +80,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., windows: _Optional[int] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class ResponseMetadata(_message.Message):
-    __slots__ = ("model_id", "variant", "dimensions", "total_tokens", "queue_time", "inference_time", "total_time", "encoding", "weights_digest")
+    __slots__ = ("model_id", "variant", "dimensions", "total_tokens", "queue_time", "inference_time", "total_time", "encoding", "weights_digest", "model_digest")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class ResponseMetadata(_message.Message):
     TOTAL_TIME_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     variant: str
     dimensions: int
@@ -99,7 +100,8 @@ class ResponseMetadata(_message.Message):
     total_time: _duration_pb2.Duration
     encoding: Encoding
     weights_digest: str
-    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., dimensions: _Optional[int] = ..., total_tokens: _Optional[int] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., weights_digest: _Optional[str] = ...) -> None: ...
+    model_digest: str
+    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., dimensions: _Optional[int] = ..., total_tokens: _Optional[int] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., weights_digest: _Optional[str] = ..., model_digest: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "metadata")
@@ -164,7 +166,7 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_request: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "variant", "variant_reason", "device", "dimensions", "min_dimensions", "max_input_tokens", "weight_bytes", "limits", "task_prefixes", "pooling", "server_version", "revision", "trained_positions", "batch_dependence", "weights_digest")
+    __slots__ = ("model_id", "variant", "variant_reason", "device", "dimensions", "min_dimensions", "max_input_tokens", "weight_bytes", "limits", "task_prefixes", "pooling", "server_version", "revision", "trained_positions", "batch_dependence", "weights_digest", "model_digest")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     VARIANT_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +183,7 @@ class InfoResponse(_message.Message):
     TRAINED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_DEPENDENCE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     variant: str
     variant_reason: str
@@ -197,7 +200,8 @@ class InfoResponse(_message.Message):
     trained_positions: int
     batch_dependence: str
     weights_digest: str
-    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., variant_reason: _Optional[str] = ..., device: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., task_prefixes: _Optional[bool] = ..., pooling: _Optional[str] = ..., server_version: _Optional[str] = ..., revision: _Optional[str] = ..., trained_positions: _Optional[int] = ..., batch_dependence: _Optional[str] = ..., weights_digest: _Optional[str] = ...) -> None: ...
+    model_digest: str
+    def __init__(self, model_id: _Optional[str] = ..., variant: _Optional[str] = ..., variant_reason: _Optional[str] = ..., device: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., task_prefixes: _Optional[bool] = ..., pooling: _Optional[str] = ..., server_version: _Optional[str] = ..., revision: _Optional[str] = ..., trained_positions: _Optional[int] = ..., batch_dependence: _Optional[str] = ..., weights_digest: _Optional[str] = ..., model_digest: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("texts", "task")

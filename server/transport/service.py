@@ -45,7 +45,8 @@ class ServedModel:
     device: str
     weight_bytes: int
     server_version: str
-    weights_digest: str = ""  # of the checkpoint's weight files (server.model.loader.weights_digest)
+    weights_digest: str = ""  # of the checkpoint's weight files (server.model.integrity.check_weights)
+    model_digest: str = ""  # of all that decides the vectors (server.model.fingerprint)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -193,6 +194,7 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
             weight_bytes=m.weight_bytes, task_prefixes=f.task_prefixes, pooling=f.pooling,
             server_version=m.server_version, revision=f.revision, trained_positions=f.trained_positions,
             batch_dependence=batch_dependence.describe(m.variant, m.device), weights_digest=m.weights_digest,
+            model_digest=m.model_digest,
             limits=pb.Limits(
                 max_texts_per_request=lim.max_texts_per_request, max_input_tokens=lim.max_input_tokens,
                 max_batch_tokens=lim.max_batch_tokens, max_batch_rows=lim.max_batch_rows,
@@ -230,5 +232,5 @@ def _response(model: ServedModel, result: EmbedResult, dimensions: int,
         model_id=model.facts.model_id, variant=model.variant, dimensions=dimensions,
         total_tokens=result.total_tokens, queue_time=_duration(t.queue_s),
         inference_time=_duration(t.inference_s), total_time=_duration(t.total_s),
-        encoding=_PB_ENCODINGS[encoding], weights_digest=model.weights_digest,
+        encoding=_PB_ENCODINGS[encoding], weights_digest=model.weights_digest, model_digest=model.model_digest,
     ))

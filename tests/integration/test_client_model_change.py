@@ -24,15 +24,21 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_nomic(tmp_path_factory.mktemp("tiny-other"), seed=7, **TINY)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["another-path", "weights-replaced-at-the-same-path"])
+CHANGES = ["another-path", "weights-replaced-at-the-same-path", "config-edited-at-the-same-path",
+           "another-input-limit"]
+
+
+@pytest.mark.parametrize("change", CHANGES)
 def test_a_server_replaced_by_another_model_fails_the_stream_and_the_cli(tiny_original: Path, other_model: Path,
-                                                                         tmp_path: Path, in_place: bool) -> None:
+                                                                         tmp_path: Path, change: str) -> None:
     """Another model at another path; or, as a deployment updates a model folder and restarts, other weights at
-    the same path: one model_id and variant, another weights_digest."""
+    the same path (one model_id and variant, another weights_digest), or the same weights under an edited
+    config.json, or restarted with another input limit (the same weights_digest, another model_digest)."""
     port = free_port()
     out = tmp_path / "out.npy"
     part = out.with_name("out.npy.part")
     texts = [f"text {i} of the run" for i in range(200)]
+    in_place = change != "another-path"
     model = shutil.copytree(tiny_original, tmp_path / "model") if in_place else tiny_original
     with running_server(str(model), port=port) as first:
         info_a = first.client().info()
@@ -45,11 +51,17 @@ def test_a_server_replaced_by_another_model_fails_the_stream_and_the_cli(tiny_or
                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         feed(app, texts[:100])
         wait_for(lambda: npy_rows(part, 128) >= 40)
-    if in_place:
+    if change == "weights-replaced-at-the-same-path":
         shutil.copyfile(other_model / "model.safetensors", model / "model.safetensors")
-    with running_server(str(model if in_place else other_model), port=port) as second:
+    if change == "config-edited-at-the-same-path":  # the rotary base: every vector changes, the weights stay
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "rotary_emb_base": 10_000}))
+    limit = {"max_input_tokens": 16} if change == "another-input-limit" else {}
+    with running_server(str(model if in_place else other_model), port=port, **limit) as second:
         info_b = second.client().info()
-        assert (info_b.model_id == model_a) is in_place and info_b.weights_digest != info_a.weights_digest
+        assert (info_b.model_id == model_a) is in_place and info_b.model_digest != info_a.model_digest
+        assert (info_b.weights_digest == info_a.weights_digest) is change.endswith(("config-edited-at-the-same-path",
+                                                                                    "another-input-limit"))
         feed(app, texts[100:])
         _, stderr = app.communicate(timeout=120)
         with pytest.raises(EmbedError) as caught:
@@ -63,6 +75,7 @@ def test_a_server_replaced_by_another_model_fails_the_stream_and_the_cli(tiny_or
     record = json.loads(part.with_name("out.npy.part.json").read_text())
     assert record["model_id"] == model_a and record["dimensions"] == 0
     assert record["weights_digest"] == info_a.weights_digest and len(info_a.weights_digest) == 16
+    assert record["model_digest"] == info_a.model_digest and len(info_a.model_digest) == 16
 
 
 def test_resume_refuses_a_part_of_another_run(tiny_server: RunningServer, tmp_path: Path) -> None:
@@ -92,6 +105,11 @@ def test_resume_refuses_a_part_of_another_run(tiny_server: RunningServer, tmp_pa
     write_run_record(part, **base, model_id=model.model_id, variant=model.variant, weights_digest="0" * 16)
     other_weights = cli(*args, "--dimensions", "64", "--resume")
     assert other_weights.returncode == 1 and f"weights {'0' * 16}" in other_weights.stderr, other_weights.stderr
+    assert np.array_equal(np.load(part), rows)
+    write_run_record(part, **base, model_id=model.model_id, variant=model.variant,
+                     weights_digest=model.weights_digest, model_digest="0" * 16)
+    other_setup = cli(*args, "--dimensions", "64", "--resume")
+    assert other_setup.returncode == 1 and f"model {'0' * 16}" in other_setup.stderr, other_setup.stderr
     assert np.array_equal(np.load(part), rows)
 
     # A record of a client that did not keep the digest: the model and variant decide.

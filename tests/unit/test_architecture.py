@@ -2,7 +2,8 @@
 
 transport/ is the only part of the server that speaks gRPC; engine/ knows neither gRPC nor torch; model/ is the
 only part that runs torch and never speaks gRPC; quant/ is pure policy below all of them. server/app.py (the one
-place that wires everything) and server/__main__.py may import anything. Imports inside functions count too.
+place that wires everything; server/loading.py wires the model's side for it) and server/__main__.py may
+import anything. Imports inside functions count too.
 """
 
 from __future__ import annotations
