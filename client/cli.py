@@ -155,8 +155,8 @@ def run_embed(args: argparse.Namespace) -> None:
             else:
                 record.remove()
             raise
+        record.remove()  # before the part becomes OUTPUT: a next run's part and record may follow at once
         writer.finish()
-        record.remove()
 
 
 def _run_params(args: argparse.Namespace, jsonl: bool | None) -> dict[str, object]:

@@ -15,6 +15,11 @@ from typing import IO, Any, Protocol
 import numpy as np
 from numpy.lib import format as npy_format
 
+try:
+    import fcntl
+except ImportError:  # Windows: parts are not locked there
+    fcntl = None  # type: ignore[assignment]
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 Record = dict[str, Any]
 
@@ -126,7 +131,9 @@ class _PartFile:
     """Writes PATH.part, flushed after every batch, and renames it to PATH when the run is finished.
 
     A failed or interrupted run keeps PATH.part when it holds rows: `resume=True` opens it again, drops an
-    incomplete last row (a run killed mid-write) and appends, so work done is never done twice.
+    incomplete last row (a run killed mid-write) and appends, so work done is never done twice. The part is
+    created anew only where none exists and is locked while open: a second run on the same output, resumed or
+    not, is refused instead of writing into the first one's rows.
     """
 
     def __init__(self, path: Path, resume: bool) -> None:
@@ -136,7 +143,20 @@ class _PartFile:
             raise InputError(f"{self.part} exists, left by an earlier run: add --resume to continue it, or remove it "
                              "to start over")
         self.resumed = resume and self.part.exists()
-        self.file = open(self.part, "r+b" if self.resumed else "wb")  # noqa: SIM115  # closed by finish or stop
+        busy = InputError(f"{self.part} is being written by another run of this output: wait for it to end, or "
+                          "stop it, before resuming")
+        try:
+            self.file = open(self.part, "r+b" if self.resumed else "xb")  # noqa: SIM115  # closed by finish or stop
+        except FileExistsError:  # created meanwhile
+            raise busy from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(self.file.fileno()), os.stat(self.part)):
+                raise BlockingIOError  # the run that held it renamed it to PATH meanwhile
+        except (BlockingIOError, FileNotFoundError):
+            self.file.close()
+            raise busy from None
         self.rows = 0
 
     def continues(self, index: int, record: Record) -> bool:
@@ -159,8 +179,8 @@ class _PartFile:
         self.file.truncate()
 
     def finish(self) -> None:
+        os.replace(self.part, self.path)  # still locked: no other run opens it as a part meanwhile
         self.file.close()
-        os.replace(self.part, self.path)
 
     def stop(self) -> bool:
         """End a run that failed: keep PATH.part (True) when it holds rows, else remove it."""
@@ -195,8 +215,8 @@ class NpyWriter(_PartFile):
 
     def finish(self) -> None:
         self.hashes.close()
+        self.hashes_path.unlink(missing_ok=True)  # before the part is renamed: a new run's part may follow it
         super().finish()
-        self.hashes_path.unlink(missing_ok=True)
 
     def stop(self) -> bool:
         self.hashes.close()
@@ -219,14 +239,21 @@ class NpyWriter(_PartFile):
         if header != self._header_size():
             raise InputError(f"{self.part} cannot be resumed: its .npy header is not the one this client writes")
         row_bytes = self.width * self.dtype.itemsize
-        self.rows = (os.fstat(self.file.fileno()).st_size - header) // row_bytes
-        self._truncate(header + self.rows * row_bytes)
-        if self.hashes_path.exists():  # (a part of an older client has none: it cannot be told)
+        rows = (os.fstat(self.file.fileno()).st_size - header) // row_bytes
+        try:
             hashes = self.hashes_path.read_bytes()
-            if len(hashes) >= 8 * self.rows:  # hashes are written before their rows
-                self._kept_hashes = hashes[: 8 * self.rows]
-                with open(self.hashes_path, "r+b") as file:
-                    file.truncate(8 * self.rows)
+        except FileNotFoundError:
+            if rows:
+                raise InputError(f"{self.part} cannot be resumed: {self.hashes_path.name}, the record of the texts "
+                                 "its rows are of, is missing; remove it to start over") from None
+            hashes = b""
+        # Hashes are written before their rows, so a row without one (a torn write, a file extended by
+        # anything but this client) is not kept; nor is a hash without its row.
+        self.rows = min(rows, len(hashes) // 8)
+        self._truncate(header + self.rows * row_bytes)
+        self._kept_hashes = hashes[: 8 * self.rows]
+        with open(self.hashes_path, "ab") as file:
+            file.truncate(8 * self.rows)
 
     def _header_size(self) -> int:
         buffer = io.BytesIO()

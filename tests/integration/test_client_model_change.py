@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from client import EmbedClient, EmbedError
+from client.files import NpyWriter
 from tests.helpers.cli import ROOT, cli, feed, npy_rows, wait_for, write_run_record
 from tools.checkpoint import TINY, write_tiny_nomic
 from tools.servers import RunningServer, free_port, running_server
@@ -87,8 +88,9 @@ def test_resume_refuses_a_part_of_another_run(tiny_server: RunningServer, tmp_pa
     with tiny_server.client() as client:
         rows = client.embed([f"line {i}" for i in range(10)], dimensions=64)
         model = client.info()
-    with open(part, "wb") as f:
-        np.save(f, rows)
+    writer = NpyWriter(out, np.dtype(np.float32), 64)  # as a run the record below describes leaves it
+    writer.write([{"text": f"line {i}"} for i in range(10)], rows)
+    assert writer.stop()
     no_record = cli(*args, "--dimensions", "64", "--resume")
     assert no_record.returncode == 1 and "no record" in no_record.stderr and part.exists()
 

@@ -161,6 +161,59 @@ def test_npy_resume_keeps_complete_rows_and_drops_a_cut_one(tmp_path: Path) -> N
     assert np.array_equal(np.load(path), rows)
 
 
+def test_npy_resume_keeps_only_rows_with_a_hash(tmp_path: Path) -> None:
+    """Hashes are written before their rows: a row without one (bytes appended by anything but this client, a
+    torn write) is dropped, and a part whose hashes are missing is refused, never resumed unchecked."""
+    path = tmp_path / "out.npy"
+    rows = np.arange(1, 21, dtype=np.float32).reshape(5, 4)
+    records = [{"text": f"line {i}"} for i in range(5)]
+    writer = NpyWriter(path, np.dtype(np.float32), 4)
+    writer.write(records[:3], rows[:3])
+    with open(writer.part, "ab") as f:
+        f.write(bytes(16))  # one whole row of zeros, with no hash
+    assert writer.stop()
+    resumed = NpyWriter(path, np.dtype(np.float32), 4, resume=True)
+    assert resumed.rows == 3
+    resumed.stop()
+    hashes = resumed.hashes_path.read_bytes()
+    resumed.hashes_path.write_bytes(hashes[:16])  # a hash lost: its row goes too
+    resumed = NpyWriter(path, np.dtype(np.float32), 4, resume=True)
+    assert resumed.rows == 2 and not resumed.continues(0, {"text": "another line"})
+    resumed.write(records[2:], rows[2:])
+    resumed.stop()
+    resumed.hashes_path.unlink()
+    with pytest.raises(InputError, match=r"out\.npy\.part\.texts, the record of the texts its rows are of, is missing"):
+        NpyWriter(path, np.dtype(np.float32), 4, resume=True)
+    resumed.hashes_path.write_bytes(hashes[:8] * 5)  # put back: the part is as it was
+    resumed = NpyWriter(path, np.dtype(np.float32), 4, resume=True)
+    resumed.finish()
+    assert np.array_equal(np.load(path), rows)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".jsonl"])
+def test_a_second_run_on_one_output_is_refused_while_the_first_writes(tmp_path: Path, suffix: str) -> None:
+    """Two runs appending to one part interleave their rows: the part is locked while a run holds it."""
+    def writer(resume: bool = False) -> NpyWriter | JsonlWriter:
+        if suffix == ".npy":
+            return NpyWriter(tmp_path / "out.npy", np.dtype(np.float32), 4, resume)
+        return JsonlWriter(tmp_path / "out.jsonl", resume)
+
+    first = writer()
+    first.write([{"text": "a"}, {"text": "b"}], np.ones((2, 4), np.float32))
+    with pytest.raises(InputError, match="is being written by another run of this output"):
+        writer(resume=True)
+    with pytest.raises(InputError, match="add --resume to continue it"):
+        writer()
+    first.write([{"text": "c"}], np.ones((1, 4), np.float32))
+    assert first.stop()
+    second = writer(resume=True)  # the first has ended: its part is this run's to continue
+    assert second.rows == 3
+    second.finish()
+    third = writer(resume=True)  # no part any more: a run from the beginning, not the finished output
+    assert third.rows == 0
+    third.stop()
+
+
 def test_jsonl_resume_drops_a_cut_line_and_knows_its_last_record(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     writer = JsonlWriter(path)
