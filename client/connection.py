@@ -14,13 +14,21 @@ import grpc
 DEFAULT_TARGET = "localhost:50051"
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 _MESSAGE_BYTES = 64 * 1024 * 1024  # the server's own limit: a full request of full-width values needs ~8 MiB
-# Reconnect quickly after a server restart instead of grpc's default backoff of up to two minutes.
+# Reconnect quickly after a server restart instead of grpc's default backoff of up to two minutes. While calls
+# are open, ping the connection every 10 s and drop it when a ping (these, or grpc's own bandwidth probes) goes
+# unanswered for 10 s: a server that stopped (SIGSTOP, a host gone, a black-holed link) never closes its
+# connections, and a stream would wait on it forever (grpc's own ping timeout is a minute, measured 63 s). grpc
+# pings at most twice without data in between, within what servers allow (ours: server.transport.options).
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 10_000, 10_000
 _DEFAULT_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.max_receive_message_length", _MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MESSAGE_BYTES),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
 )
 
 

@@ -17,6 +17,9 @@ from server.config import ServerConfig
 # refuse health probes too. What is admitted is bounded by --max-queue-tokens instead.
 _MAX_PENDING_CALLS = 16_384
 _GRPC_OPTIONS = [
+    # Clients' keepalive pings (ours: every 10 s while calls are open, client.connection) are welcome: core's
+    # default takes pings more often than every 5 minutes on a quiet connection as abuse and closes it.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),

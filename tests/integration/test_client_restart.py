@@ -122,3 +122,40 @@ def test_a_stream_that_never_had_an_answer_fails_fast(tiny_original: Path) -> No
         list(client.embed_stream(["a text"], reconnect_timeout=60, timeout=30))
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
     assert "the stream failed" in info.value.details
+
+
+def test_a_server_that_stops_answering_ends_the_stream_instead_of_hanging(tiny_original: Path,
+                                                                         tmp_path: Path) -> None:
+    """A stopped server (SIGSTOP, as a host that froze or a link that drops every packet) keeps its connections
+    open and answers nothing: the client's keepalive pings go unanswered, the connection is dropped, and the
+    stream ends after the reconnect timeout, where it had waited forever. No whole-input timeout is set."""
+    server = spawn_server(str(tiny_original), tmp_path, port=free_port())
+    ended = threading.Event()
+    outcome: list[BaseException] = []
+    try:
+        wait_serving([server])
+        client = EmbedClient(server.target)
+        stream = iter(client.embed_stream([f"text {i}" for i in range(4000)], batch_size=5, window=2,
+                                          reconnect_timeout=1.0))
+        next(stream)
+        server.send(signal.SIGSTOP)
+
+        def consume() -> None:
+            try:
+                for _ in stream:
+                    pass
+            except BaseException as error:  # the test looks at it
+                outcome.append(error)
+            ended.set()
+
+        threading.Thread(target=consume, daemon=True).start()
+        # Keepalive: a ping every 10 s, the connection dropped after 10 s unanswered, then 1 s of reconnecting;
+        # without it grpc drops it only when its own probe's minute is up.
+        assert ended.wait(45), "the stream still waits on a server that answers nothing"
+        client.close()
+    finally:
+        server.send(signal.SIGCONT)
+        stop(server)
+    (error,) = outcome
+    assert isinstance(error, EmbedError) and error.code is grpc.StatusCode.UNAVAILABLE, error
+    assert "no server answered the stream for 1s" in error.details
