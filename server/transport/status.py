@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -61,5 +63,13 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None
     Trailing metadata set earlier in the call (request id, timings) is kept: abort_with_status would replace it.
     """
     status = to_rpc_status(error)
-    await context.abort(status.code, status.details,
-                        (*(context.trailing_metadata() or ()), *status.trailing_metadata))
+    try:
+        await context.abort(status.code, status.details,
+                            (*(context.trailing_metadata() or ()), *status.trailing_metadata))
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The status could not be sent: gRPC had ended the call meanwhile (its deadline passed, or its caller
+        # cancelled, while the handler ran on a busy event loop). End the handler as gRPC ends a cancelled one,
+        # rather than have grpc log the failed send as a servicer error with a traceback.
+        raise asyncio.CancelledError from None
