@@ -25,7 +25,7 @@ from loadtest.driver import LoadResult, burst, run_level
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small queue, so that the sweep reaches overload; a request may hold no more than the queue.
-DEFAULT_SERVER_ARGS = "--max-queue-tokens 4096 --max-request-tokens 4096"
+DEFAULT_SERVER_ARGS = "--max-queue-tokens 4096 --max-request-tokens 4096 --max-input-tokens 512"
 
 
 def _args() -> argparse.Namespace:

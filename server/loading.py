@@ -121,10 +121,15 @@ def _input_limit(config: ServerConfig, facts: ModelFacts) -> int:
     if limit < MIN_MAX_TOKENS:
         raise StartupError(f"{facts.model_id} takes inputs of {limit} tokens at most, below the {MIN_MAX_TOKENS} "
                            "every request needs (its sentence_bert_config.json or config.json says so)")
+    given = f"(--max-input-tokens {config.max_input_tokens or '0: the model limit'})"
     if config.max_batch_tokens < limit:
         raise StartupError(f"--max-batch-tokens {config.max_batch_tokens} is below the input limit of {limit} tokens "
-                           f"(--max-input-tokens {config.max_input_tokens or '0: the model limit'}), so a text of that "
-                           "length would not fit a batch; raise it or lower --max-input-tokens")
+                           f"{given}, so a text of that length would not fit a batch; raise it or lower "
+                           "--max-input-tokens")
+    if config.max_request_tokens < limit:
+        raise StartupError(f"--max-request-tokens {config.max_request_tokens} is below the input limit of {limit} "
+                           f"tokens {given}, so a request of one text of that length would be refused; raise it or "
+                           "lower --max-input-tokens")
     return limit
 
 

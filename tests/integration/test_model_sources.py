@@ -232,6 +232,10 @@ def test_limits_beyond_what_the_model_or_a_batch_takes_are_refused(tiny_original
     assert "--max-input-tokens 9000 is above" in _refusal(tiny_original, max_input_tokens=9000)
     assert "--max-batch-tokens 4096 is below the input limit of 8192" in _refusal(tiny_original,
                                                                                  max_batch_tokens=4096)
+    # The model's limit (--max-input-tokens 0) above the request limit: one long text, truncated or not,
+    # would be refused as a request too large.
+    assert "--max-request-tokens 4096 is below the input limit of 8192 tokens (--max-input-tokens 0: the model " \
+           "limit)" in _refusal(tiny_original, max_request_tokens=4096, max_queue_tokens=4096)
 
 
 def test_a_scaling_factor_that_overflows_the_rotary_base_is_refused(tiny_original: Path) -> None:

@@ -143,7 +143,8 @@ def test_stream_echoes_ids_and_reports_bad_messages_without_closing(tiny_server:
 
 
 def test_request_size_and_total_token_limits(tiny_original: Path) -> None:
-    with running_server(str(tiny_original), max_request_tokens=100, max_request_bytes=2000) as srv:
+    with running_server(str(tiny_original), max_input_tokens=100, max_request_tokens=100,
+                        max_request_bytes=2000) as srv:
         stub = _stub(srv)
         cases = {
             "bytes": (_request(texts=["word " * 100] * 5), "2000 bytes"),
@@ -216,7 +217,8 @@ def test_a_stream_message_that_is_not_utf8_gets_its_error_and_the_stream_goes_on
 
 
 def test_tokenize_keeps_the_request_size_and_token_limits(tiny_original: Path) -> None:
-    with running_server(str(tiny_original), max_request_tokens=100, max_request_bytes=2000) as srv:
+    with running_server(str(tiny_original), max_input_tokens=100, max_request_tokens=100,
+                        max_request_bytes=2000) as srv:
         stub = _stub(srv)
         cases = {
             "bytes": (pb.TokenizeRequest(texts=["word " * 100] * 5, task=pb.TASK_RAW), "2000 bytes"),
