@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 
 def main(argv: list[str] | None = None) -> int:
+    _stop_quietly_until_handled()
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers exist, e.g. while importing: a quiet exit
         return 130
+
+
+def _stop_quietly_until_handled() -> None:
+    """SIGTERM or SIGHUP before the server's own handlers exist (the seconds of imports) ends it with status
+    0, as one while the model loads does, not killed by the signal; one that is ignored (nohup) stays so."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _exit_quietly)
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _main(argv: list[str]) -> int:

@@ -249,6 +249,24 @@ def test_a_stop_signal_drains_and_exits_cleanly(tiny_original: Path, sig: signal
     assert "shutting down" in out and "stopped" in out and "Traceback" not in out
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_while_importing_exits_quietly(tiny_original: Path, sig: signal.Signals) -> None:
+    """In the seconds torch and grpc take to import, before the server's own handlers exist."""
+    proc = _run_server("--model", str(tiny_original), "--host", "127.0.0.1", "--port", str(free_port()))
+    try:
+        caught, deadline = 0, time.monotonic() + 60
+        while not caught >> (sig - 1) & 1:  # the signal is handled (SigCgt): past the interpreter's own start
+            assert proc.poll() is None and time.monotonic() < deadline
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            caught = int(status.split("SigCgt:")[1].split()[0], 16)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "listening on" not in out, "the signal came after the imports: this test needs a slower import"
+    assert proc.returncode == 0 and "Traceback" not in out, out
+
+
 def test_a_grace_period_ending_mid_batch_exits_cleanly(tmp_path: Path) -> None:
     """The model thread is still inside torch when the grace period ends: the process must not abort."""
     model = write_tiny_nomic(tmp_path / "m", hidden=384, layers=6, heads=6, inner=1536, max_trained_positions=2048)
