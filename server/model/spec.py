@@ -13,6 +13,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from server.domain import BERT_UNCASED_PROBE, ModelFacts, TokenizerProbe
 from server.errors import StartupError
+from server.model.fingerprint import READ_FILES
 from server.model.source import require_regular_file
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def read_model_spec(path: Path, rotary_scaling_factor: float = 2.0, revision: st
 
 
 def _read_model_spec(path: Path, rotary_scaling_factor: float, revision: str, model_id: str) -> ModelSpec:
+    for name in READ_FILES:  # as the weights: a dangling link (a download cut short) must not read as absent
+        require_regular_file(path / name)
     raw = _read_json(path / "config.json")
     if not isinstance(raw, dict):
         raise StartupError(f"{path / 'config.json'} is missing or not a JSON object")

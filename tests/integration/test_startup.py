@@ -161,7 +161,8 @@ def test_a_pooling_module_without_a_folder_of_its_own_is_refused(tmp_path: Path,
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "dangling"])
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "modules.json", "1_Pooling/config.json"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "modules.json", "1_Pooling/config.json",
+                                  "tokenizer.json"])
 def test_a_model_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str, name: str) -> None:
     # A FIFO hung the start for good; a link to /dev/zero would read without end; a dangling pooling config
     # (a download cut short) read as absent, and the default pooling would have been served.
