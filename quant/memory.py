@@ -50,6 +50,8 @@ class MemoryEstimate:
 
 
 def mib(n: float) -> str:
+    if n < MIB / 10:  # else a limit of a few bytes would read "0.0 MiB"
+        return f"{n:,.0f} bytes"
     return f"{n / MIB:,.0f} MiB" if n >= 10 * MIB else f"{n / MIB:.1f} MiB"
 
 

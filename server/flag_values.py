@@ -12,7 +12,8 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 UINT32 = 2**32 - 1  # Info reports the limits as uint32
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+              "gib": 2**30, "tib": 2**40}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 # Dot-separated labels of letters, digits, '-' and '_' (container and cluster names use '_').
 HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
@@ -22,7 +23,8 @@ def parse_size(text: str) -> int:
     """'1.5GiB' -> 1610612736; plain numbers are bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {shown(text)} (examples: 800MiB, 1.5GiB, 2GB)")
+        raise argparse.ArgumentTypeError(f"not a size: {shown(text)} (a number of bytes, or with a unit of B, KB, MB, "
+                                         "GB, TB, KiB, MiB, GiB, TiB: 800MiB, 1.5GiB, 2GB)")
     size = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
     if not math.isfinite(size):  # hundreds of digits
         raise argparse.ArgumentTypeError(f"{shown(text)} is too large a size")

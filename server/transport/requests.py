@@ -42,7 +42,8 @@ def parse_texts(texts: Sequence[str], limits: Limits) -> list[str]:
         raise InvalidInput("texts", "at least one text is required")
     if len(texts) > limits.max_texts_per_request:
         raise InvalidInput("texts", f"{len(texts)} texts exceed the limit of {limits.max_texts_per_request} "
-                                    "per request; split the batch or use EmbedStream")
+                                    "per request; split the batch into smaller requests "
+                                    "(an EmbedStream takes any number of them)")
     for i, text in enumerate(texts):
         if not text.strip():
             raise InvalidInput(f"texts[{i}]", "empty text (only whitespace or nothing)")
@@ -73,7 +74,8 @@ def check_request_bytes(request: pb.EmbedRequest | pb.TokenizeRequest, limits: L
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidInput("texts", f"the request's {size} bytes exceed the limit of {limits.max_request_bytes} "
-                                    "bytes per request; split the batch or use EmbedStream")
+                                    "bytes per request; split the batch into smaller requests "
+                                    "(an EmbedStream takes any number of them)")
 
 
 def parse_tokenize_request(request: pb.TokenizeRequest, limits: Limits) -> tuple[list[str], Task]:

@@ -34,7 +34,8 @@ def test_flags_and_environment() -> None:
     assert config.port == 9000 and config.variant == "fp32" and config.max_memory_bytes == int(1.5 * 2**30)
 
 
-@pytest.mark.parametrize(("text", "size"), [("800MiB", 800 * 2**20), ("2GB", 2 * 10**9), ("1024", 1024)])
+@pytest.mark.parametrize(("text", "size"), [("800MiB", 800 * 2**20), ("2GB", 2 * 10**9), ("1024", 1024),
+                                          ("10TiB", 10 * 2**40), ("1tb", 10**12)])
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
 
