@@ -6,6 +6,7 @@ import argparse
 import collections
 import itertools
 import os
+import re
 import signal
 import sys
 import time
@@ -120,10 +121,11 @@ def run_embed(args: argparse.Namespace) -> None:
         width = row_width(int(encoding), args.dimensions or info.dimensions)
         total = count_texts(args.input)
         items = read_records(lines, jsonl=jsonl, text_field=args.text_field)
-        records: collections.deque[Record] = collections.deque()
+        # (line, record) of each text read and not yet written: written in order, named by line in errors.
+        pending: collections.deque[tuple[int, Record]] = collections.deque()
         # Made first, so that bad options are refused before any output file is touched; reads nothing yet.
         stream = client.embed_stream(
-            _texts_keeping_records(items, records.append), args.task, args.dimensions, encoding=encoding,
+            _texts_keeping_records(items, pending.append), args.task, args.dimensions, encoding=encoding,
             long_text_mode=args.long_text_mode, max_tokens=args.max_tokens, batch_size=args.batch_size,
             window=args.window, streams=args.streams, reconnect_timeout=args.reconnect_timeout)
         record = RunRecord(Path(args.output + ".part"), _run_params(args, jsonl))
@@ -132,6 +134,7 @@ def run_embed(args: argparse.Namespace) -> None:
         writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width, resume=args.resume)
         if not getattr(writer, "resumed", False):
             record.created()
+        done = 0
         try:
             done = _skip_done(items, writer)
             if done:  # said even with --quiet: the output holds rows this run did not compute
@@ -142,18 +145,23 @@ def run_embed(args: argparse.Namespace) -> None:
                 for batch in stream:
                     # The first answer's model is recorded before any row; each later one must be the same.
                     record.answered(batch.model)
-                    writer.write([records.popleft() for _ in batch.texts], batch.embeddings)
+                    writer.write([pending.popleft()[1] for _ in batch.texts], batch.embeddings)
                     tokens += batch.total_tokens
                     bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):,.0f} tokens/s",
                                         refresh=False)
                     bar.update(len(batch.texts))
         except BaseException as error:
+            named = error
+            if isinstance(error, EmbedError) and not isinstance(error, PartRefused):
+                named = _in_the_input(error, done, writer.rows - done, pending)
             if writer.stop():
                 if not isinstance(error, PartRefused):  # whose message says to remove the part instead
-                    error.add_note(f"{writer.rows:,} texts are done and kept in {writer.part}; "
+                    named.add_note(f"{writer.rows:,} texts are done and kept in {writer.part}; "
                                    "run the same command with --resume to continue from there")
             else:
                 record.remove()
+            if named is not error:
+                raise named from None
             raise
         record.remove()  # before the part becomes OUTPUT: a next run's part and record may follow at once
         writer.finish()
@@ -166,10 +174,10 @@ def _run_params(args: argparse.Namespace, jsonl: bool | None) -> dict[str, objec
             "input_format": {None: "auto", True: "jsonl", False: "lines"}[jsonl], "text_field": args.text_field}
 
 
-def _skip_done(items: Iterator[tuple[str, Record]], writer: EmbeddingWriter) -> int:
+def _skip_done(items: Iterator[tuple[str, Record, int]], writer: EmbeddingWriter) -> int:
     """Read past the input a resumed output already holds; refuse an output that is not this input's."""
     done = 0
-    for _, record in itertools.islice(items, writer.rows):
+    for _, record, _ in itertools.islice(items, writer.rows):
         if not writer.continues(done, record):
             raise OtherInput(f"{writer.part} does not continue this input (its text {done + 1:,} is another); "
                              "remove it to start over")
@@ -180,10 +188,35 @@ def _skip_done(items: Iterator[tuple[str, Record]], writer: EmbeddingWriter) -> 
     return done
 
 
-def _texts_keeping_records(items: Iterator[tuple[str, Record]], keep: Callable[[Record], None]) -> Iterator[str]:
-    for text, record in items:
-        keep(record)
+def _texts_keeping_records(items: Iterator[tuple[str, Record, int]],
+                           keep: Callable[[tuple[int, Record]], None]) -> Iterator[str]:
+    for text, record, number in items:
+        keep((number, record))
         yield text
+
+
+_TEXT_INDEX = re.compile(r"texts\[(\d+)(?:\.\.(\d+))?\]")  # one text, or a batch's range
+
+
+def _in_the_input(error: EmbedError, done: int, written: int, pending: collections.deque[tuple[int, Record]]
+                  ) -> EmbedError:
+    """`error` with its texts[i] named as in the whole input, with their lines: the stream counts only the texts
+    this run sent, after the `done` a resumed output held, of which `written` are written and `pending` follow."""
+    def name(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if match.group(2) is not None:
+            return f"texts[{index + done}..{int(match.group(2)) + done}]"
+        line = f" (line {pending[index - written][0]})" if 0 <= index - written < len(pending) else ""
+        return f"texts[{index + done}]{line}"
+
+    if not _TEXT_INDEX.search(error.details):
+        return error
+    renamed = EmbedError(error.code, _TEXT_INDEX.sub(name, error.details),
+                         field=_TEXT_INDEX.sub(lambda m: f"texts[{int(m.group(1)) + done}]", error.field)
+                         if error.field.startswith("texts[") else error.field,
+                         retry_after_s=error.retry_after_s)
+    renamed.__notes__ = list(getattr(error, "__notes__", []))
+    return renamed
 
 
 def _describe(error: EmbedError, target: str) -> str:

@@ -86,8 +86,10 @@ def jsonl_format(path: str, format: str) -> bool | None:
     return {"auto": None, "lines": False, "jsonl": True}[format]
 
 
-def read_records(lines: IO[str], *, jsonl: bool | None, text_field: str = "text") -> Iterator[tuple[str, Record]]:
-    """(text, record) per non-blank line: a record is the JSON object of a JSONL line, else {"text": line}.
+def read_records(lines: IO[str], *, jsonl: bool | None,
+                 text_field: str = "text") -> Iterator[tuple[str, Record, int]]:
+    """(text, record, 1-based line number) per non-blank line: a record is the JSON object of a JSONL line, else
+    {"text": line}.
 
     `jsonl=None` (auto, for an input not named .jsonl or .ndjson) decides from the first non-blank line:
     JSONL when it is an object with `text_field`. In JSONL, every line must be an object with a string
@@ -97,7 +99,7 @@ def read_records(lines: IO[str], *, jsonl: bool | None, text_field: str = "text"
         if jsonl is None:
             jsonl = _looks_like_jsonl(line, text_field)
         if not jsonl:
-            yield line, {"text": line}
+            yield line, {"text": line}, number
             continue
         try:
             record = json.loads(line)
@@ -106,7 +108,7 @@ def read_records(lines: IO[str], *, jsonl: bool | None, text_field: str = "text"
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise InputError(f"line {number}: expected a JSON object with a string field {text_field!r}")
-        yield text, record
+        yield text, record, number
 
 
 def _looks_like_jsonl(line: str, text_field: str) -> bool:

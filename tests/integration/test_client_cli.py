@@ -109,6 +109,22 @@ def test_a_failed_run_keeps_what_it_wrote_and_resume_continues_it(tiny_server: R
     np.testing.assert_allclose(got[100:], want, rtol=0, atol=1e-5)
 
 
+def test_a_refused_text_is_named_by_its_place_and_line_in_the_input_also_when_resumed(
+        tiny_server: RunningServer, tmp_path: Path) -> None:
+    lines = [f"line {i} of the input" for i in range(40)]
+    lines[1] = ""  # blank lines are skipped: text 30 is on line 32
+    lines[31] = "\u200b"  # a zero-width space alone: no token to embed
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    args = ("embed", "--target", tiny_server.target, "--input", str(tmp_path / "in.txt"), "--output",
+            str(tmp_path / "out.npy"), "--batch-size", "5", "--quiet")
+    failed = cli(*args)
+    assert failed.returncode == 1 and "texts[30] (line 32)" in failed.stderr, failed.stderr
+    assert np.load(tmp_path / "out.npy.part").shape == (30, 128)
+    resumed = cli(*args, "--resume")  # counts on from the 30 texts kept, not from 0
+    assert resumed.returncode == 1 and "resuming after 30 texts" in resumed.stderr
+    assert "texts[30] (line 32)" in resumed.stderr, resumed.stderr
+
+
 def test_resume_of_jsonl_checks_it_continues_the_same_input(tiny_server: RunningServer, tmp_path: Path) -> None:
     records = [{"id": i, "text": f"record {i}"} for i in range(30)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

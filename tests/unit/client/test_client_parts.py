@@ -83,9 +83,9 @@ def test_several_addresses_become_one_round_robin_target() -> None:
 
 def test_input_lines_and_jsonl_are_told_apart() -> None:
     lines = list(read_records(io.StringIO("first\n\nsecond\r\n"), jsonl=None))
-    assert lines == [("first", {"text": "first"}), ("second", {"text": "second"})]
+    assert lines == [("first", {"text": "first"}, 1), ("second", {"text": "second"}, 3)]
     records = list(read_records(io.StringIO('{"id": 7, "body": "hi"}\n'), jsonl=None, text_field="body"))
-    assert records == [("hi", {"id": 7, "body": "hi"})]
+    assert records == [("hi", {"id": 7, "body": "hi"}, 1)]
     with pytest.raises(InputError, match="line 2: expected a JSON object"):
         list(read_records(io.StringIO('{"text": "a"}\n{"txt": "b"}\n'), jsonl=None))
 
@@ -106,7 +106,7 @@ def test_text_lines_drop_line_ends_a_bom_and_blank_lines() -> None:
     assert list(text_lines(lines)) == [(1, "one"), (2, "two"), (5, "three")]
     assert list(text_lines(["\ufeff\n", "x\ufeff\n"])) == [(2, "x\ufeff")]  # a BOM only at the very start
     records = list(read_records(io.StringIO('\ufeff{"text": "a"}\n'), jsonl=None))
-    assert records == [("a", {"text": "a"})]
+    assert records == [("a", {"text": "a"}, 1)]
 
 
 @pytest.mark.parametrize("line", [3, 400, 5000])  # in the first chunk the file is decoded in, and later
