@@ -41,8 +41,6 @@ class Loaded:
     runner: Runner  # the model behind the batcher: benchmarks compare against it in-process
 
 
-
-
 def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None) -> Loaded:
     """Probe, choose, load and warm up (blocking: runs off the event loop). `enter` hears each phase."""
     threads = config.threads or max(1, available_cpus() // config.workers)  # --workers share the CPUs
