@@ -19,7 +19,7 @@ _MAX_PENDING_CALLS = 16_384
 _GRPC_OPTIONS = [
     # Clients' keepalive pings (ours: every 10 s while calls are open, client.connection) are welcome: core's
     # default takes pings more often than every 5 minutes on a quiet connection as abuse and closes it.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),

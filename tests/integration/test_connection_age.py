@@ -67,3 +67,23 @@ def test_the_flags_set_the_age_and_refuse_negative_values() -> None:
     assert parse_args([], env={"NOMIC_EMBED_MAX_CONNECTION_AGE": "0"}).max_connection_age_s == 0
     with pytest.raises(SystemExit):
         parse_args(["--max-connection-age", "-1"], env={})
+
+
+def test_keepalive_pings_on_a_quiet_stream_are_welcome(tiny_original: Path) -> None:
+    """A stream with nothing to say for a while (a caller whose texts come slowly), pinged every 6 s: grpc core's
+    default takes a ping more often than every 5 minutes without data as abuse, and after two strikes closes the
+    connection with GOAWAY too_many_pings. The server allows one every 5 s (the client pings every 10 s)."""
+    options = [("grpc.keepalive_time_ms", 6_000), ("grpc.keepalive_timeout_ms", 5_000),
+               ("grpc.http2.max_pings_without_data", 0)]  # keep pinging, as long as the stream is quiet
+    release = threading.Event()
+
+    def requests() -> object:
+        yield embed_pb2.EmbedStreamRequest(id="1", request=embed_pb2.EmbedRequest(texts=["first"], task=1))
+        release.wait(30)  # quiet for 22 s: 3 pings, the last of which (18 s) ended the connection before
+        yield embed_pb2.EmbedStreamRequest(id="2", request=embed_pb2.EmbedRequest(texts=["second"], task=1))
+
+    with running_server(str(tiny_original)) as srv, grpc.insecure_channel(srv.target, options=options) as channel:
+        stream = embed_pb2_grpc.EmbedServiceStub(channel).EmbedStream(requests(), timeout=60)
+        assert next(stream).id == "1"
+        threading.Timer(22, release.set).start()
+        assert [answer.id for answer in stream] == ["2"]  # the connection held through the quiet
