@@ -57,9 +57,11 @@ def served_model(response: pb.EmbedResponse) -> Model:
 
 
 def same_model(a: Model, b: Model) -> bool:
-    """Whether vectors of `a` and `b` are comparable: one model and variant, and one digest of each kind where
-    both say."""
-    return a[:2] == b[:2] and all(x == y or "" in (x, y) for x, y in zip(a[2:], b[2:], strict=True))
+    """Whether vectors of `a` and `b` are comparable: one variant, and one digest of each kind where both say;
+    one model id too, unless both say their model digest (replicas may name the same files by other paths)."""
+    by_digest = bool(a[3] and b[3])
+    return ((by_digest or a[0] == b[0]) and a[1] == b[1]
+            and all(x == y or "" in (x, y) for x, y in zip(a[2:], b[2:], strict=True)))
 
 
 def held_to(held: Model | None, answered: Model) -> Model:

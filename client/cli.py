@@ -24,6 +24,7 @@ from client.files import (
     EmbeddingWriter,
     InputError,
     Record,
+    check_not_in_use,
     count_texts,
     jsonl_format,
     open_input,
@@ -129,6 +130,7 @@ def run_embed(args: argparse.Namespace) -> None:
             long_text_mode=args.long_text_mode, max_tokens=args.max_tokens, batch_size=args.batch_size,
             window=args.window, streams=args.streams, reconnect_timeout=args.reconnect_timeout)
         record = RunRecord(Path(args.output + ".part"), _run_params(args, jsonl))
+        check_not_in_use(record.part)  # before any advice to resume or remove it
         if args.resume:
             record.check_resume()  # before the part is opened: another run's part is left as it is
         writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width, resume=args.resume)

@@ -129,6 +129,30 @@ class EmbeddingWriter(Protocol):
     def stop(self) -> bool: ...
 
 
+def check_not_in_use(part: Path) -> None:
+    """Refuse, before anything else is said about it, a part another run is writing (it holds the part's lock),
+    and a part that is a link to nothing."""
+    if part.is_symlink() and not part.exists():
+        raise InputError(f"{part} is a link to nothing: remove it")
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(part, os.O_RDONLY | os.O_NONBLOCK)  # never waits, even on a FIFO
+    except OSError:  # none there (or unreadable: opening it to write says why)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(part) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(part: Path) -> InputError:
+    return InputError(f"{part} is being written by another run of this output: wait for it to end, or stop it, "
+                      "before resuming or removing it")
+
+
 class _PartFile:
     """Writes PATH.part, flushed after every batch, and renames it to PATH when the run is finished.
 
@@ -141,12 +165,12 @@ class _PartFile:
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
         self.part = path.with_name(path.name + ".part")
+        check_not_in_use(self.part)
         if self.part.exists() and not resume:  # never overwrite finished work unasked
             raise InputError(f"{self.part} exists, left by an earlier run: add --resume to continue it, or remove it "
                              "to start over")
         self.resumed = resume and self.part.exists()
-        busy = InputError(f"{self.part} is being written by another run of this output: wait for it to end, or "
-                          "stop it, before resuming")
+        busy = _busy(self.part)
         try:
             self.file = open(self.part, "r+b" if self.resumed else "xb")  # noqa: SIM115  # closed by finish or stop
         except FileExistsError:  # created meanwhile

@@ -200,10 +200,9 @@ def test_a_second_run_on_one_output_is_refused_while_the_first_writes(tmp_path: 
 
     first = writer()
     first.write([{"text": "a"}, {"text": "b"}], np.ones((2, 4), np.float32))
-    with pytest.raises(InputError, match="is being written by another run of this output"):
-        writer(resume=True)
-    with pytest.raises(InputError, match="add --resume to continue it"):
-        writer()
+    for resume in (True, False):  # not "left by an earlier run: remove it", while it is being written
+        with pytest.raises(InputError, match="is being written by another run of this output"):
+            writer(resume=resume)
     first.write([{"text": "c"}], np.ones((1, 4), np.float32))
     assert first.stop()
     second = writer(resume=True)  # the first has ended: its part is this run's to continue
@@ -212,6 +211,9 @@ def test_a_second_run_on_one_output_is_refused_while_the_first_writes(tmp_path: 
     third = writer(resume=True)  # no part any more: a run from the beginning, not the finished output
     assert third.rows == 0
     third.stop()
+    third.part.symlink_to(tmp_path / "gone")
+    with pytest.raises(InputError, match="is a link to nothing: remove it"):
+        writer(resume=True)
 
 
 def test_jsonl_resume_drops_a_cut_line_and_knows_its_last_record(tmp_path: Path) -> None:
@@ -229,8 +231,20 @@ def test_jsonl_resume_drops_a_cut_line_and_knows_its_last_record(tmp_path: Path)
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
-def _answer(digest: str, model: str = "m") -> pb.EmbedResponse:
-    return pb.EmbedResponse(metadata=pb.ResponseMetadata(model_id=model, variant="fp32", weights_digest=digest))
+def _answer(digest: str, model: str = "m", model_digest: str = "") -> pb.EmbedResponse:
+    return pb.EmbedResponse(metadata=pb.ResponseMetadata(model_id=model, variant="fp32", weights_digest=digest,
+                                                         model_digest=model_digest))
+
+
+def test_replicas_that_name_the_same_files_by_other_paths_are_one_model() -> None:
+    """The model digest covers what decides the vectors; the model id is the path or hub id as typed."""
+    guard = ModelGuard()
+    guard.check(_answer("aaaa", "/models/nomic", "cccc"))
+    guard.check(_answer("aaaa", "/mnt/copy/nomic", "cccc"))  # a copy: one model
+    with pytest.raises(EmbedError, match="model changed"):
+        guard.check(_answer("aaaa", "/models/nomic", "dddd"))  # the same path, its config edited
+    with pytest.raises(EmbedError, match="model changed"):
+        guard.check(_answer("aaaa", "/mnt/copy/nomic"))  # a server that does not say: the id decides
 
 
 @pytest.mark.parametrize("digests", [["aaaa", "", "bbbb"], ["", "aaaa", "bbbb"], ["", "", "aaaa", "", "bbbb"]])
