@@ -148,7 +148,11 @@ def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[s
         overrides[v5] = raw[original]
         if raw.get(v5) is not None and not _same(raw[original], raw[v5]):
             conflicts.append(f"{original}={raw[original]!r} vs {v5}={raw[v5]!r}")
-    if remote and raw.get("layer_norm_epsilon") is None and raw.get("layer_norm_eps") is None:
+    if remote and raw.get("layer_norm_epsilon") is None:  # that code reads this key only
+        if raw.get("layer_norm_eps") is not None and not _same(raw["layer_norm_eps"], _ORIGINAL_EPSILON):
+            raise StartupError(f"config.json has no layer_norm_epsilon: the original code its auto_map names takes "
+                               f"{_ORIGINAL_EPSILON} for it, transformers' nomic_bert reads layer_norm_eps="
+                               f"{raw['layer_norm_eps']!r}; set layer_norm_epsilon")
         overrides["layer_norm_eps"] = _ORIGINAL_EPSILON
     if raw.get("n_embd") is not None and raw.get("n_inner") is None and raw.get("intermediate_size") is None:
         overrides["intermediate_size"] = 4 * int(raw["n_embd"])  # the original GPT-2 style default
@@ -164,7 +168,7 @@ def _translate_nomic(raw: dict[str, Any], scaling_factor: float) -> tuple[dict[s
     for key, value in bases.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise StartupError(f"config.json: {key}={value!r} is not a number")  # float(True) would be 1.0
-    if remote and not bases:
+    if remote and "rotary_emb_base" not in bases:  # that code reads this key only
         raise StartupError("config.json has no rotary_emb_base: the original code its auto_map names takes "
                            f"{_ORIGINAL_ROTARY_BASES}; set it (nomic-embed-text-v1.5 publishes 1000)")
     (first, given), *others = bases.items() or [("", 1000.0)]

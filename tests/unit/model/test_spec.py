@@ -227,9 +227,10 @@ def test_a_rotary_base_left_out_is_refused_where_the_code_that_reads_the_config_
     # some versions and to 10_000 in others: a config naming that code without a base means either.
     original = {k: v for k, v in hub_config(**PUBLISHED, config_style="original").items()  # type: ignore[arg-type]
                 if k != "rotary_emb_base"}
-    with pytest.raises(StartupError, match=r"config.json has no rotary_emb_base: the original code its auto_map "
-                                           r"names takes 1000 in some published versions and 10000 in others"):
-        read_model_spec(_write(tmp_path, original))
+    for theta in ({}, {"rope_theta": 1000.0}):  # which that code does not read
+        with pytest.raises(StartupError, match=r"config.json has no rotary_emb_base: the original code its "
+                                               r"auto_map names takes 1000 in some published versions and 10000"):
+            read_model_spec(_write(tmp_path, original | theta))
     v5 = {k: v for k, v in hub_config(**PUBLISHED, config_style="v5").items()  # type: ignore[arg-type]
           if k not in ("rotary_emb_base", "rope_parameters")}
     spec = read_model_spec(_write(tmp_path, v5))
@@ -242,6 +243,10 @@ def test_a_layer_norm_epsilon_left_out_is_the_default_of_the_code_that_reads_the
     original = {k: v for k, v in hub_config(**PUBLISHED, config_style="original").items()  # type: ignore[arg-type]
                 if k != "layer_norm_epsilon"}
     assert read_model_spec(_write(tmp_path, original)).config.layer_norm_eps == 1e-5
+    assert read_model_spec(_write(tmp_path, original | {"layer_norm_eps": 1e-5})).config.layer_norm_eps == 1e-5
+    with pytest.raises(StartupError, match=r"no layer_norm_epsilon: the original code its auto_map names takes "
+                                           r"1e-05 for it, transformers' nomic_bert reads layer_norm_eps=1e-12"):
+        read_model_spec(_write(tmp_path, original | {"layer_norm_eps": 1e-12}))
     v5 = {k: v for k, v in hub_config(**PUBLISHED, config_style="v5").items()  # type: ignore[arg-type]
           if k not in ("layer_norm_epsilon", "layer_norm_eps")}
     assert read_model_spec(_write(tmp_path, v5)).config.layer_norm_eps == 1e-12
