@@ -87,7 +87,7 @@ def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
         code = _run(config, argv, workers, pipes, signals, metrics.workers if metrics else None)
     except _Stop:
         log.info("stop requested while starting: stopping %d workers", len(workers))
-        code = 0  # a worker still importing has no handler yet and dies of the SIGTERM: as asked
+        code = 0  # a worker still importing ends on the SIGTERM (status 0, server.__main__): as asked
     finally:
         for fd in pipes:
             os.close(fd)
