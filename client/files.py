@@ -108,6 +108,12 @@ def read_records(lines: IO[str], *, jsonl: bool | None,
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise InputError(f"line {number}: expected a JSON object with a string field {text_field!r}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a JSON escape of half a surrogate pair, e.g. "\ud800"
+                raise InputError(f"line {number}: {text_field!r} is not valid Unicode: a lone surrogate at "
+                                 f"character {exc.start} cannot be sent as UTF-8") from None
         yield text, record, number
 
 

@@ -88,6 +88,8 @@ def test_input_lines_and_jsonl_are_told_apart() -> None:
     assert records == [("hi", {"id": 7, "body": "hi"}, 1)]
     with pytest.raises(InputError, match="line 2: expected a JSON object"):
         list(read_records(io.StringIO('{"text": "a"}\n{"txt": "b"}\n'), jsonl=None))
+    with pytest.raises(InputError, match="line 3: 'text' is not valid Unicode: a lone surrogate at character 2"):
+        list(read_records(io.StringIO('{"text": "a"}\n\n{"text": "ok\\ud800"}\n'), jsonl=None))
 
 
 def test_npy_writer_writes_the_final_row_count(tmp_path: Path) -> None:
