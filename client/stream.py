@@ -173,18 +173,18 @@ class AsyncEmbedStream:
         return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()  # retrieved: a second failure is not "never retrieved"
         if self._closed:
             return
         self._tasks.discard(task)
         if self._failure is not None:
             return
-        if task.cancelled() or isinstance(task.exception(), grpc.aio.UsageError):
-            # Cancelled, not by aclose (which marks the stream closed first), or "Channel is closed": its client
-            # was closed.
+        if task.cancelled() or isinstance(error, grpc.aio.UsageError):
+            # Cancelled, not by aclose (which marks the stream closed first), or "Channel is closed": client closed
             self._failure = client_closed()
             self._changed.set()
-        elif task.exception() is not None:
-            self._failure = task.exception()
+        elif error is not None:
+            self._failure = error
             self._changed.set()
 
     async def _feed(self) -> None:
