@@ -52,8 +52,8 @@ _V5_REQUIRED: dict[str, object] = {"hidden_act": "silu"}
 # activation, biases (refused). transformers' own nomic_bert takes the supported values instead.
 _ORIGINAL_DEFAULTS: dict[str, object] = {"activation_function": "gelu_new", "rotary_emb_fraction": 0.0,
                                          "qkv_proj_bias": True, "mlp_fc1_bias": True, "mlp_fc2_bias": True}
-# The original code's own default base changed between its published versions (1000, later 10_000), so a config
-# that names that code and leaves the base out means whichever version loads: it is refused, not guessed.
+# The original code's own default base differs between its published versions (1000 in some, 10_000 in others), so a
+# config that names that code and leaves the base out means whichever version loads: refused, not guessed.
 _ORIGINAL_ROTARY_BASES = "1000 in some published versions and 10000 in others"
 _ORIGINAL_EPSILON = 1e-5  # GPT-2's, which the original config inherits (transformers' nomic_bert takes 1e-12)
 _ROPE_TYPES = ("default", "dynamic")  # our per-row rotary replaces either (dynamic NTK, factor from --rotary-...)
