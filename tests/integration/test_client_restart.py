@@ -159,3 +159,25 @@ def test_a_server_that_stops_answering_ends_the_stream_instead_of_hanging(tiny_o
     (error,) = outcome
     assert isinstance(error, EmbedError) and error.code is grpc.StatusCode.UNAVAILABLE, error
     assert "no server answered the stream for 1s" in error.details
+
+
+def test_a_server_gone_under_several_streams_is_one_clear_error(tiny_original: Path, tmp_path: Path) -> None:
+    """Every lane fails when the only server goes: the first failure is the run's, and the others are quietly
+    taken (no asyncio "Task exception was never retrieved" traceback under the CLI's one-line error)."""
+    server = spawn_server(str(tiny_original), tmp_path, port=free_port())
+    try:
+        wait_serving([server])
+        source = tmp_path / "in.txt"
+        source.write_text("".join(f"text number {i}\n" for i in range(30_000)))
+        out = tmp_path / "out.npy"
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "client", "embed", "--target", server.target, "--input", str(source),
+             "--output", str(out), "--streams", "2", "--batch-size", "8", "--reconnect-timeout", "1", "--quiet"],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        wait_for(lambda: npy_rows(out.with_name("out.npy.part"), 128) >= 200)
+        server.send(signal.SIGKILL)
+        _, stderr = cli.communicate(timeout=120)
+    finally:
+        stop(server)
+    assert cli.returncode == 1 and "no server answered the stream for 1s" in stderr, stderr
+    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr
