@@ -101,11 +101,12 @@ def load(config: ServerConfig, enter: Callable[[str], None] = lambda phase: None
     ))
     enter("warming up")
     _warm_up(batcher, tokenizer)
+    # The scaling factor changes vectors only of inputs past the trained length, which the input limit may forbid.
+    scaling = spec.rotary.scaling_factor if spec.rotary and max_input > spec.rotary.max_trained_positions else None
+    settings = {"pooling": facts.pooling, "max_input_tokens": max_input, "rotary_scaling_factor": scaling}
     served = ServedModel(facts=facts, variant=decision.variant.name, variant_reason=reason,
                          device=device.describe(), weight_bytes=loaded.weight_bytes, server_version=server.__version__,
-                         weights_digest=digest, model_digest=model_digest(path, digest, {
-                             "pooling": facts.pooling, "max_input_tokens": max_input,
-                             "rotary_scaling_factor": spec.rotary.scaling_factor if spec.rotary else None}))
+                         weights_digest=digest, model_digest=model_digest(path, digest, settings))
     embedder = Embedder(tokenizer, batcher, facts, max_request_tokens=limits.max_request_tokens)
     return Loaded(embedder, batcher, served, limits, runner)
 

@@ -138,3 +138,13 @@ def test_a_run_records_its_parameters_beside_its_part(tiny_server: RunningServer
     done = cli(*args, "--long-text-mode", "truncate", "--resume")
     assert done.returncode == 0, done.stderr
     assert not sidecar.exists() and np.load(out).shape == (21, 128)
+
+
+def test_the_rotary_scaling_factor_counts_only_where_inputs_may_pass_the_trained_length(tiny_original: Path) -> None:
+    """TINY is trained on 16 positions: with an input limit of 16 no factor can change a vector."""
+    digests = {}
+    for limit, factor in [(16, 2.0), (16, 4.0), (0, 2.0), (0, 4.0)]:
+        with running_server(str(tiny_original), max_input_tokens=limit, rotary_scaling_factor=factor) as srv:
+            digests[limit, factor] = srv.client().info().model_digest
+    assert digests[16, 2.0] == digests[16, 4.0]
+    assert len({digests[16, 2.0], digests[0, 2.0], digests[0, 4.0]}) == 3
