@@ -8,7 +8,7 @@ import numpy as np
 
 from client.errors import EmbedError
 from client.options import EmbedOptions
-from client.results import decode_embeddings, row_width
+from client.results import Model, decode_embeddings, row_width
 from nomic_embed.v1 import embed_pb2 as pb
 
 
@@ -45,9 +45,6 @@ def checked_embeddings(response: pb.EmbedResponse, texts: int, options: EmbedOpt
     return vectors
 
 
-# What computed a vector: (model_id, variant, weights_digest, model_digest); a digest is "" from servers that do
-# not say (older ones give no model digest).
-Model = tuple[str, str, str, str]
 _DIGESTS = ("weights", "model")
 
 

@@ -74,6 +74,11 @@ class ServerInfo:
         )
 
 
+# What computed a vector: (model_id, variant, weights_digest, model_digest); a digest is "" from servers that do
+# not say (older ones give no model digest).
+Model = tuple[str, str, str, str]
+
+
 @dataclass(frozen=True)
 class EmbeddedBatch:
     """One batch of a stream: texts[start : start + len(texts)] of the input and their embeddings.
@@ -93,8 +98,8 @@ class EmbeddedBatch:
     model_digest: str = ""  # and all else that decided the vectors ("" from a server that does not say)
 
     @property
-    def model(self) -> tuple[str, str, str, str]:
-        """What computed the batch, as client.checks.Model."""
+    def model(self) -> Model:
+        """What computed the batch."""
         return self.model_id, self.variant, self.weights_digest, self.model_digest
 
     @property

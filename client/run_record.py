@@ -11,9 +11,10 @@ from typing import Any
 
 import grpc
 
-from client.checks import Model, describe_model, held_to, same_model
+from client.checks import describe_model, held_to, same_model
 from client.errors import EmbedError
 from client.files import InputError
+from client.results import Model
 
 _MODEL_KEYS = ("model_id", "variant", "weights_digest", "model_digest")
 
