@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -90,14 +90,25 @@ def test_streams_the_caller_cancels_are_counted_cancelled(tiny_original: Path) -
         stub = embed_pb2_grpc.EmbedServiceStub(srv.channel())
 
         def cancel_after(replies: int) -> int:
-            messages = (pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(
-                texts=["cancelled " * (1 + i % 7)], task=pb.TASK_CLUSTERING)) for i in range(50))
-            call = stub.EmbedStream(messages, timeout=60)
-            for seen, _ in enumerate(call, start=1):
-                if seen == replies:
-                    call.cancel()
-                    return seen
-            return 0
+            cancelled = threading.Event()
+
+            def messages() -> Iterator[pb.EmbedStreamRequest]:
+                for i in range(50):
+                    yield pb.EmbedStreamRequest(id=str(i), request=pb.EmbedRequest(
+                        texts=["cancelled " * (1 + i % 7)], task=pb.TASK_CLUSTERING))
+                # The stream stays open until the cancel: a half-close could let the server answer all 50
+                # and end OK before the caller has read `replies` of them.
+                cancelled.wait(60)
+
+            call = stub.EmbedStream(messages(), timeout=60)
+            try:
+                for seen, _ in enumerate(call, start=1):
+                    if seen == replies:
+                        call.cancel()
+                        return seen
+                return 0
+            finally:
+                cancelled.set()
 
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(cancel_after, [1, 3, 9] * 8)) == [1, 3, 9] * 8
