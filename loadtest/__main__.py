@@ -1,6 +1,6 @@
-"""python -m loadtest: a concurrency sweep over loopback, then a burst of calls started at once, printing RPS,
-p50/p99 and counts per status code (and RESOURCE_EXHAUSTED answers that carried no RetryInfo: there should be
-none).
+"""python -m loadtest: a concurrency sweep over loopback, then a burst of calls started at once, then one caller
+sending short texts alone and beside a flood from another process; printing RPS, p50/p99 and counts per status
+code (and RESOURCE_EXHAUSTED answers that carried no RetryInfo: there should be none).
 
 Without --target it starts a server on a generated random checkpoint (original hub layout) and stops it after.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.driver import LoadResult, burst, run_level
+from loadtest.driver import LoadResult, burst, flood_to_file, run_level
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small queue, so that the sweep reaches overload; a request may hold no more than the queue.
@@ -44,6 +45,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--burst-channels", type=int, default=1, help="connections the burst is spread over")
     p.add_argument("--burst-deadline-ms", type=float, default=20000,
                    help="deadline of each burst call: the last calls wait for the server to take them from grpc")
+    p.add_argument("--flood-seconds", type=float, default=8.0,
+                   help="how long one caller sends short texts alone, then beside a flood; 0: no flood phase")
+    p.add_argument("--flood-callers", type=int, default=32,
+                   help="callers of the flood, in another process, on one connection")
+    p.add_argument("--flood-texts", type=int, default=16, help="texts per request of the flood (up to 40 words)")
     p.add_argument("--output", default="loadtest-results.json")
     return p.parse_args()
 
@@ -93,6 +99,33 @@ def _print_row(label: str, result: LoadResult) -> dict[str, object]:
     return row
 
 
+POLITE_TEXTS = {"texts_per_request": 1, "max_words": 8}
+
+
+def _flood_phase(target: str, args: argparse.Namespace, workdir: Path) -> list[dict[str, object]]:
+    """One caller sending short texts, alone and then beside a flood on another connection: what the flood
+    costs the caller who is not flooding."""
+    rows = [{"flood": "none", **_print_row("1 polite", asyncio.run(
+        run_level(target, 1, args.flood_seconds, deadline_s=60, seed=3, **POLITE_TEXTS)))}]
+    out = workdir / "flood.json"
+    flood = multiprocessing.get_context("spawn").Process(
+        target=flood_to_file, args=(target, args.flood_callers, args.flood_texts, args.flood_seconds + 2, str(out)))
+    flood.start()
+    try:
+        time.sleep(2)  # the flood fills the queue first
+        rows.append({"flood": f"{args.flood_callers} callers", **_print_row("1 polite+flood", asyncio.run(
+            run_level(target, 1, args.flood_seconds, deadline_s=60, seed=3, **POLITE_TEXTS)))})
+    finally:
+        flood.join(args.flood_seconds + 120)
+    if flood.exitcode != 0 or not out.exists():
+        raise SystemExit(f"the flood's process failed (exit status {flood.exitcode})")
+    row = json.loads(out.read_text())
+    print(f"{'flood':>13} {row['rps_ok']!s:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}  "
+          f"({args.flood_callers} callers x {args.flood_texts} texts)")
+    rows.append({"flood": f"{args.flood_callers} callers, the flood itself", **row})
+    return rows
+
+
 def main() -> int:
     args = _args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -114,6 +147,8 @@ def main() -> int:
                 result = asyncio.run(burst(target, args.burst, channels=args.burst_channels,
                                            deadline_s=args.burst_deadline_ms / 1000, **texts))
                 rows.append({"burst_channels": args.burst_channels, **_print_row(f"burst {args.burst}", result)})
+            if args.flood_seconds:
+                rows += _flood_phase(target, args, Path(tmp))
         finally:
             if process:
                 process.send_signal(signal.SIGTERM)

@@ -7,11 +7,13 @@ and a burst (many calls started at once, spread over several connections).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -148,3 +150,12 @@ async def burst(target: str, calls: int, *, channels: int, texts_per_request: in
         for channel in opened:
             await channel.close()
     return LoadResult(calls, elapsed, list(outcomes))
+
+
+def flood_to_file(target: str, callers: int, texts_per_request: int, seconds: float, out: str) -> None:
+    """Heavy requests back to back from `callers` callers on one connection, who wait as RetryInfo says; the
+    result's row goes to `out` as JSON. Run in a process of its own, so that its event loop is not the
+    measured caller's."""
+    result = asyncio.run(run_level(target, callers, seconds, deadline_s=60, seed=7,
+                                   texts_per_request=texts_per_request, max_words=40))
+    Path(out).write_text(json.dumps(result.row()))

@@ -1,51 +1,71 @@
 """Whether a request may join the queue: a bound on queued tokens, and no work that cannot meet its deadline.
 
-A refusal comes at once, on the event loop, with what a caller needs to act on it: Overloaded carries an
-estimate of when the queue will have drained (sent as google.rpc.RetryInfo), DeadlineExceeded the wait
-that exceeds the deadline. Both estimates come from the model's recent speed.
+Callers are told apart (by connection, see RowQueue) and take turns, so neither check lets one caller's
+backlog stand between another caller and the model. A refusal comes at once, on the event loop, with what a
+caller needs to act on it: Overloaded carries an estimate of when the queue will have drained (sent as
+google.rpc.RetryInfo), DeadlineExceeded the wait that exceeds the deadline. Both estimates come from the
+model's recent speed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from server.errors import DeadlineExceeded, Overloaded
 
 
 class Throughput:
-    """Real tokens per second of model time, a moving average over batches (written by the worker thread)."""
+    """Real tokens per second of model time over recent batches (written by the worker thread): recent tokens
+    over recent seconds, each batch's share decaying by the same factor. Weighting by time, not by batch,
+    keeps many small batches (a short request's turn among long ones) from passing for the model's speed."""
+
+    _DECAY = 0.8
 
     def __init__(self) -> None:
         self.tokens_per_s = 0.0  # 0 until the first batch
+        self._tokens = 0.0
+        self._seconds = 0.0
 
     def observe(self, tokens: int, seconds: float) -> None:
-        rate = tokens / max(seconds, 1e-6)
-        # The first batch sets the estimate: averaging it with zero would make it 5x too slow at first.
-        self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * rate if self.tokens_per_s else rate
+        self._tokens = self._DECAY * self._tokens + tokens
+        self._seconds = self._DECAY * self._seconds + max(seconds, 1e-6)
+        self.tokens_per_s = self._tokens / self._seconds
 
 
 class Admission:
-    def __init__(self, max_queue_tokens: int, throughput: Throughput) -> None:
+    def __init__(self, max_queue_tokens: int, throughput: Throughput, max_batch_tokens: int = 16384) -> None:
         self.max_queue_tokens = max_queue_tokens
         self.throughput = throughput
+        self.max_batch_tokens = max_batch_tokens
 
-    def check(self, queued: int, tokens: int, deadline: float | None) -> None:
-        """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens behind `queued` queued ones.
+    def check(self, queued: int, tokens: int, deadline: float | None, own: int | None = None,
+              others: Iterable[int] = ()) -> None:
+        """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens behind `queued` queued ones,
+        `own` of them its caller's and `others` each other caller's (RowQueue.caller_tokens, others_tokens).
 
-        An empty queue admits anything: a request larger than the bound still runs when nothing waits.
+        An empty queue admits anything: a request larger than the bound still runs when nothing waits. A
+        caller with nothing queued is admitted up to twice the bound, so that one caller who filled the queue
+        does not lock the others out: callers take turns, so their wait does not grow with that caller's backlog.
         """
         if not queued:
             return
-        if queued + tokens > self.max_queue_tokens:
+        own = queued if own is None else own
+        limit = self.max_queue_tokens if own else 2 * self.max_queue_tokens
+        if queued + tokens > limit:
             raise Overloaded(f"queue full: {queued} tokens waiting, limit {self.max_queue_tokens}",
                              retry_after_s=self.drain_estimate_s(queued))
         rate = self.throughput.tokens_per_s
         if deadline is not None and rate > 0:
-            # Refuse now what cannot finish in time, rather than compute it and throw it away.
-            wait_s = (queued + tokens) / rate
+            # Refuse now what cannot finish in time, rather than compute it and throw it away. Ahead of this
+            # request: its caller's own rows, and from each other caller at most one batch per turn it takes.
+            mine = own + tokens
+            turns = -(-mine // self.max_batch_tokens)
+            ahead = mine + sum(min(other, turns * self.max_batch_tokens) for other in others)
+            wait_s = ahead / rate
             if time.monotonic() + wait_s > deadline:
-                raise DeadlineExceeded(f"the estimated time to compute this request behind {queued} queued tokens "
-                                       f"({wait_s:.2f}s) exceeds its deadline")
+                raise DeadlineExceeded(f"the estimated time to compute this request behind {ahead - tokens} "
+                                       f"queued tokens ({wait_s:.2f}s) exceeds its deadline")
 
     def drain_estimate_s(self, queued_tokens: int) -> float:
         """Seconds until `queued_tokens` are computed, within [0.05, 30]; 1 before any batch has run."""

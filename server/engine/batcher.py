@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -41,7 +41,7 @@ class Batcher:
         # Its hooks (on_batch, on_out_of_memory, on_non_finite) and totals live on the event loop.
         self.delivery = Delivery(on_batch)
         throughput = Throughput()
-        self._admission = Admission(policy.max_queue_tokens, throughput)
+        self._admission = Admission(policy.max_queue_tokens, throughput, policy.max_batch_tokens)
         self._queue = RowQueue(backend.is_padded)
         self._lock = threading.Condition()
         self._worker = Worker(backend, policy, self._queue, self._lock, self.delivery, throughput)
@@ -106,17 +106,19 @@ class Batcher:
 
     # -- admission (event loop) ------------------------------------------------------------------
     def submit(self, rows: Sequence[Sequence[int]], deadline: float | None = None,
-               finish: Finish | None = None) -> Job:
+               finish: Finish | None = None, caller: Hashable = None) -> Job:
         """Queue a request's rows, or refuse them at once (Unavailable, Overloaded, DeadlineExceeded).
 
-        With `finish`, the job's vectors come back finished so (server.engine.matryoshka), else as pooled."""
+        With `finish`, the job's vectors come back finished so (server.engine.matryoshka), else as pooled.
+        Callers (any key: the transport gives the connection's peer) take turns in the queue."""
         if not self._accepting:
             raise Unavailable("the server is shutting down")
         if not rows:
             raise ValueError("a job needs at least one row")
-        job = Job(rows=len(rows), deadline=deadline, finish=finish)
+        job = Job(rows=len(rows), deadline=deadline, finish=finish, caller=caller)
         with self._lock:
-            self._admission.check(self._queue.tokens, sum(len(r) for r in rows), deadline)
+            self._admission.check(self._queue.tokens, sum(len(r) for r in rows), deadline,
+                                  self._queue.caller_tokens(caller), self._queue.others_tokens(caller))
             was_empty = not len(self._queue)
             self._queue.add(job, rows)
             # The worker waits for a first row, or for a full batch until its window ends: waking it for

@@ -6,7 +6,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -42,7 +42,8 @@ class Embedder:
         return ids
 
     async def embed(self, texts: Sequence[str], options: EmbedOptions,
-                    deadline: float | None = None) -> EmbedResult:
+                    deadline: float | None = None, caller: Hashable = None) -> EmbedResult:
+        """The texts' vectors; `caller` (any key) is who sent them, for the queue's turns."""
         arrived = time.monotonic()
         prefix = self.prefix(options.task)
         content = await self._content_ids(texts, prefix)
@@ -67,7 +68,7 @@ class Embedder:
         # averaged here first.
         layer_norm = self.facts.layer_norm_before_truncation
         whole = len(flat) == len(per_text)
-        job = self.batcher.submit(flat, deadline, Finish(options.dimensions, layer_norm) if whole else None)
+        job = self.batcher.submit(flat, deadline, Finish(options.dimensions, layer_norm) if whole else None, caller)
         try:
             vectors = await job.result()
         except asyncio.CancelledError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +24,7 @@ class Job:
     rows: int
     deadline: float | None  # time.monotonic() value
     finish: Finish | None = None  # the model thread finishes the rows so; None: they come back as pooled
+    caller: Hashable = None  # who sent it (a connection's peer): callers take turns in the queue
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # set on the worker when its first row goes into a batch
     finished: float | None = None

@@ -102,7 +102,7 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
     async def Embed(self, request: pb.EmbedRequest | Unparsed, context: grpc.aio.ServicerContext) -> bytes:
         started = time.monotonic()  # for failures only: an answer reports the embedder's own timings
         try:
-            response, result = await self._embed(request, _deadline(context))
+            response, result = await self._embed(request, _deadline(context), context.peer())
         except Exception as error:
             if not isinstance(error, EmbedError):  # a bug must still answer the caller, with what went wrong
                 log.exception("Embed failed")
@@ -112,27 +112,28 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
         add_trailers(context, trailers.result_trailers(result))
         return response
 
-    async def _embed(self, request: pb.EmbedRequest | Unparsed,
-                     deadline: float | None) -> tuple[bytes, EmbedResult]:
-        """The EmbedResponse, in wire format, and the result it carries."""
+    async def _embed(self, request: pb.EmbedRequest | Unparsed, deadline: float | None,
+                     caller: str) -> tuple[bytes, EmbedResult]:
+        """The EmbedResponse, in wire format, and the result it carries. `caller` is the connection's peer:
+        connections take turns in the queue."""
         if isinstance(request, Unparsed):
             raise request.error
         embedder, model, limits = self._state()
         texts, options = parse_embed_request(request, limits, model.facts)
         encoding = parse_encoding(request.encoding)
-        result = await embedder.embed(texts, options, deadline)
+        result = await embedder.embed(texts, options, deadline, caller)
         return _response(model, result, options.dimensions, encoding), result
 
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedStreamRequest | Unparsed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started, tokens = time.monotonic(), 0
-        deadline = _deadline(context)
+        deadline, caller = _deadline(context), context.peer()
         window: asyncio.Queue[asyncio.Task[tuple[bytes, int]] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for message in request_iterator:
-                    await window.put(asyncio.ensure_future(self._stream_one(message, deadline)))
+                    await window.put(asyncio.ensure_future(self._stream_one(message, deadline, caller)))
             finally:
                 await window.put(None)
 
@@ -160,15 +161,15 @@ class EmbedService(embed_pb2_grpc.EmbedServiceServicer):
                 if (task := window.get_nowait()) is not None:
                     task.cancel()
 
-    async def _stream_one(self, message: pb.EmbedStreamRequest | Unparsed,
-                          deadline: float | None) -> tuple[bytes, int]:
+    async def _stream_one(self, message: pb.EmbedStreamRequest | Unparsed, deadline: float | None,
+                          caller: str) -> tuple[bytes, int]:
         """The message's EmbedStreamResponse in wire format, and the tokens it read (0 for an error)."""
         try:
             if isinstance(message, Unparsed):
                 raise message.error
             if not message.HasField("request"):
                 raise InvalidInput("request", "each stream message needs a request")
-            response, result = await self._embed(message.request, deadline)
+            response, result = await self._embed(message.request, deadline, caller)
             return wire.stream_response(message.id, response), result.total_tokens
         except Exception as error:
             if not isinstance(error, EmbedError):

@@ -48,12 +48,16 @@ def test_a_deadline_shorter_than_the_estimated_wait_is_refused_at_once() -> None
 
     run(main())
 
-def test_the_first_batch_sets_the_speed_and_later_ones_move_it() -> None:
+def test_the_first_batch_sets_the_speed_and_later_ones_move_it_by_their_share_of_the_time() -> None:
     speed = Throughput()
     speed.observe(1000, 1.0)
     assert speed.tokens_per_s == 1000
     speed.observe(2000, 1.0)
-    assert speed.tokens_per_s == pytest.approx(1200)
+    assert speed.tokens_per_s == pytest.approx(2800 / 1.8)
+    for _ in range(20):  # small batches in between, 5x slower per token, take little of the model's time
+        speed.observe(1000, 1.0)
+        speed.observe(10, 0.05)
+    assert speed.tokens_per_s == pytest.approx(1010 / 1.05, rel=0.01)  # averaged per batch: ~600
 
 
 def test_an_empty_queue_admits_anything_and_estimates_stay_bounded() -> None:
@@ -65,3 +69,25 @@ def test_an_empty_queue_admits_anything_and_estimates_stay_bounded() -> None:
     assert admission.drain_estimate_s(1) == 0.05 and admission.drain_estimate_s(10**6) == 30.0
     with pytest.raises(Overloaded):
         admission.check(queued=5, tokens=6, deadline=None)
+
+
+def test_a_caller_who_filled_the_queue_is_refused_and_another_still_gets_in() -> None:
+    admission = Admission(max_queue_tokens=100, throughput=Throughput())
+    with pytest.raises(Overloaded, match="limit 100"):
+        admission.check(queued=95, tokens=10, deadline=None, own=95, others=[])
+    admission.check(queued=95, tokens=10, deadline=None, own=0, others=[95])  # a newcomer: up to twice the bound
+    with pytest.raises(Overloaded):
+        admission.check(queued=195, tokens=10, deadline=None, own=0, others=[95, 100])
+
+
+def test_a_deadline_counts_at_most_one_batch_of_each_other_caller_per_turn() -> None:
+    speed = Throughput()
+    speed.observe(1000, 1.0)  # 1,000 tokens/s
+    admission = Admission(max_queue_tokens=10**6, throughput=speed, max_batch_tokens=100)
+    soon = time.monotonic() + 0.5
+    # Behind a caller with 100,000 tokens queued (100 s), a newcomer waits for one of its batches.
+    admission.check(queued=100_000, tokens=50, deadline=soon, own=0, others=[100_000])
+    # Its own backlog counts in full, and each other caller's batches once per turn it needs (4 turns here):
+    # 250 + 400 + 50 tokens ahead.
+    with pytest.raises(DeadlineExceeded, match=r"behind 700 queued tokens \(0.80s\)"):
+        admission.check(queued=100_250, tokens=100, deadline=soon, own=250, others=[100_000, 50])

@@ -1,11 +1,16 @@
-"""Which rows form the next batch: the window around the oldest row, counted as the backend says."""
+"""Which rows form the next batch: the window around the oldest row of the caller whose turn it is, counted as
+the backend says."""
 
 from __future__ import annotations
 
+import asyncio
+import random
+
 import pytest
 
+from server.engine.jobs import Job, Row
 from server.engine.policy import BatchPolicy
-from server.engine.scheduling import batch_tokens, choose_window
+from server.engine.scheduling import RowQueue, batch_tokens, choose_window
 
 
 @pytest.mark.parametrize("lengths", [[5] * 10, [3, 4, 10, 11, 12, 40, 41, 90], list(range(1, 200, 7))])
@@ -35,3 +40,104 @@ def test_an_unpadded_window_counts_real_tokens_and_ignores_padding() -> None:
     assert choose_window([10, 90], 0, policy, is_padded=True) == (0, 1)  # 180 padded tokens, 80 of padding
     assert choose_window([10, 90], 0, policy, is_padded=False) == (0, 2)  # 100 real tokens; padding is free
     assert choose_window([50, 50, 50], 0, policy, is_padded=False) == (0, 2)  # the budget still holds
+
+
+def _take_all(queue: RowQueue, policy: BatchPolicy) -> list[list[Row]]:
+    batches = []
+    while batch := queue.take_batch(policy):
+        batches.append(batch)
+    return batches
+
+
+def _callers(batch: list[Row]) -> set[object]:
+    return {row.job.caller for row in batch}
+
+
+def _queued(queue: RowQueue, caller: str, lengths: list[int]) -> Job:
+    job = Job(rows=len(lengths), deadline=None, caller=caller)
+    queue.add(job, [[7] * n for n in lengths])
+    return job
+
+
+ONE_ROW = BatchPolicy(max_batch_rows=1)
+
+
+def test_a_caller_with_a_backlog_holds_a_later_caller_back_by_one_batch() -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        for _ in range(6):
+            _queued(queue, "flood", [10])
+        _queued(queue, "polite", [10])
+        assert [_callers(b) for b in _take_all(queue, ONE_ROW)] == [{"flood"}, {"polite"}] + [{"flood"}] * 5
+
+    asyncio.run(main())
+
+
+def test_the_caller_just_served_goes_behind_a_newcomer_even_after_all_its_rows_were_taken() -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        _queued(queue, "flood", [10])
+        assert _callers(queue.take_batch(ONE_ROW)) == {"flood"}  # its lane is empty now
+        _queued(queue, "flood", [10, 10])
+        _queued(queue, "polite", [10])
+        assert [_callers(b) for b in _take_all(queue, ONE_ROW)] == [{"polite"}, {"flood"}, {"flood"}]
+
+    asyncio.run(main())
+
+
+def test_a_turn_anchors_the_window_and_other_callers_rows_still_fill_it() -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        _queued(queue, "flood", [40, 40, 9, 9])
+        _queued(queue, "polite", [10])
+        policy = BatchPolicy(max_batch_rows=4, max_padding_fraction=0.1, overhead_tokens=4)
+        first, second, *_ = _take_all(queue, policy)
+        assert [r.length for r in first] == [40, 40]  # flood's oldest row, and the row of its length
+        assert sorted(r.length for r in second) == [9, 9, 10] and "polite" in _callers(second)
+
+    asyncio.run(main())
+
+
+def test_one_caller_is_served_in_arrival_order() -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        jobs = [_queued(queue, "only", [n]) for n in (30, 5, 17, 5, 60)]
+        assert [b[0].job for b in _take_all(queue, ONE_ROW)] == jobs
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_no_caller_waits_for_a_second_turn_of_another(seed: int) -> None:
+    """Random arrivals from five callers: while a caller has rows queued, every other caller's batches are
+    anchored at its rows at most once before it has its own turn; and every row is taken exactly once."""
+    rng = random.Random(seed)
+
+    async def main() -> None:
+        queue, added, taken = RowQueue(), [], []
+        turns_since: dict[str, dict[str, int]] = {}  # waiting caller -> turns each other caller had since
+        for _ in range(300):
+            for _ in range(rng.choice((0, 0, 1, 3))):
+                caller = f"c{rng.randrange(5)}"
+                job = _queued(queue, caller, [rng.randint(1, 60) for _ in range(rng.randint(1, 4))])
+                added.append(job)
+                turns_since.setdefault(caller, {})
+            batch = queue.take_batch(BatchPolicy(max_batch_tokens=120, max_batch_rows=rng.randint(1, 3)))
+            if not batch:
+                continue
+            taken += batch
+            anchor = queue._last
+            turns_since.pop(anchor, None)
+            for waiting, turns in turns_since.items():
+                turns[anchor] = turns.get(anchor, 0) + 1
+                assert turns[anchor] <= 1, f"{waiting} waited for a second turn of {anchor}"
+            still = {row.job.caller for row in queue.rows()}
+            turns_since = {c: t for c, t in turns_since.items() if c in still}
+            if anchor in still:
+                turns_since[anchor] = {}
+        for batch in _take_all(queue, BatchPolicy()):
+            taken += batch
+        assert len(queue) == 0
+        assert sorted((id(r.job), r.index) for r in taken) == sorted((id(j), i) for j in added for i in range(j.rows))
+
+    asyncio.run(main())

@@ -1,0 +1,63 @@
+"""Connections take turns in the queue: a caller with a backlog holds a caller on another connection back by one
+batch, not by the whole backlog."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from nomic_embed.v1 import embed_pb2 as pb
+from nomic_embed.v1 import embed_pb2_grpc
+from tools.servers import RunningServer, running_server
+
+# Channels to one target share one connection unless each keeps its own subchannels.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+FLOOD = pb.EmbedRequest(texts=["a backlog of long texts sent by one busy caller " * 3], task=pb.TASK_CLUSTERING)
+POLITE = pb.EmbedRequest(texts=["hello"], task=pb.TASK_CLUSTERING)
+
+
+def _queued(srv: RunningServer, requests: int) -> None:
+    assert srv.app.loaded is not None
+    deadline = time.monotonic() + 10
+    while srv.app.loaded.batcher.pending()[0] < requests:
+        assert time.monotonic() < deadline, "the requests never reached the queue"
+        time.sleep(0.01)
+
+
+def test_a_caller_on_another_connection_goes_ahead_of_a_backlog(tiny_original: Path) -> None:
+    with running_server(str(tiny_original), max_batch_rows=1) as srv:
+        assert srv.app.loaded is not None
+        runner = srv.app.loaded.runner
+        model, entered, gate = runner.run, threading.Event(), threading.Event()
+        batches: list[list[int]] = []
+
+        def held(rows: Sequence[Sequence[int]]) -> np.ndarray:
+            batches.append([len(r) for r in rows])
+            entered.set()
+            assert gate.wait(30)
+            return model(rows)
+
+        runner.run = held  # type: ignore[method-assign]
+        busy = grpc.insecure_channel(srv.target, options=OWN_CONNECTION)
+        polite = grpc.insecure_channel(srv.target, options=OWN_CONNECTION)
+        try:
+            flood = embed_pb2_grpc.EmbedServiceStub(busy)
+            calls = [flood.Embed.future(FLOOD, timeout=30)]
+            assert entered.wait(10)  # the first is on the model; the next five queue behind it
+            calls += [flood.Embed.future(FLOOD, timeout=30) for _ in range(5)]
+            _queued(srv, 6)
+            calls.append(embed_pb2_grpc.EmbedServiceStub(polite).Embed.future(POLITE, timeout=30))
+            _queued(srv, 7)
+        finally:
+            gate.set()
+        replies = [call.result() for call in calls]
+        busy.close()
+        polite.close()
+    flood_tokens, polite_tokens = replies[0].metadata.total_tokens, replies[-1].metadata.total_tokens
+    assert flood_tokens > polite_tokens
+    assert batches == [[flood_tokens], [polite_tokens]] + [[flood_tokens]] * 5
