@@ -189,6 +189,7 @@ class App:
         loaded.batcher.delivery.on_model_recovered = back_in_service
         m.batch_budget.set(loaded.batcher.budget_tokens)
         m.queue_tokens.set_function(lambda: loaded.batcher.queued_tokens)
+        m.queue_callers.set_function(lambda: loaded.batcher.queued_callers)
 
     async def _set_health(self, state: int) -> None:
         for name in ("", SERVICE_NAME):

@@ -94,6 +94,11 @@ class Batcher:
         return self._queue.tokens
 
     @property
+    def queued_callers(self) -> int:
+        """Callers with rows queued (read without the lock, for metrics)."""
+        return self._queue.callers
+
+    @property
     def backlogged(self) -> bool:
         """At least half of the queue's token bound is admitted and waiting: the model is behind."""
         return self._queue.tokens * 2 >= self.policy.max_queue_tokens

@@ -114,6 +114,11 @@ class RowQueue:
     def rows(self) -> list[Row]:
         return list(self._rows)
 
+    @property
+    def callers(self) -> int:
+        """Callers with rows queued."""
+        return len(self._lanes)
+
     def caller_tokens(self, caller: Hashable) -> int:
         """Real tokens queued for `caller`."""
         lane = self._lanes.get(caller)

@@ -48,6 +48,9 @@ class Metrics:
                                   "the warm-up texts did too (health NOT_SERVING until they pass again)",
                                   registry=r)
         self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
+        self.queue_callers = Gauge("nomic_embed_queue_callers",
+                                   "Connections with tokens queued (each batch is built around one's oldest row, "
+                                   "in turn)", registry=r)
         self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)
 
     def describe_model(self, *, model_id: str, variant: str, device: str, reason: str) -> None:

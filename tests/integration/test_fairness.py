@@ -13,7 +13,7 @@ import numpy as np
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tools.servers import RunningServer, running_server
+from tools.servers import RunningServer, running_server, scrape_metrics
 
 # Channels to one target share one connection unless each keeps its own subchannels.
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
@@ -30,7 +30,7 @@ def _queued(srv: RunningServer, requests: int) -> None:
 
 
 def test_a_caller_on_another_connection_goes_ahead_of_a_backlog(tiny_original: Path) -> None:
-    with running_server(str(tiny_original), max_batch_rows=1) as srv:
+    with running_server(str(tiny_original), max_batch_rows=1, metrics_port=0) as srv:
         assert srv.app.loaded is not None
         runner = srv.app.loaded.runner
         model, entered, gate = runner.run, threading.Event(), threading.Event()
@@ -53,9 +53,11 @@ def test_a_caller_on_another_connection_goes_ahead_of_a_backlog(tiny_original: P
             _queued(srv, 6)
             calls.append(embed_pb2_grpc.EmbedServiceStub(polite).Embed.future(POLITE, timeout=30))
             _queued(srv, 7)
+            assert scrape_metrics(srv.app.metrics_port)[("nomic_embed_queue_callers", ())] == 2
         finally:
             gate.set()
         replies = [call.result() for call in calls]
+        assert scrape_metrics(srv.app.metrics_port)[("nomic_embed_queue_callers", ())] == 0
         busy.close()
         polite.close()
     flood_tokens, polite_tokens = replies[0].metadata.total_tokens, replies[-1].metadata.total_tokens
