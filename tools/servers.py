@@ -41,6 +41,15 @@ class RunningServer:
     def client(self, timeout: float = 60.0) -> EmbedClient:
         return EmbedClient(self.target, timeout=timeout)
 
+    def wait_pending(self, requests: int, timeout_s: float = 10.0) -> None:
+        """Wait until `requests` requests are admitted and not yet computed (queued, or on the model)."""
+        assert self.app.loaded is not None
+        deadline = time.monotonic() + timeout_s
+        while self.app.loaded.batcher.pending()[0] < requests:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{requests} requests never reached the queue")
+            time.sleep(0.01)
+
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)
 

@@ -4,7 +4,6 @@ batch, not by the whole backlog."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,20 +12,12 @@ import numpy as np
 
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
-from tools.servers import RunningServer, running_server, scrape_metrics
+from tools.servers import running_server, scrape_metrics
 
 # Channels to one target share one connection unless each keeps its own subchannels.
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 FLOOD = pb.EmbedRequest(texts=["a backlog of long texts sent by one busy caller " * 3], task=pb.TASK_CLUSTERING)
 POLITE = pb.EmbedRequest(texts=["hello"], task=pb.TASK_CLUSTERING)
-
-
-def _queued(srv: RunningServer, requests: int) -> None:
-    assert srv.app.loaded is not None
-    deadline = time.monotonic() + 10
-    while srv.app.loaded.batcher.pending()[0] < requests:
-        assert time.monotonic() < deadline, "the requests never reached the queue"
-        time.sleep(0.01)
 
 
 def test_a_caller_on_another_connection_goes_ahead_of_a_backlog(tiny_original: Path) -> None:
@@ -50,9 +41,9 @@ def test_a_caller_on_another_connection_goes_ahead_of_a_backlog(tiny_original: P
             calls = [flood.Embed.future(FLOOD, timeout=30)]
             assert entered.wait(10)  # the first is on the model; the next five queue behind it
             calls += [flood.Embed.future(FLOOD, timeout=30) for _ in range(5)]
-            _queued(srv, 6)
+            srv.wait_pending(6)
             calls.append(embed_pb2_grpc.EmbedServiceStub(polite).Embed.future(POLITE, timeout=30))
-            _queued(srv, 7)
+            srv.wait_pending(7)
             assert scrape_metrics(srv.app.metrics_port)[("nomic_embed_queue_callers", ())] == 2
         finally:
             gate.set()

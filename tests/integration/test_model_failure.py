@@ -99,7 +99,7 @@ def test_an_input_the_model_fails_on_fails_its_own_request_not_its_batch_mates(t
         blocker = call("cat")
         assert held.wait(30)
         calls = [call(text) for text in ("a short text", "a zebra text", "another short text", "one more text")]
-        time.sleep(0.5)  # all four queued behind the held batch: they make one batch
+        srv.wait_pending(5)  # all four queued behind the held batch: they make one batch
         gate.set()
         assert blocker.result().embeddings
         outcomes = [c.exception().code() if c.exception() else "OK" for c in calls]  # type: ignore[union-attr]
