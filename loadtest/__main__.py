@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -29,6 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERVER_ARGS = "--max-queue-tokens 4096 --max-request-tokens 4096 --max-input-tokens 512"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds of at least 0")
+    return value
+
+
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
     p.add_argument("--target", help="host:port of a running server (default: start one)")
@@ -45,11 +60,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--burst-channels", type=int, default=1, help="connections the burst is spread over")
     p.add_argument("--burst-deadline-ms", type=float, default=20000,
                    help="deadline of each burst call: the last calls wait for the server to take them from grpc")
-    p.add_argument("--flood-seconds", type=float, default=8.0,
+    p.add_argument("--flood-seconds", type=_seconds, default=8.0,
                    help="how long one caller sends short texts alone, then beside a flood; 0: no flood phase")
-    p.add_argument("--flood-callers", type=int, default=32,
+    p.add_argument("--flood-callers", type=_positive, default=32,
                    help="callers of the flood, in another process, on one connection")
-    p.add_argument("--flood-texts", type=int, default=16, help="texts per request of the flood (up to 40 words)")
+    p.add_argument("--flood-texts", type=_positive, default=16, help="texts per request of the flood (up to 40 words)")
     p.add_argument("--output", default="loadtest-results.json")
     return p.parse_args()
 
@@ -120,6 +135,8 @@ def _flood_phase(target: str, args: argparse.Namespace, workdir: Path) -> list[d
     if flood.exitcode != 0 or not out.exists():
         raise SystemExit(f"the flood's process failed (exit status {flood.exitcode})")
     row = json.loads(out.read_text())
+    if not row["codes"].get("OK"):  # e.g. texts the server refuses: no flood reached the model
+        raise SystemExit(f"the flood got no answer: {row['codes']}")
     print(f"{'flood':>13} {row['rps_ok']!s:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}  "
           f"({args.flood_callers} callers x {args.flood_texts} texts)")
     rows.append({"flood": f"{args.flood_callers} callers, the flood itself", **row})

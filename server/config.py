@@ -165,8 +165,9 @@ def _parser() -> argparse.ArgumentParser:
                    default=d.max_request_bytes,
                    help="serialized bytes per request (beyond it: INVALID_ARGUMENT)")
     p.add_argument("--max-queue-tokens", type=integer(1, _UINT64), default=d.max_queue_tokens,
-                   help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED; "
-                        "at least --max-request-tokens")
+                   help="tokens admitted but not yet computed; beyond it requests get RESOURCE_EXHAUSTED, except "
+                        "from a connection with nothing queued, admitted up to twice it; at least "
+                        "--max-request-tokens")
     p.add_argument("--batch-wait-ms", type=number(0, _MAX_BATCH_WAIT_MS, "milliseconds"), default=d.batch_wait_ms,
                    help="how long an idle worker waits to fill a batch")
     p.add_argument("--threads", type=integer(0, UINT32), default=d.threads,

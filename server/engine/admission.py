@@ -18,9 +18,12 @@ from server.errors import DeadlineExceeded, Overloaded
 class Throughput:
     """Real tokens per second of model time over recent batches (written by the worker thread): recent tokens
     over recent seconds, each batch's share decaying by the same factor. Weighting by time, not by batch,
-    keeps many small batches (a short request's turn among long ones) from passing for the model's speed."""
+    keeps many small batches (a short request's turn among long ones) from passing for the model's speed; a
+    batch counts as at most twice as slow as the estimate, so that one stalled batch (a collection pause, a
+    busy host) moves the estimate instead of holding it down for the next twenty."""
 
     _DECAY = 0.8
+    _MAX_SLOWER = 2.0
 
     def __init__(self) -> None:
         self.tokens_per_s = 0.0  # 0 until the first batch
@@ -28,21 +31,29 @@ class Throughput:
         self._seconds = 0.0
 
     def observe(self, tokens: int, seconds: float) -> None:
+        seconds = max(seconds, 1e-6)
+        if self.tokens_per_s:
+            seconds = min(seconds, self._MAX_SLOWER * tokens / self.tokens_per_s)
         self._tokens = self._DECAY * self._tokens + tokens
-        self._seconds = self._DECAY * self._seconds + max(seconds, 1e-6)
+        self._seconds = self._DECAY * self._seconds + seconds
         self.tokens_per_s = self._tokens / self._seconds
 
 
 class Admission:
-    def __init__(self, max_queue_tokens: int, throughput: Throughput, max_batch_tokens: int = 16384) -> None:
+    def __init__(self, max_queue_tokens: int, throughput: Throughput, max_batch_tokens: int = 16384,
+                 max_batch_rows: int = 128) -> None:
         self.max_queue_tokens = max_queue_tokens
         self.throughput = throughput
         self.max_batch_tokens = max_batch_tokens
+        self.max_batch_rows = max_batch_rows
 
-    def check(self, queued: int, tokens: int, deadline: float | None, own: int | None = None,
-              others: Iterable[int] = ()) -> None:
-        """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens behind `queued` queued ones,
-        `own` of them its caller's and `others` each other caller's (RowQueue.caller_tokens, others_tokens).
+    def check(self, queued: int, tokens: int, deadline: float | None, *, rows: int = 1,
+              own: tuple[int, int] | None = None, others: Iterable[int] = (),
+              batch_tokens: int | None = None) -> None:
+        """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens in `rows` rows behind `queued`
+        queued tokens: `own` (tokens, rows) of them its caller's, `others` each other caller's tokens
+        (RowQueue.caller_backlog, others_tokens); `batch_tokens` is what a batch may hold now (after an
+        out-of-memory, less than the policy's).
 
         An empty queue admits anything: a request larger than the bound still runs when nothing waits. A
         caller with nothing queued is admitted up to twice the bound, so that one caller who filled the queue
@@ -50,22 +61,26 @@ class Admission:
         """
         if not queued:
             return
-        own = queued if own is None else own
-        limit = self.max_queue_tokens if own else 2 * self.max_queue_tokens
+        own_tokens, own_rows = (queued, 0) if own is None else own
+        limit = self.max_queue_tokens if own_tokens else 2 * self.max_queue_tokens
         if queued + tokens > limit:
-            raise Overloaded(f"queue full: {queued} tokens waiting, limit {self.max_queue_tokens}",
+            raise Overloaded(f"queue full: {queued} tokens waiting, limit {self.max_queue_tokens}"
+                             f"{'' if own_tokens else ' (twice that for a connection with nothing queued)'}",
                              retry_after_s=self.drain_estimate_s(queued))
         rate = self.throughput.tokens_per_s
-        if deadline is not None and rate > 0:
-            # Refuse now what cannot finish in time, rather than compute it and throw it away. Ahead of this
-            # request: its caller's own rows, and from each other caller at most one batch per turn it takes.
-            mine = own + tokens
-            turns = -(-mine // self.max_batch_tokens)
-            ahead = mine + sum(min(other, turns * self.max_batch_tokens) for other in others)
-            wait_s = ahead / rate
-            if time.monotonic() + wait_s > deadline:
-                raise DeadlineExceeded(f"the estimated time to compute this request behind {ahead - tokens} "
-                                       f"queued tokens ({wait_s:.2f}s) exceeds its deadline")
+        if deadline is None or rate <= 0 or time.monotonic() + (queued + tokens) / rate <= deadline:
+            return  # in time even behind everything queued
+        # Refuse now what cannot finish in time, rather than compute it and throw it away. Ahead of this
+        # request: its caller's own rows, and from each other caller at most one batch per turn this caller
+        # needs (by tokens or by rows, whichever needs more batches).
+        batch = min(batch_tokens or self.max_batch_tokens, self.max_batch_tokens)
+        mine = own_tokens + tokens
+        turns = max(-(-mine // batch), -(-(own_rows + rows) // self.max_batch_rows))
+        ahead = mine + sum(min(other, turns * batch) for other in others)
+        wait_s = ahead / rate
+        if time.monotonic() + wait_s > deadline:
+            raise DeadlineExceeded(f"the estimated time to compute this request behind {ahead - tokens} "
+                                   f"queued tokens ({wait_s:.2f}s) exceeds its deadline")
 
     def drain_estimate_s(self, queued_tokens: int) -> float:
         """Seconds until `queued_tokens` are computed, within [0.05, 30]; 1 before any batch has run."""

@@ -119,10 +119,10 @@ class RowQueue:
         """Callers with rows queued."""
         return len(self._lanes)
 
-    def caller_tokens(self, caller: Hashable) -> int:
-        """Real tokens queued for `caller`."""
+    def caller_backlog(self, caller: Hashable) -> tuple[int, int]:
+        """Real tokens and rows queued for `caller`."""
         lane = self._lanes.get(caller)
-        return lane.tokens if lane else 0
+        return (lane.tokens, lane.rows) if lane else (0, 0)
 
     def others_tokens(self, caller: Hashable) -> Iterator[int]:
         """Real tokens queued for each caller other than `caller` (lazily: under the lock)."""
@@ -155,17 +155,20 @@ class RowQueue:
         for job in expired:
             job.failed = True
         before = len(self._rows)
-        if any(job.dead for job in self._jobs):
-            keep = [i for i, row in enumerate(self._rows) if not row.job.dead]
+        # One reading of who is dead: a caller can cancel on the event loop meanwhile, and every structure
+        # below must drop the same jobs (a job's rows left in one and gone from another break the next batch).
+        dead = {job for job in self._jobs if job.dead}
+        if dead:
+            keep = [i for i, row in enumerate(self._rows) if row.job not in dead]
             self._keys = [self._keys[i] for i in keep]
             self._rows = [self._rows[i] for i in keep]
             for caller, lane in list(self._lanes.items()):
-                lane.arrivals = deque(r for r in lane.arrivals if not r.job.dead and r.seq not in self._taken)
+                lane.arrivals = deque(r for r in lane.arrivals if r.job not in dead and r.seq not in self._taken)
                 lane.rows, lane.tokens = len(lane.arrivals), sum(r.length for r in lane.arrivals)
                 if not lane.rows:
                     del self._lanes[caller]
             self._taken.clear()
-            self._jobs = {j: n for j, n in self._jobs.items() if not j.dead}
+            self._jobs = {j: n for j, n in self._jobs.items() if j not in dead}
             self.tokens = sum(k[0] for k in self._keys)
         return expired, before - len(self._rows)
 

@@ -141,3 +141,33 @@ def test_no_caller_waits_for_a_second_turn_of_another(seed: int) -> None:
         assert sorted((id(r.job), r.index) for r in taken) == sorted((id(j), i) for j in added for i in range(j.rows))
 
     asyncio.run(main())
+
+
+class _CancelledWhileRead(Job):
+    """A job whose caller cancels while the queue is reading it: `dead` turns true at its `at`-th reading."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(rows=2, deadline=None, caller="leaving")
+        self.at, self.reads = at, 0
+
+    @property
+    def dead(self) -> bool:  # type: ignore[override]
+        self.reads += 1
+        return self.reads >= self.at
+
+
+@pytest.mark.parametrize("at", range(1, 8))
+def test_a_cancel_while_dead_rows_are_dropped_leaves_the_queue_whole(at: int) -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        gone = _queued(queue, "gone", [4])
+        gone.cancel()
+        stays = _queued(queue, "stays", [5, 6])
+        leaving = _CancelledWhileRead(at)
+        queue.add(leaving, [[1] * 7, [1] * 8])
+        queue.drop_dead(0.0)
+        rows = [row for batch in _take_all(queue, BatchPolicy()) for row in batch]
+        assert {row.job for row in rows} - {leaving} == {stays} and len(queue) == 0 and queue.callers == 0
+        assert len([row for row in rows if row.job is leaving]) in (0, 2)
+
+    asyncio.run(main())
