@@ -48,37 +48,42 @@ class Admission:
         self.max_batch_rows = max_batch_rows
 
     def check(self, queued: int, tokens: int, deadline: float | None, *, rows: int = 1,
-              own: tuple[int, int] | None = None, others: Iterable[int] = (),
-              batch_tokens: int | None = None) -> None:
+              own: tuple[int, int] | None = None, others: Iterable[tuple[int, int]] = (),
+              batch_tokens: int | None = None, running: tuple[int, float] | None = None) -> None:
         """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens in `rows` rows behind `queued`
-        queued tokens: `own` (tokens, rows) of them its caller's, `others` each other caller's tokens
-        (RowQueue.caller_backlog, others_tokens); `batch_tokens` is what a batch may hold now (after an
-        out-of-memory, less than the policy's).
+        queued tokens: `own` (tokens, rows) of them its caller's, `others` each other caller's (tokens, rows)
+        (RowQueue.caller_backlog, others_backlog); behind the batch `running` on the model, (its real tokens,
+        when it started), if any; `batch_tokens` is what a batch may hold now (after an out-of-memory, less than
+        the policy's).
 
         An empty queue admits anything: a request larger than the bound still runs when nothing waits. A
         caller with nothing queued is admitted up to twice the bound, so that one caller who filled the queue
         does not lock the others out: callers take turns, so their wait does not grow with that caller's backlog.
         """
-        if not queued:
-            return
         own_tokens, own_rows = (queued, 0) if own is None else own
         limit = self.max_queue_tokens if own_tokens else 2 * self.max_queue_tokens
-        if queued + tokens > limit:
+        if queued and queued + tokens > limit:
             raise Overloaded(f"queue full: {queued} tokens waiting, limit {self.max_queue_tokens}"
                              f"{'' if own_tokens else ' (twice that for a connection with nothing queued)'}",
                              retry_after_s=self.drain_estimate_s(queued))
         rate = self.throughput.tokens_per_s
-        if deadline is None or rate <= 0 or time.monotonic() + (queued + tokens) / rate <= deadline:
+        if deadline is None or rate <= 0:
+            return
+        now = time.monotonic()
+        # The rest of the batch on the model comes first, whoever's turn is next.
+        busy_s = max(0.0, running[0] / rate - (now - running[1])) if running else 0.0
+        if now + busy_s + (queued + tokens) / rate <= deadline:
             return  # in time even behind everything queued
         # Refuse now what cannot finish in time, rather than compute it and throw it away. Ahead of this
         # request: its caller's own rows, and from each other caller at most one batch per turn this caller
-        # needs (by tokens or by rows, whichever needs more batches).
+        # needs (turns and batches counted by tokens or by rows, whichever fills first).
         batch = min(batch_tokens or self.max_batch_tokens, self.max_batch_tokens)
         mine = own_tokens + tokens
         turns = max(-(-mine // batch), -(-(own_rows + rows) // self.max_batch_rows))
-        ahead = mine + sum(min(other, turns * batch) for other in others)
-        wait_s = ahead / rate
-        if time.monotonic() + wait_s > deadline:
+        ahead = mine + sum(min(other, turns * min(batch, self.max_batch_rows * other // max(other_rows, 1)))
+                           for other, other_rows in others)
+        wait_s = busy_s + ahead / rate
+        if now + wait_s > deadline:
             raise DeadlineExceeded(f"the estimated time to compute this request behind {ahead - tokens} "
                                    f"queued tokens ({wait_s:.2f}s) exceeds its deadline")
 

@@ -122,9 +122,12 @@ class Batcher:
             raise ValueError("a job needs at least one row")
         job = Job(rows=len(rows), deadline=deadline, finish=finish, caller=caller)
         with self._lock:
-            self._admission.check(self._queue.tokens, sum(len(r) for r in rows), deadline, rows=len(rows),
-                                  own=self._queue.caller_backlog(caller), others=self._queue.others_tokens(caller),
-                                  batch_tokens=self._worker.budget.tokens)
+            running = self._worker.running
+            self._admission.check(
+                self._queue.tokens, sum(len(r) for r in rows), deadline, rows=len(rows),
+                own=self._queue.caller_backlog(caller), others=self._queue.others_backlog(caller),
+                batch_tokens=self._worker.budget.tokens,
+                running=(sum(r.length for r in running), self._worker.running_since) if running else None)
             was_empty = not len(self._queue)
             self._queue.add(job, rows)
             # The worker waits for a first row, or for a full batch until its window ends: waking it for

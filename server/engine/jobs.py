@@ -90,6 +90,7 @@ class Row:
     ids: Sequence[int]
     seq: int  # admission order, unique
     computed: bool = False  # its vector is posted to its job (set on the worker thread)
+    taken: bool = False  # taken into a batch (set under the batcher's lock)
 
     @property
     def length(self) -> int:

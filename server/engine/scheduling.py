@@ -21,16 +21,27 @@ def batch_tokens(rows: int, longest: int, total: int, is_padded: bool) -> int:
     return rows * longest if is_padded else total
 
 
+def _fits(rows: int, longest: int, total: int, policy: BatchPolicy, is_padded: bool) -> bool:
+    """Whether such a batch keeps to the row cap and the token budget and, for a padded backend, keeps its
+    padding within the larger of `max_padding_fraction` of the batch and `overhead_tokens`."""
+    padded = rows * longest
+    return rows <= policy.max_batch_rows and batch_tokens(rows, longest, total, is_padded) <= policy.max_batch_tokens \
+        and (not is_padded or padded - total <= max(policy.max_padding_fraction * padded, policy.overhead_tokens))
+
+
 def choose_window(lengths: Sequence[int], anchor: int, policy: BatchPolicy, is_padded: bool = True) -> tuple[int, int]:
     """The slice [lo, hi) of length-sorted rows, around `anchor`, that forms the next batch.
 
-    Grows one row at a time, toward whichever neighbour adds less padding, while the batch stays within the
-    row cap and the token budget (counted by `batch_tokens`). For a padded backend its padding must also stay
-    within the larger of `max_padding_fraction` of the batch and `overhead_tokens`; for one that does not
-    pad, padding costs nothing.
+    Grows one row at a time, toward whichever neighbour adds less padding, while the batch `_fits`: within the
+    row cap and the token budget (counted by `batch_tokens`) and, for a padded backend, the padding bound; for
+    one that does not pad, padding costs nothing.
     """
-    lo, hi = anchor, anchor + 1
-    longest = total = lengths[anchor]
+    return extend_window(lengths, anchor, anchor + 1, lengths[anchor], lengths[anchor], policy, is_padded)
+
+
+def extend_window(lengths: Sequence[int], lo: int, hi: int, longest: int, total: int, policy: BatchPolicy,
+                  is_padded: bool = True) -> tuple[int, int]:
+    """`choose_window` grown from the slice [lo, hi) (its longest row and its total given)."""
     while hi - lo < policy.max_batch_rows:
         options = []
         if lo > 0:  # a shorter row pads up to the longest
@@ -39,12 +50,7 @@ def choose_window(lengths: Sequence[int], anchor: int, policy: BatchPolicy, is_p
             options.append(((lengths[hi] - longest) * (hi - lo), 1))
         for _, side in sorted(options):
             length = lengths[lo - 1] if side < 0 else lengths[hi]
-            padded = (hi - lo + 1) * max(longest, length)
-            waste = padded - total - length
-            cost = batch_tokens(hi - lo + 1, max(longest, length), total + length, is_padded)
-            if cost <= policy.max_batch_tokens and (
-                not is_padded or waste <= max(policy.max_padding_fraction * padded, policy.overhead_tokens)
-            ):
+            if _fits(hi - lo + 1, max(longest, length), total + length, policy, is_padded):
                 break
         else:
             return lo, hi
@@ -57,38 +63,59 @@ def choose_window(lengths: Sequence[int], anchor: int, policy: BatchPolicy, is_p
 
 
 class _Lengths(Sequence[int]):
-    """The lengths of the queue's length-sorted keys, without copying them."""
+    """The lengths of length-sorted rows or keys, without copying them."""
 
-    def __init__(self, keys: list[tuple[int, int]]) -> None:
-        self._keys = keys
+    def __init__(self, items: Sequence[tuple[int, int]] | Sequence[Row]) -> None:
+        self._items = items
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._items)
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        return self._keys[i][0]
+        item = self._items[i]
+        return item.length if isinstance(item, Row) else item[0]
+
+
+def _by_length(row: Row) -> tuple[int, int]:
+    return row.length, row.seq
 
 
 class _Lane:
-    """One caller's queued rows, in arrival order (rows already taken into a batch are skipped lazily)."""
+    """One caller's queued rows, in arrival order and by length; rows taken into a batch (`Row.taken`) are
+    skipped, and dropped lazily."""
 
-    __slots__ = ("arrivals", "rows", "tokens", "turn")
+    __slots__ = ("arrivals", "by_length", "rows", "tokens", "turn")
 
     def __init__(self, turn: int) -> None:
         self.arrivals: deque[Row] = deque()
+        self.by_length: list[Row] = []  # sorted by (length, seq)
         self.rows = 0  # not yet taken
         self.tokens = 0  # real tokens not yet taken
         self.turn = turn  # the last batch anchored at this caller's row (see RowQueue.take_batch)
+
+    def oldest(self) -> Row:
+        while self.arrivals[0].taken:
+            self.arrivals.popleft()
+        return self.arrivals[0]
+
+    def sorted_rows(self) -> list[Row]:
+        """Its rows not yet taken, by length."""
+        if len(self.by_length) != self.rows:
+            self.by_length = [row for row in self.by_length if not row.taken]
+        return self.by_length
 
 
 class RowQueue:
     """Admitted rows, sorted by length for grouping and kept in arrival order per caller for fairness.
 
-    Each batch is anchored at the oldest row of one caller: the one whose last turn is longest ago, and among
-    equals the one whose oldest row is oldest. A caller that arrives joins one turn behind the latest batch
-    (the caller of that batch keeps its own turn), so it goes ahead of the caller just served and behind every
-    caller already waiting. A caller with many rows queued thus delays another by at most one batch per turn,
-    and no caller waits for a second turn of another. With one caller this is arrival order.
+    Each batch is a turn of one caller: the one whose last turn is longest ago, and among equals the one whose
+    oldest row is oldest. The batch is that caller's rows around its oldest one first (the window
+    `choose_window` picks among its own rows), then other callers' rows of lengths in that range, then, if all
+    of those fit, rows beyond it as `extend_window` grows. A caller that arrives joins one turn behind the
+    latest batch (the caller of that batch keeps its own turn), so it goes ahead of the caller just served and
+    behind every caller already waiting. A caller with many rows queued thus delays another by one batch per
+    turn, and no caller waits for a second turn of another. With one caller this is the window around the
+    oldest row, in arrival order.
 
     Changed only under the batcher's lock; `tokens` (real tokens queued) is also read without it, for metrics.
     """
@@ -104,7 +131,6 @@ class RowQueue:
         self._keys: list[tuple[int, int]] = []  # (length, seq), sorted
         self._rows: list[Row] = []  # parallel to _keys
         self._lanes: dict[Hashable, _Lane] = {}  # caller -> its rows
-        self._taken: set[int] = set()  # seqs taken into a batch but still in a lane's arrivals
         self._jobs: dict[Job, int] = {}  # job -> its rows still queued
         self.tokens = 0
 
@@ -124,9 +150,9 @@ class RowQueue:
         lane = self._lanes.get(caller)
         return (lane.tokens, lane.rows) if lane else (0, 0)
 
-    def others_tokens(self, caller: Hashable) -> Iterator[int]:
-        """Real tokens queued for each caller other than `caller` (lazily: under the lock)."""
-        return (lane.tokens for other, lane in self._lanes.items() if other != caller)
+    def others_backlog(self, caller: Hashable) -> Iterator[tuple[int, int]]:
+        """Real tokens and rows queued for each caller other than `caller` (lazily: under the lock)."""
+        return ((lane.tokens, lane.rows) for other, lane in self._lanes.items() if other != caller)
 
     def add(self, job: Job, rows: Sequence[Sequence[int]]) -> None:
         lane = self._lanes.get(job.caller)
@@ -140,6 +166,7 @@ class RowQueue:
             self._keys.insert(at, (row.length, row.seq))
             self._rows.insert(at, row)
             lane.arrivals.append(row)
+            bisect.insort(lane.by_length, row, key=_by_length)
         tokens = sum(len(r) for r in rows)
         lane.rows += len(rows)
         lane.tokens += tokens
@@ -163,33 +190,30 @@ class RowQueue:
             self._keys = [self._keys[i] for i in keep]
             self._rows = [self._rows[i] for i in keep]
             for caller, lane in list(self._lanes.items()):
-                lane.arrivals = deque(r for r in lane.arrivals if r.job not in dead and r.seq not in self._taken)
+                lane.arrivals = deque(r for r in lane.arrivals if r.job not in dead and not r.taken)
+                lane.by_length = [r for r in lane.by_length if r.job not in dead and not r.taken]
                 lane.rows, lane.tokens = len(lane.arrivals), sum(r.length for r in lane.arrivals)
                 if not lane.rows:
                     del self._lanes[caller]
-            self._taken.clear()
             self._jobs = {j: n for j, n in self._jobs.items() if j not in dead}
             self.tokens = sum(k[0] for k in self._keys)
         return expired, before - len(self._rows)
 
     def take_batch(self, policy: BatchPolicy) -> list[Row]:
-        """Remove and return the next batch: the window around the oldest row of the caller whose turn it is
-        ([] when empty)."""
+        """Remove and return the next batch, the turn of one caller ([] when empty)."""
         if not self._lanes:
             return []
-        for lane in self._lanes.values():
-            while lane.arrivals[0].seq in self._taken:
-                self._taken.discard(lane.arrivals.popleft().seq)
-        lane = min(self._lanes.values(), key=lambda lane: (lane.turn, lane.arrivals[0].seq))
-        oldest = lane.arrivals[0]
+        lane = min(self._lanes.values(), key=lambda lane: (lane.turn, lane.oldest().seq))
+        oldest = lane.oldest()
         self._turn += 1
         lane.turn, self._last = self._turn, oldest.job.caller
-        anchor = bisect.bisect_left(self._keys, (oldest.length, oldest.seq))
-        lo, hi = choose_window(_Lengths(self._keys), anchor, policy, self.is_padded)
-        batch = self._rows[lo:hi]
-        del self._keys[lo:hi], self._rows[lo:hi]
-        for row in batch:
-            self._taken.add(row.seq)
+        own = lane.sorted_rows()
+        lo, hi = choose_window(_Lengths(own), bisect.bisect_left(own, _by_length(oldest), key=_by_length), policy,
+                               self.is_padded)
+        picked = self._fill(own[lo:hi], policy)
+        del own[lo:hi]  # taken: only rows taken in other callers' turns are left for sorted_rows to drop
+        for row in picked:
+            row.taken = True
             self.tokens -= row.length
             left = self._jobs[row.job] - 1
             if left:
@@ -199,10 +223,54 @@ class RowQueue:
             owner = self._lanes[row.job.caller]
             owner.rows -= 1
             owner.tokens -= row.length
-            if not owner.rows:  # all its rows are taken: forget them, and the lane
-                self._taken.difference_update(r.seq for r in owner.arrivals)
+            if not owner.rows:  # all its rows are taken: forget the lane
                 del self._lanes[row.job.caller]
-        return batch
+        return picked
+
+    def _fill(self, own: list[Row], policy: BatchPolicy) -> list[Row]:
+        """The batch of a turn whose own rows are `own` (length-sorted): with other rows of lengths within
+        theirs, longest first and oldest first, while the batch fits; if all of those fit, grown beyond as
+        `extend_window` does. Removes the batch from the length-sorted keys."""
+        shortest, longest = own[0].length, own[-1].length
+        a = bisect.bisect_left(self._keys, (shortest, -1))
+        b = bisect.bisect_left(self._keys, (longest + 1, -1))
+        if b - a == len(own):  # nothing else of these lengths: grow as one window
+            lo, hi = extend_window(_Lengths(self._keys), a, b, longest, sum(r.length for r in own), policy,
+                                   self.is_padded)
+            return self._remove(range(lo, hi))
+        mine = {row.seq for row in own}
+        chosen, total = list(own), sum(row.length for row in own)
+        at = [bisect.bisect_left(self._keys, _by_length(row), a, b) for row in own]
+        for i in self._longest_then_oldest(a, b, shortest, longest):
+            length, seq = self._keys[i]
+            if seq in mine:
+                continue
+            if not _fits(len(chosen) + 1, longest, total + length, policy, self.is_padded):
+                return self._remove(sorted(at))
+            chosen.append(self._rows[i])
+            at.append(i)
+            total += length
+        lo, hi = extend_window(_Lengths(self._keys), a, b, longest, total, policy, self.is_padded)
+        return self._remove(range(lo, hi))
+
+    def _longest_then_oldest(self, a: int, b: int, shortest: int, longest: int) -> Iterator[int]:
+        """Indices in [a, b) of the length-sorted keys, the longest rows first (the least padding), each
+        length oldest first."""
+        end = b
+        for length in range(longest, shortest - 1, -1):
+            start = bisect.bisect_left(self._keys, (length, -1), a, end)
+            yield from range(start, end)
+            end = start
+
+    def _remove(self, indices: Sequence[int]) -> list[Row]:
+        """Take the rows at these ascending indices out of the length-sorted keys."""
+        rows = [self._rows[i] for i in indices]
+        if isinstance(indices, range):
+            del self._keys[indices.start:indices.stop], self._rows[indices.start:indices.stop]
+        else:
+            for i in reversed(indices):
+                del self._keys[i], self._rows[i]
+        return rows
 
     def take_all(self) -> list[Row]:
         rows = self._rows
@@ -210,4 +278,4 @@ class RowQueue:
         return rows
 
 
-__all__ = ["RowQueue", "batch_tokens", "choose_window"]
+__all__ = ["RowQueue", "batch_tokens", "choose_window", "extend_window"]

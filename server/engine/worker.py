@@ -76,6 +76,7 @@ class Worker:
         self.budget = TokenBudget(policy.max_batch_tokens)
         self.probe: list[list[int]] | None = None  # the warm-up's rows, for the health check
         self.running: list[Row] = []  # the batch on the model now
+        self.running_since = 0.0  # when it started (time.monotonic())
         self.closing = False  # no more rows will come: finish the queue, then stop
         self.broken = False  # on the thread: a failed batch was followed by failing warm-up rows
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,7 +116,7 @@ class Worker:
                 batch = self._next_batch(last_end)
                 if batch is None:
                     return
-                self.running = batch
+                self.running, self.running_since = batch, time.monotonic()
             if batch:
                 self._execute(batch)
                 last_end = time.monotonic()

@@ -86,11 +86,11 @@ def test_a_deadline_counts_at_most_one_batch_of_each_other_caller_per_turn() -> 
     admission = Admission(max_queue_tokens=10**6, throughput=speed, max_batch_tokens=100, max_batch_rows=10)
     soon = time.monotonic() + 0.5
     # Behind a caller with 100,000 tokens queued (100 s), a newcomer waits for one of its batches.
-    admission.check(queued=100_000, tokens=50, deadline=soon, own=(0, 0), others=[100_000])
+    admission.check(queued=100_000, tokens=50, deadline=soon, own=(0, 0), others=[(100_000, 1000)])
     # Its own backlog counts in full, and each other caller's batches once per turn it needs (4 turns here):
     # 250 + 400 + 50 tokens ahead.
     with pytest.raises(DeadlineExceeded, match=r"behind 700 queued tokens \(0.80s\)"):
-        admission.check(queued=100_250, tokens=100, deadline=soon, own=(250, 3), others=[100_000, 50])
+        admission.check(queued=100_250, tokens=100, deadline=soon, own=(250, 3), others=[(100_000, 1000), (50, 1)])
 
 
 def test_turns_count_by_rows_when_short_rows_fill_batches_first() -> None:
@@ -100,10 +100,32 @@ def test_turns_count_by_rows_when_short_rows_fill_batches_first() -> None:
     soon = time.monotonic() + 2
     # 100 rows of 5 tokens fit one batch by tokens but need 10 by rows: 10 of the other caller's batches first.
     with pytest.raises(DeadlineExceeded, match=r"behind 10000 queued tokens"):
-        admission.check(queued=15_000, tokens=500, deadline=soon, rows=100, own=(0, 0), others=[15_000])
+        admission.check(queued=15_000, tokens=500, deadline=soon, rows=100, own=(0, 0), others=[(15_000, 150)])
     # A batch budget lowered after an out-of-memory holds less of the other caller's backlog per turn.
-    admission.check(queued=15_000, tokens=500, deadline=soon, rows=100, own=(0, 0), others=[15_000],
+    admission.check(queued=15_000, tokens=500, deadline=soon, rows=100, own=(0, 0), others=[(15_000, 150)],
                     batch_tokens=100)
+
+
+def test_another_callers_short_rows_count_a_batch_as_the_rows_it_holds() -> None:
+    speed = Throughput()
+    speed.observe(1000, 1.0)
+    admission = Admission(max_queue_tokens=10**6, throughput=speed, max_batch_tokens=16384, max_batch_rows=128)
+    # 1,500 rows of 10 tokens: one turn of that caller is a batch of 128 rows, 1,280 tokens, not 16,384.
+    admission.check(queued=15_000, tokens=10, deadline=time.monotonic() + 2, own=(0, 0), others=[(15_000, 1500)])
+    with pytest.raises(DeadlineExceeded, match="behind 1280 queued tokens"):
+        admission.check(queued=15_000, tokens=10, deadline=time.monotonic() + 1, own=(0, 0),
+                        others=[(15_000, 1500)])
+
+
+def test_the_rest_of_the_batch_on_the_model_counts() -> None:
+    speed = Throughput()
+    speed.observe(1000, 1.0)
+    admission = Admission(max_queue_tokens=10**6, throughput=speed)
+    started = time.monotonic() - 0.25  # 1,000 tokens on the model for 0.25 s: ~0.75 s to go
+    with pytest.raises(DeadlineExceeded, match=r"\(0.7\ds\)"):
+        admission.check(queued=0, tokens=10, deadline=time.monotonic() + 0.5, running=(1000, started))
+    admission.check(queued=0, tokens=10, deadline=time.monotonic() + 1.5, running=(1000, started))
+    admission.check(queued=0, tokens=10, deadline=time.monotonic() + 0.5, running=(1000, started - 1))  # overdue
 
 
 def test_one_stalled_batch_moves_the_speed_without_holding_it_down() -> None:

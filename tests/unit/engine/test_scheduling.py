@@ -98,6 +98,34 @@ def test_a_turn_anchors_the_window_and_other_callers_rows_still_fill_it() -> Non
     asyncio.run(main())
 
 
+def test_a_turn_takes_the_callers_own_rows_first_then_fills_with_others() -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        for _ in range(60):
+            _queued(queue, "flood", [16] * 4)
+        polite = _queued(queue, "polite", [16] * 64)
+        policy = BatchPolicy(max_batch_rows=128)
+        first, second = queue.take_batch(policy), queue.take_batch(policy)
+        assert {row.job.caller for row in first} == {"flood"}
+        assert len([row for row in second if row.job is polite]) == 64 and len(second) == 128
+
+    asyncio.run(main())
+
+
+def test_a_turn_fills_with_the_oldest_of_other_callers_rows() -> None:
+    async def main() -> None:
+        queue = RowQueue()
+        first, second = _queued(queue, "a", [10] * 3), _queued(queue, "b", [10] * 3)
+        _queued(queue, "c", [10])
+        two = BatchPolicy(max_batch_rows=2)
+        assert [_callers(queue.take_batch(two)) for _ in range(2)] == [{"a"}, {"b"}]
+        third = queue.take_batch(two)  # c's turn, filled with the oldest row left: a's, not b's
+        assert sorted((row.job.caller, row.index) for row in third) == [("a", 2), ("c", 0)]
+        assert [(row.job, row.index) for row in queue.rows()] == [(second, 2)] and first.rows == 3
+
+    asyncio.run(main())
+
+
 def test_one_caller_is_served_in_arrival_order() -> None:
     async def main() -> None:
         queue = RowQueue()
