@@ -49,7 +49,7 @@ class Metrics:
                                   registry=r)
         self.queue_tokens = Gauge("nomic_embed_queue_tokens", "Tokens admitted and not yet computed", registry=r)
         self.queue_callers = Gauge("nomic_embed_queue_callers",
-                                   "Connections with tokens queued (each batch is built around one's oldest row, "
+                                   "Connections with tokens queued (each batch starts from one's own rows, "
                                    "in turn)", registry=r)
         self.model = Info("nomic_embed_model", "The model served, its variant and device", registry=r)
 
