@@ -122,7 +122,7 @@ class Batcher:
             raise ValueError("a job needs at least one row")
         job = Job(rows=len(rows), deadline=deadline, finish=finish, caller=caller)
         with self._lock:
-            running = self._worker.running
+            running = self._worker.running if deadline is not None else None  # only a deadline needs it
             self._admission.check(
                 self._queue.tokens, sum(len(r) for r in rows), deadline, rows=len(rows),
                 own=self._queue.caller_backlog(caller), others=self._queue.others_backlog(caller),

@@ -63,17 +63,29 @@ def extend_window(lengths: Sequence[int], lo: int, hi: int, longest: int, total:
 
 
 class _Lengths(Sequence[int]):
-    """The lengths of length-sorted rows or keys, without copying them."""
+    """The lengths of length-sorted keys, without copying them."""
 
-    def __init__(self, items: Sequence[tuple[int, int]] | Sequence[Row]) -> None:
-        self._items = items
+    def __init__(self, keys: list[tuple[int, int]]) -> None:
+        self._keys = keys
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._keys)
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        item = self._items[i]
-        return item.length if isinstance(item, Row) else item[0]
+        return self._keys[i][0]
+
+
+class _RowLengths(Sequence[int]):
+    """The lengths of length-sorted rows, without copying them."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        return self._rows[i].length
 
 
 def _by_length(row: Row) -> tuple[int, int]:
@@ -208,7 +220,7 @@ class RowQueue:
         self._turn += 1
         lane.turn, self._last = self._turn, oldest.job.caller
         own = lane.sorted_rows()
-        lo, hi = choose_window(_Lengths(own), bisect.bisect_left(own, _by_length(oldest), key=_by_length), policy,
+        lo, hi = choose_window(_RowLengths(own), bisect.bisect_left(own, _by_length(oldest), key=_by_length), policy,
                                self.is_padded)
         picked = self._fill(own[lo:hi], policy)
         del own[lo:hi]  # taken: only rows taken in other callers' turns are left for sorted_rows to drop
