@@ -1,6 +1,6 @@
 """Which admitted rows form the next batch: the queue of rows and the window chosen from it.
 
-Rows are grouped by length under the batch token budget and a row cap, around the oldest row of one caller
+Rows are grouped by length under the batch token budget and a row cap, starting from the rows of one caller
 at a time, callers taking turns: nothing starves, and a caller with much queued cannot hold others back.
 """
 
@@ -253,7 +253,7 @@ class RowQueue:
         mine = {row.seq for row in own}
         chosen, total = list(own), sum(row.length for row in own)
         at = [bisect.bisect_left(self._keys, _by_length(row), a, b) for row in own]
-        for i in self._longest_then_oldest(a, b, shortest, longest):
+        for i in self._longest_then_oldest(a, b):
             length, seq = self._keys[i]
             if seq in mine:
                 continue
@@ -265,12 +265,12 @@ class RowQueue:
         lo, hi = extend_window(_Lengths(self._keys), a, b, longest, total, policy, self.is_padded)
         return self._remove(range(lo, hi))
 
-    def _longest_then_oldest(self, a: int, b: int, shortest: int, longest: int) -> Iterator[int]:
+    def _longest_then_oldest(self, a: int, b: int) -> Iterator[int]:
         """Indices in [a, b) of the length-sorted keys, the longest rows first (the least padding), each
         length oldest first."""
         end = b
-        for length in range(longest, shortest - 1, -1):
-            start = bisect.bisect_left(self._keys, (length, -1), a, end)
+        while end > a:
+            start = bisect.bisect_left(self._keys, (self._keys[end - 1][0], -1), a, end)
             yield from range(start, end)
             end = start
 
