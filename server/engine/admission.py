@@ -10,7 +10,7 @@ model's recent speed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from server.errors import DeadlineExceeded, Overloaded
 
@@ -49,12 +49,14 @@ class Admission:
 
     def check(self, queued: int, tokens: int, deadline: float | None, *, rows: int = 1,
               own: tuple[int, int] | None = None, others: Iterable[tuple[int, int]] = (),
-              batch_tokens: int | None = None, running: tuple[int, float] | None = None) -> None:
+              batch_tokens: int | None = None, running: tuple[int, float] | None = None,
+              turns: Callable[[], int] | None = None) -> None:
         """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens in `rows` rows behind `queued`
         queued tokens: `own` (tokens, rows) of them its caller's, `others` each other caller's (tokens, rows)
         (RowQueue.caller_backlog, others_backlog); behind the batch `running` on the model, (its real tokens,
         when it started), if any; `batch_tokens` is what a batch may hold now (after an out-of-memory, less than
-        the policy's).
+        the policy's); `turns`, if given, counts the batches the caller's rows make (RowQueue.turns_needed),
+        called only when the estimate needs it.
 
         An empty queue admits anything: a request larger than the bound still runs when nothing waits. A
         caller with nothing queued is admitted up to twice the bound, so that one caller who filled the queue
@@ -76,10 +78,11 @@ class Admission:
             return  # in time even behind everything queued
         # Refuse now what cannot finish in time, rather than compute it and throw it away. Ahead of this
         # request: its caller's own rows, and from each other caller at most one batch per turn this caller
-        # needs (turns and batches counted by tokens or by rows, whichever fills first).
+        # needs (turns counted by tokens, by rows, or by the batches its rows make of their lengths, whichever
+        # needs most; another caller's batch by tokens or by rows, whichever fills first).
         batch = min(batch_tokens or self.max_batch_tokens, self.max_batch_tokens)
         mine = own_tokens + tokens
-        turns = max(-(-mine // batch), -(-(own_rows + rows) // self.max_batch_rows))
+        turns = max(-(-mine // batch), -(-(own_rows + rows) // self.max_batch_rows), turns() if turns else 1)
         ahead = mine + sum(min(other, turns * min(batch, self.max_batch_rows * other // max(other_rows, 1)))
                            for other, other_rows in others)
         wait_s = busy_s + ahead / rate

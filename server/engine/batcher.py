@@ -127,7 +127,8 @@ class Batcher:
                 self._queue.tokens, sum(len(r) for r in rows), deadline, rows=len(rows),
                 own=self._queue.caller_backlog(caller), others=self._queue.others_backlog(caller),
                 batch_tokens=self._worker.budget.tokens,
-                running=(sum(r.length for r in running), self._worker.running_since) if running else None)
+                running=(sum(r.length for r in running), self._worker.running_since) if running else None,
+                turns=lambda: self._queue.turns_needed(caller, rows, self._worker.policy_now()))
             was_empty = not len(self._queue)
             self._queue.add(job, rows)
             # The worker waits for a first row, or for a full batch until its window ends: waking it for

@@ -62,6 +62,17 @@ def extend_window(lengths: Sequence[int], lo: int, hi: int, longest: int, total:
     return lo, hi
 
 
+def count_windows(lengths: list[int], policy: BatchPolicy, is_padded: bool = True) -> int:
+    """How many batches sorted `lengths` make on their own, each the window `choose_window` grows from the
+    longest row left (emptied on the way)."""
+    windows = 0
+    while lengths:
+        lo, hi = choose_window(lengths, len(lengths) - 1, policy, is_padded)
+        del lengths[lo:hi]
+        windows += 1
+    return windows
+
+
 class _Lengths(Sequence[int]):
     """The lengths of length-sorted keys, without copying them."""
 
@@ -166,6 +177,12 @@ class RowQueue:
         """Real tokens and rows queued for each caller other than `caller` (lazily: under the lock)."""
         return ((lane.tokens, lane.rows) for other, lane in self._lanes.items() if other != caller)
 
+    def turns_needed(self, caller: Hashable, rows: Sequence[Sequence[int]], policy: BatchPolicy) -> int:
+        """The turns `caller` needs for its queued rows and `rows` more: the batches they make on their own."""
+        lane = self._lanes.get(caller)
+        lengths = sorted([*(row.length for row in lane.sorted_rows()), *map(len, rows)] if lane else map(len, rows))
+        return count_windows(lengths, policy, self.is_padded)
+
     def add(self, job: Job, rows: Sequence[Sequence[int]]) -> None:
         lane = self._lanes.get(job.caller)
         if lane is None:
@@ -201,7 +218,8 @@ class RowQueue:
             keep = [i for i, row in enumerate(self._rows) if row.job not in dead]
             self._keys = [self._keys[i] for i in keep]
             self._rows = [self._rows[i] for i in keep]
-            for caller, lane in list(self._lanes.items()):
+            for caller in {job.caller for job in dead}:  # other callers' lanes are unchanged
+                lane = self._lanes[caller]
                 lane.arrivals = deque(r for r in lane.arrivals if r.job not in dead and not r.taken)
                 lane.by_length = [r for r in lane.by_length if r.job not in dead and not r.taken]
                 lane.rows, lane.tokens = len(lane.arrivals), sum(r.length for r in lane.arrivals)
@@ -251,17 +269,22 @@ class RowQueue:
                                    self.is_padded)
             return self._remove(range(lo, hi))
         mine = {row.seq for row in own}
-        chosen, total = list(own), sum(row.length for row in own)
+        chosen, total, complete = list(own), sum(row.length for row in own), True
         at = [bisect.bisect_left(self._keys, _by_length(row), a, b) for row in own]
         for i in self._longest_then_oldest(a, b):
             length, seq = self._keys[i]
             if seq in mine:
                 continue
             if not _fits(len(chosen) + 1, longest, total + length, policy, self.is_padded):
-                return self._remove(sorted(at))
+                if self.is_padded or len(chosen) >= policy.max_batch_rows:
+                    return self._remove(sorted(at))  # a shorter row pads more: it cannot fit either
+                complete = False  # without padding, a shorter row may still fit the budget
+                continue
             chosen.append(self._rows[i])
             at.append(i)
             total += length
+        if not complete:
+            return self._remove(sorted(at))
         lo, hi = extend_window(_Lengths(self._keys), a, b, longest, total, policy, self.is_padded)
         return self._remove(range(lo, hi))
 
@@ -290,4 +313,4 @@ class RowQueue:
         return rows
 
 
-__all__ = ["RowQueue", "batch_tokens", "choose_window", "extend_window"]
+__all__ = ["RowQueue", "batch_tokens", "choose_window", "count_windows", "extend_window"]

@@ -140,10 +140,13 @@ class Worker:
         expired, dropped = self._queue.drop_dead(time.monotonic())
         if expired or dropped:
             self._post(self._delivery.dropped, expired, dropped)
-        policy = self.policy
-        if self.budget.tokens < policy.max_batch_tokens:
-            policy = replace(policy, max_batch_tokens=self.budget.tokens)
-        return self._queue.take_batch(policy)
+        return self._queue.take_batch(self.policy_now())
+
+    def policy_now(self) -> BatchPolicy:
+        """The policy with the token budget of now (lower after an out-of-memory)."""
+        if self.budget.tokens < self.policy.max_batch_tokens:
+            return replace(self.policy, max_batch_tokens=self.budget.tokens)
+        return self.policy
 
     def full(self) -> bool:
         """Enough is queued to fill a batch, by rows or by real tokens (a padded batch may be full sooner).

@@ -106,6 +106,18 @@ def test_turns_count_by_rows_when_short_rows_fill_batches_first() -> None:
                     batch_tokens=100)
 
 
+def test_a_request_whose_lengths_make_several_batches_counts_as_many_turns() -> None:
+    speed = Throughput()
+    speed.observe(1000, 1.0)
+    admission = Admission(max_queue_tokens=10**6, throughput=speed, max_batch_tokens=1000, max_batch_rows=128)
+    soon = time.monotonic() + 1.5
+    admission.check(queued=15_000, tokens=100, deadline=soon, rows=5, own=(0, 0), others=[(15_000, 150)])
+    # The same five rows, of lengths too far apart to share a batch: five turns of the other caller first.
+    with pytest.raises(DeadlineExceeded, match="behind 5000 queued tokens"):
+        admission.check(queued=15_000, tokens=100, deadline=soon, rows=5, own=(0, 0), others=[(15_000, 150)],
+                        turns=lambda: 5)
+
+
 def test_another_callers_short_rows_count_a_batch_as_the_rows_it_holds() -> None:
     speed = Throughput()
     speed.observe(1000, 1.0)

@@ -10,7 +10,7 @@ import pytest
 
 from server.engine.jobs import Job, Row
 from server.engine.policy import BatchPolicy
-from server.engine.scheduling import RowQueue, batch_tokens, choose_window
+from server.engine.scheduling import RowQueue, batch_tokens, choose_window, count_windows
 
 
 @pytest.mark.parametrize("lengths", [[5] * 10, [3, 4, 10, 11, 12, 40, 41, 90], list(range(1, 200, 7))])
@@ -122,6 +122,32 @@ def test_a_turn_fills_with_the_oldest_of_other_callers_rows() -> None:
         third = queue.take_batch(two)  # c's turn, filled with the oldest row left: a's, not b's
         assert sorted((row.job.caller, row.index) for row in third) == [("a", 2), ("c", 0)]
         assert [(row.job, row.index) for row in queue.rows()] == [(second, 2)] and first.rows == 3
+
+    asyncio.run(main())
+
+
+def test_without_padding_a_turn_fills_past_a_row_over_the_budget_with_shorter_ones() -> None:
+    async def main() -> None:
+        queue = RowQueue(is_padded=False)
+        _queued(queue, "a", [10, 50])
+        _queued(queue, "b", [45, 10, 10, 10, 10])
+        first = queue.take_batch(BatchPolicy(max_batch_tokens=100, max_batch_rows=64))
+        assert sorted(row.length for row in first) == [10, 10, 10, 10, 10, 50]  # the 45 does not fit; the 10s do
+
+    asyncio.run(main())
+
+
+def test_a_callers_rows_count_the_batches_their_lengths_make() -> None:
+    policy = BatchPolicy(max_batch_tokens=16384, max_batch_rows=128, max_padding_fraction=0.1, overhead_tokens=32)
+    assert count_windows([8, 64, 256, 512, 1024], policy) == 5  # too far apart to share a batch
+    assert count_windows([10] * 200, policy) == 2  # the row cap
+    assert count_windows([10] * 200, policy, is_padded=False) == 2
+
+    async def main() -> None:
+        queue = RowQueue()
+        _queued(queue, "a", [512] * 3)
+        assert queue.turns_needed("a", [[1] * 8], policy) == 2
+        assert queue.turns_needed("b", [[1] * 8, [1] * 9], policy) == 1
 
     asyncio.run(main())
 
