@@ -58,7 +58,7 @@ class Admission:
         the policy's); `turns`, if given, counts the batches the caller's rows make (RowQueue.turns_needed),
         called only when the estimate needs it.
 
-        An empty queue admits anything: a request larger than the bound still runs when nothing waits. A
+        An empty queue admits a request of any size: one larger than the bound still runs when nothing waits. A
         caller with nothing queued is admitted up to twice the bound, so that one caller who filled the queue
         does not lock the others out: callers take turns, so their wait does not grow with that caller's backlog.
         """
