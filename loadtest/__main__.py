@@ -106,11 +106,11 @@ def _start_server(args: argparse.Namespace, workdir: Path) -> tuple[str, subproc
     return target, process
 
 
-def _print_row(label: str, result: LoadResult) -> dict[str, object]:
-    row = result.row()
+def _print_row(label: str, result: LoadResult | dict[str, object], note: str = "") -> dict[str, object]:
+    row = result.row() if isinstance(result, LoadResult) else result
     missing = row["refusals_without_retry_info"]
     print(f"{label:>13} {row['rps_ok']!s:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}"
-          + (f"  ({missing} RESOURCE_EXHAUSTED without RetryInfo)" if missing else ""))
+          + (f"  ({missing} RESOURCE_EXHAUSTED without RetryInfo)" if missing else "") + note)
     return row
 
 
@@ -137,8 +137,7 @@ def _flood_phase(target: str, args: argparse.Namespace, workdir: Path) -> list[d
     row = json.loads(out.read_text())
     if not row["codes"].get("OK"):  # e.g. texts the server refuses: no flood reached the model
         raise SystemExit(f"the flood got no answer: {row['codes']}")
-    print(f"{'flood':>13} {row['rps_ok']!s:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}  {row['codes']}  "
-          f"({args.flood_callers} callers x {args.flood_texts} texts)")
+    _print_row("flood", row, f"  ({args.flood_callers} callers x {args.flood_texts} texts)")
     rows.append({"flood": f"{args.flood_callers} callers, the flood itself", **row})
     return rows
 

@@ -25,7 +25,7 @@ _TEXT = ("the server turns many small concurrent requests into efficient model b
          "gets an answer overload is refused honestly and bad input hurts nobody")
 _WORDS = tuple(_TEXT.split(" "))
 # Separate channels to one target share one connection unless each keeps its own subchannels.
-_OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -136,7 +136,7 @@ async def burst(target: str, calls: int, *, channels: int, texts_per_request: in
     """Start `calls` calls at once, spread over `channels` connections, and wait for every answer."""
     rng = random.Random(seed)
     requests = [_request(rng, texts_per_request, max_words) for _ in range(calls)]
-    opened = [grpc.aio.insecure_channel(target, options=_OWN_CONNECTION) for _ in range(channels)]
+    opened = [grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(channels)]
     try:
         for channel in opened:
             await asyncio.wait_for(channel.channel_ready(), deadline_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from server.engine.policy import BatchPolicy
 from server.errors import DeadlineExceeded, Overloaded
 
 
@@ -40,23 +41,21 @@ class Throughput:
 
 
 class Admission:
-    def __init__(self, max_queue_tokens: int, throughput: Throughput, max_batch_tokens: int = 16384,
-                 max_batch_rows: int = 128) -> None:
+    def __init__(self, max_queue_tokens: int, throughput: Throughput, policy: BatchPolicy | None = None) -> None:
         self.max_queue_tokens = max_queue_tokens
         self.throughput = throughput
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_rows = max_batch_rows
+        self.policy = policy or BatchPolicy()
 
     def check(self, queued: int, tokens: int, deadline: float | None, *, rows: int = 1,
               own: tuple[int, int] | None = None, others: Iterable[tuple[int, int]] = (),
-              batch_tokens: int | None = None, running: tuple[int, float] | None = None,
+              policy: BatchPolicy | None = None, running: tuple[int, float] | None = None,
               turns: Callable[[], int] | None = None) -> None:
         """Raise Overloaded or DeadlineExceeded for a request of `tokens` tokens in `rows` rows behind `queued`
         queued tokens: `own` (tokens, rows) of them its caller's, `others` each other caller's (tokens, rows)
         (RowQueue.caller_backlog, others_backlog); behind the batch `running` on the model, (its real tokens,
-        when it started), if any; `batch_tokens` is what a batch may hold now (after an out-of-memory, less than
-        the policy's); `turns`, if given, counts the batches the caller's rows make (RowQueue.turns_needed),
-        called only when the estimate needs it.
+        when it started), if any. `policy` is the batch policy of now (after an out-of-memory, a lower token
+        budget than the one given at construction, the default); `turns`, if given, counts the batches the
+        caller's rows make (RowQueue.turns_needed), called only when the estimate needs it.
 
         An empty queue admits a request of any size: one larger than the bound still runs when nothing waits. A
         caller with nothing queued is admitted up to twice the bound, so that one caller who filled the queue
@@ -80,10 +79,11 @@ class Admission:
         # request: its caller's own rows, and from each other caller at most one batch per turn this caller
         # needs (turns counted by tokens, by rows, or by the batches its rows make of their lengths, whichever
         # needs most; another caller's batch by tokens or by rows, whichever fills first).
-        batch = min(batch_tokens or self.max_batch_tokens, self.max_batch_tokens)
+        policy = policy or self.policy
+        batch, cap = policy.max_batch_tokens, policy.max_batch_rows
         mine = own_tokens + tokens
-        turns = max(-(-mine // batch), -(-(own_rows + rows) // self.max_batch_rows), turns() if turns else 1)
-        ahead = mine + sum(min(other, turns * min(batch, self.max_batch_rows * other // max(other_rows, 1)))
+        turns = max(-(-mine // batch), -(-(own_rows + rows) // cap), turns() if turns else 1)
+        ahead = mine + sum(min(other, turns * min(batch, cap * other // max(other_rows, 1)))
                            for other, other_rows in others)
         wait_s = busy_s + ahead / rate
         if now + wait_s > deadline:

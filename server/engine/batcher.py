@@ -41,7 +41,7 @@ class Batcher:
         # Its hooks (on_batch, on_out_of_memory, on_non_finite) and totals live on the event loop.
         self.delivery = Delivery(on_batch)
         throughput = Throughput()
-        self._admission = Admission(policy.max_queue_tokens, throughput, policy.max_batch_tokens, policy.max_batch_rows)
+        self._admission = Admission(policy.max_queue_tokens, throughput, policy)
         self._queue = RowQueue(backend.is_padded)
         self._lock = threading.Condition()
         self._worker = Worker(backend, policy, self._queue, self._lock, self.delivery, throughput)
@@ -122,13 +122,12 @@ class Batcher:
             raise ValueError("a job needs at least one row")
         job = Job(rows=len(rows), deadline=deadline, finish=finish, caller=caller)
         with self._lock:
-            running = self._worker.running if deadline is not None else None  # only a deadline needs it
+            policy, worker = self._worker.policy_now(), self._worker
             self._admission.check(
                 self._queue.tokens, sum(len(r) for r in rows), deadline, rows=len(rows),
-                own=self._queue.caller_backlog(caller), others=self._queue.others_backlog(caller),
-                batch_tokens=self._worker.budget.tokens,
-                running=(sum(r.length for r in running), self._worker.running_since) if running else None,
-                turns=lambda: self._queue.turns_needed(caller, rows, self._worker.policy_now()))
+                own=self._queue.caller_backlog(caller), others=self._queue.others_backlog(caller), policy=policy,
+                running=(worker.running_tokens, worker.running_since) if worker.running else None,
+                turns=lambda: self._queue.turns_needed(caller, rows, policy))
             was_empty = not len(self._queue)
             self._queue.add(job, rows)
             # The worker waits for a first row, or for a full batch until its window ends: waking it for

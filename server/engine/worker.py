@@ -77,6 +77,7 @@ class Worker:
         self.probe: list[list[int]] | None = None  # the warm-up's rows, for the health check
         self.running: list[Row] = []  # the batch on the model now
         self.running_since = 0.0  # when it started (time.monotonic())
+        self.running_tokens = 0  # its real tokens
         self.closing = False  # no more rows will come: finish the queue, then stop
         self.broken = False  # on the thread: a failed batch was followed by failing warm-up rows
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,6 +118,7 @@ class Worker:
                 if batch is None:
                     return
                 self.running, self.running_since = batch, time.monotonic()
+                self.running_tokens = sum(row.length for row in batch)
             if batch:
                 self._execute(batch)
                 last_end = time.monotonic()

@@ -10,12 +10,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from loadtest.driver import OWN_CONNECTION
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
 from tools.servers import running_server, scrape_metrics
 
-# Channels to one target share one connection unless each keeps its own subchannels.
-OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 FLOOD = pb.EmbedRequest(texts=["a backlog of long texts sent by one busy caller " * 3], task=pb.TASK_CLUSTERING)
 POLITE = pb.EmbedRequest(texts=["hello"], task=pb.TASK_CLUSTERING)
 
