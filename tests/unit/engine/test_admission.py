@@ -71,6 +71,13 @@ def test_an_empty_queue_admits_anything_and_estimates_stay_bounded() -> None:
         admission.check(queued=5, tokens=6, deadline=None)
 
 
+def _at_1000_tokens_per_s(**policy: int) -> Admission:
+    """Admission with an unbounded queue, a model of 1,000 tokens/s and this batch policy."""
+    speed = Throughput()
+    speed.observe(1000, 1.0)
+    return Admission(max_queue_tokens=10**6, throughput=speed, policy=BatchPolicy(**policy))
+
+
 def test_a_caller_who_filled_the_queue_is_refused_and_another_still_gets_in() -> None:
     admission = Admission(max_queue_tokens=100, throughput=Throughput())
     with pytest.raises(Overloaded, match=r"limit 100$"):
@@ -81,10 +88,7 @@ def test_a_caller_who_filled_the_queue_is_refused_and_another_still_gets_in() ->
 
 
 def test_a_deadline_counts_at_most_one_batch_of_each_other_caller_per_turn() -> None:
-    speed = Throughput()
-    speed.observe(1000, 1.0)  # 1,000 tokens/s
-    admission = Admission(max_queue_tokens=10**6, throughput=speed,
-                          policy=BatchPolicy(max_batch_tokens=100, max_batch_rows=10))
+    admission = _at_1000_tokens_per_s(max_batch_tokens=100, max_batch_rows=10)
     soon = time.monotonic() + 0.5
     # Behind a caller with 100,000 tokens queued (100 s), a newcomer waits for one of its batches.
     admission.check(queued=100_000, tokens=50, deadline=soon, own=(0, 0), others=[(100_000, 1000)])
@@ -95,10 +99,7 @@ def test_a_deadline_counts_at_most_one_batch_of_each_other_caller_per_turn() -> 
 
 
 def test_turns_count_by_rows_when_short_rows_fill_batches_first() -> None:
-    speed = Throughput()
-    speed.observe(1000, 1.0)
-    admission = Admission(max_queue_tokens=10**6, throughput=speed,
-                          policy=BatchPolicy(max_batch_tokens=1000, max_batch_rows=10))
+    admission = _at_1000_tokens_per_s(max_batch_tokens=1000, max_batch_rows=10)
     soon = time.monotonic() + 2
     # 100 rows of 5 tokens fit one batch by tokens but need 10 by rows: 10 of the other caller's batches first.
     with pytest.raises(DeadlineExceeded, match=r"behind 10000 queued tokens"):
@@ -109,10 +110,7 @@ def test_turns_count_by_rows_when_short_rows_fill_batches_first() -> None:
 
 
 def test_a_request_whose_lengths_make_several_batches_counts_as_many_turns() -> None:
-    speed = Throughput()
-    speed.observe(1000, 1.0)
-    admission = Admission(max_queue_tokens=10**6, throughput=speed,
-                          policy=BatchPolicy(max_batch_tokens=1000, max_batch_rows=128))
+    admission = _at_1000_tokens_per_s(max_batch_tokens=1000, max_batch_rows=128)
     soon = time.monotonic() + 1.5
     admission.check(queued=15_000, tokens=100, deadline=soon, rows=5, own=(0, 0), others=[(15_000, 150)])
     # The same five rows, of lengths too far apart to share a batch: five turns of the other caller first.
@@ -122,10 +120,7 @@ def test_a_request_whose_lengths_make_several_batches_counts_as_many_turns() -> 
 
 
 def test_another_callers_short_rows_count_a_batch_as_the_rows_it_holds() -> None:
-    speed = Throughput()
-    speed.observe(1000, 1.0)
-    admission = Admission(max_queue_tokens=10**6, throughput=speed,
-                          policy=BatchPolicy(max_batch_tokens=16384, max_batch_rows=128))
+    admission = _at_1000_tokens_per_s(max_batch_tokens=16384, max_batch_rows=128)
     # 1,500 rows of 10 tokens: one turn of that caller is a batch of 128 rows, 1,280 tokens, not 16,384.
     admission.check(queued=15_000, tokens=10, deadline=time.monotonic() + 2, own=(0, 0), others=[(15_000, 1500)])
     with pytest.raises(DeadlineExceeded, match="behind 1280 queued tokens"):
