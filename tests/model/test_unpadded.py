@@ -13,7 +13,7 @@ from transformers import AutoModel
 from server.model.rotary import PerRowNTKRotary
 from server.model.runner import Runner, install_per_row_rotary
 from server.model.spec import read_model_spec
-from server.model.unpadded import Packing
+from server.model.unpadded import Packing, pool
 from tests.conftest import TINY
 
 
@@ -51,3 +51,16 @@ def test_packing_places_every_token() -> None:
     padded = packing.pad(packing.ids[:, None].float())
     assert padded[..., 0].tolist() == [[5, 6, 0], [7, 0, 0], [8, 9, 10]]
     assert packing.unpad(padded).squeeze(1).tolist() == [5, 6, 7, 8, 9, 10]
+
+
+def test_mean_pooling_of_a_long_row_keeps_float32_precision() -> None:
+    # A row of 8,192 tokens and a short one; summed token after token in float32 the long row's mean was ~1e-5
+    # off per component (the error grows with the length), against ~1e-7 for float32 rounding of the mean.
+    rows = [[7] * 8192, [7] * 3]
+    packing = Packing.of(rows, torch.device("cpu"))
+    hidden = (1.0 + 0.1 * torch.randn(packing.ids.shape[0], 64, generator=torch.Generator().manual_seed(0))).float()
+    got = pool(hidden, packing, "mean")
+    want = torch.stack([hidden[:8192].double().mean(0), hidden[8192:].double().mean(0)])
+    assert got.dtype == torch.float32 and got.shape == (2, 64)
+    assert (got.double() - want).abs().max() <= 1e-6
+    assert torch.equal(pool(hidden, packing, "cls"), hidden[[0, 8192]])
