@@ -42,6 +42,9 @@ def checked_embeddings(response: pb.EmbedResponse, texts: int, options: EmbedOpt
     if vectors.shape != (texts, want):
         raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered vectors of shape {vectors.shape[1:]} "
                                                     f"for {texts} texts of width {want}")
+    if vectors.dtype.kind == "f" and not (finite := np.isfinite(vectors).all(axis=1)).all():
+        raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered a vector with NaN or infinity for text "
+                                                    f"{int(np.flatnonzero(~finite)[0])}")
     return vectors
 
 
@@ -80,6 +83,7 @@ class ModelGuard:
 
     def __init__(self) -> None:
         self.model: Model | None = None
+        self.width: int | None = None  # of the first answer: the run's rows are all of it
 
     def check(self, response: pb.EmbedResponse) -> None:
         model = served_model(response)
@@ -87,4 +91,9 @@ class ModelGuard:
             raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"the server's model changed from {describe_model(self.model)} to "
                              f"{describe_model(model)} mid-run; the vectors would not be comparable")
+        width = response.metadata.dimensions
+        if self.width is not None and width != self.width:  # e.g. dimensions=0 (the full width), asked of each
+            raise EmbedError(grpc.StatusCode.DATA_LOSS, f"the server answered vectors of width {width} where the "
+                                                        f"run's first answer had {self.width}")
         self.model = held_to(self.model, model)
+        self.width = width

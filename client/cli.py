@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--window", type=int, default=4, help="requests in flight (default 4)")
     embed.add_argument("--streams", type=int, default=1, help="concurrent streams, e.g. one per server")
     embed.add_argument("--reconnect-timeout", type=float, default=60.0,
-                       help="seconds to wait for a server when the stream breaks, e.g. during a restart (default 60)")
+                       help="seconds to wait for a server when the stream breaks, e.g. during a restart, or "
+                            "while it refuses a batch as overloaded (default 60)")
     embed.add_argument("--resume", action="store_true",
                        help="continue the OUTPUT.part a failed or interrupted run left: skip the texts it holds")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -135,7 +136,12 @@ def run_embed(args: argparse.Namespace) -> None:
             record.check_resume()  # before the part is opened: another run's part is left as it is
         writer = open_output(args.output, np.dtype(_OUTPUT_DTYPES[encoding]), width, resume=args.resume)
         if not getattr(writer, "resumed", False):
-            record.created()
+            try:
+                record.created()
+            except BaseException:  # e.g. a full disk: a part without its record would block the next run
+                writer.stop()
+                record.remove()
+                raise
         done = 0
         try:
             done = _skip_done(items, writer)

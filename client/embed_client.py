@@ -142,10 +142,11 @@ class EmbedClient(ClientSettings):
                      timeout: float | None = None, reconnect_timeout: float = 60.0) -> EmbedStream:
         """Embed any number of texts over EmbedStream; iterate for EmbeddedBatch in input order.
 
-        Batches hold up to `batch_size` texts and about `batch_tokens` tokens; `window` batches are in
-        flight; `streams` streams run at once; `timeout` bounds the whole input (None: no limit). After a
-        stream breaks, a server is waited for until no batch has been answered for `reconnect_timeout`
-        seconds. A text file gives its lines (see client.stream for files, retries and reconnection).
+        Batches hold up to `batch_size` texts and about `batch_tokens` tokens; `window` batches are in flight;
+        `streams` streams run at once; `timeout` bounds the whole input (None: no limit). After a stream
+        breaks, a server is waited for until no batch has been answered for `reconnect_timeout` seconds; a
+        batch refused as overloaded is sent again for as long. A text file gives its lines (see
+        client.stream for files, retries and reconnection).
         """
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,

@@ -29,13 +29,20 @@ class InputError(ValueError):
 
 
 def open_input(path: str) -> IO[str]:
-    """The file (or stdin) in text mode; lines end at "\n" or "\r\n" only (see text_lines)."""
-    return sys.stdin if path == "-" else open(path, encoding="utf-8", newline="\n")  # closed by the caller
+    """The file (or stdin) as UTF-8 text, whatever the locale says; lines end at "\n" or "\r\n" only (see
+    text_lines). Closed by the caller."""
+    if path != "-":
+        return open(path, encoding="utf-8", newline="\n")
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # stdin replaced by a text stream (the CLI run inside another program): as it is
+        return sys.stdin
+    return io.TextIOWrapper(buffer, encoding="utf-8", newline="\n")
 
 
 def count_texts(path: str) -> int | None:
-    """Non-blank lines of a file (a progress bar's total), None for stdin."""
-    if path == "-":
+    """Non-blank lines of a regular file (a progress bar's total); None for stdin, a pipe (`<(cmd)`,
+    /dev/stdin, a FIFO) or a device, which a second reader would drain or wait on."""
+    if path == "-" or not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
@@ -206,6 +213,12 @@ class _PartFile:
             self.file.close()
             raise
 
+    def _abandon(self) -> None:
+        """Opening failed: close the part, and remove it unless it holds an earlier run's rows."""
+        self.file.close()
+        if not self.resumed:
+            self.part.unlink(missing_ok=True)
+
     def _truncate(self, size: int) -> None:
         self.file.seek(size)
         self.file.truncate()
@@ -237,9 +250,13 @@ class NpyWriter(_PartFile):
         self._kept_hashes = b""  # of the rows kept from an earlier run, where known
         if self.resumed:
             self._resume_or_close()
-        self._header_bytes = self._write_header()
-        self.file.seek(0, os.SEEK_END)
-        self.hashes = open(self.hashes_path, "ab" if self.resumed else "wb")  # noqa: SIM115  # closed with the part
+        try:
+            self._header_bytes = self._write_header()
+            self.file.seek(0, os.SEEK_END)
+            self.hashes = open(self.hashes_path, "ab" if self.resumed else "wb")  # noqa: SIM115  # closed with the part
+        except BaseException:  # e.g. a full disk: a part of no rows would block the next run
+            self._abandon()
+            raise
 
     def continues(self, index: int, record: Record) -> bool:
         kept = self._kept_hashes[8 * index : 8 * index + 8]

@@ -1,19 +1,18 @@
 """Bulk embedding over the bidirectional EmbedStream RPC, for asyncio.
 
-Texts are cut into batches (client.batching) and written to one or more streams. At most `window`
-batches are between being sent and being handed to the caller, so a slow server stops the reading of
-input and a slow consumer stops the sending (backpressure both ways); results come back in input
-order. A batch the server answers with RESOURCE_EXHAUSTED is sent again after a backoff (the server's retry
-hint when it gives one). UNAVAILABLE means that this server cannot serve now (it is shutting down, or still
-loading): the stream sends it nothing more, closes once the batches it holds are answered, and the batch
-goes out again on a new stream (on another server, behind a balanced target). When a whole stream
-breaks, for instance because its server was killed or restarted, a new one is opened and every batch the old
-one left unanswered is sent again: each batch is yielded exactly once, so nothing is lost or duplicated.
-Once any batch has been answered, a server that is away (stopped, restarting, refusing connections) is
-waited for until no batch has been answered for `reconnect_timeout` (a minute). Every answer must come from
-the model, variant and weights of the first (a server replaced by one of another model, or of other weights
-under the same name, fails the run with FAILED_PRECONDITION), and must hold one vector per text of the width
-asked for (DATA_LOSS otherwise).
+Texts are cut into batches (client.batching) and written to one or more streams. At most `window` batches are
+between being sent and being handed to the caller, so a slow server stops the reading of input and a slow consumer
+stops the sending (backpressure both ways); results come back in input order. A batch the server answers with
+RESOURCE_EXHAUSTED is sent again after a backoff (the server's retry hint when it gives one), until such answers
+have gone on for `reconnect_timeout`. UNAVAILABLE means that this server cannot serve now (it is shutting down, or
+still loading): the stream sends it nothing more, closes once the batches it holds are answered, and the batch goes
+out again on a new stream (on another server, behind a balanced target). When a whole stream breaks, for instance
+because its server was killed or restarted, a new one is opened and every batch the old one left unanswered is sent
+again: each batch is yielded exactly once, so nothing is lost or duplicated. Once any batch has been answered, a
+server that is away (stopped, restarting, refusing connections) is waited for until no batch has been answered for
+`reconnect_timeout` (a minute). Every answer must come from the model, variant and weights of the first (a server
+replaced by one of another model, or of other weights under the same name, fails the run with FAILED_PRECONDITION),
+and must hold one vector per text of the width asked for (DATA_LOSS otherwise).
 
 A text file (any io.TextIOBase: open(path), sys.stdin, io.StringIO) gives its lines without their line ends
 and without a UTF-8 byte order mark; lines end at "\n" or "\r\n" only, a lone "\r" is part of its line (a
@@ -343,7 +342,10 @@ class AsyncEmbedStream:
                 self.stats.split += 1
                 return True
             batch.failures += 1
-            delay = self._retry.next_delay(result, batch.failures, self._deadline)
+            if result.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                delay = self._busy_retry(batch, result)
+            else:
+                delay = self._retry.next_delay(result, batch.failures, self._deadline)
             if delay is not None:
                 self.stats.retried += 1
                 self._spawn(self._requeue_later(batch, delay))
@@ -374,6 +376,18 @@ class AsyncEmbedStream:
         self.stats.retried += 1
         self._queue(batch)
         return True
+
+    def _busy_retry(self, batch: Batch, error: EmbedError) -> float | None:
+        """The wait before sending again a batch the server refused as overloaded (its hint, else a backoff), or
+        None once such answers have gone on for `reconnect_timeout`: a bulk run rides out a busy server however
+        many tries that takes (its hints can be 50 ms apart), as it rides out a restart."""
+        now = time.monotonic()
+        if batch.busy_since is None:
+            batch.busy_since = now
+        if now - batch.busy_since >= self._reconnect_timeout:
+            return None
+        delay = self._retry.delay(batch.failures, error.retry_after_s)
+        return delay if self._deadline.allows(delay) else None
 
     async def _requeue_later(self, batch: Batch, delay: float) -> None:
         await asyncio.sleep(delay)

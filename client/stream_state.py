@@ -46,6 +46,7 @@ class Batch:
     line_numbers: list[int] | None  # of a text file's texts
     failures: int = 0
     away_since: float | None = None  # first UNAVAILABLE answer: those are bounded by time, not by tries
+    busy_since: float | None = None  # first RESOURCE_EXHAUSTED answer: bounded by time too
     # Where a part of batch `seq` lies in it, once the server refused the whole as too large: (0,) is its
     # first half, (1, 0) the first half of its second half; () for a batch sent whole.
     part: tuple[int, ...] = ()

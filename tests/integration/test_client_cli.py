@@ -173,3 +173,32 @@ def test_a_closed_pipe_ends_quietly(tiny_server: RunningServer) -> None:
         os.close(write_end)
     assert run.stderr == ""
     assert run.returncode == 128 + signal.SIGPIPE
+
+
+def test_input_named_as_a_pipe_is_read_once(tiny_server: RunningServer, tmp_path: Path) -> None:
+    # /dev/stdin (like <(cmd) or a FIFO) is a pipe: counting its lines for the progress bar drained it, and the
+    # run wrote 0 rows with exit status 0.
+    texts = [f"piped line {i}" for i in range(30)]
+    out = tmp_path / "out.npy"
+    run = cli("embed", "--target", tiny_server.target, "--input", "/dev/stdin", "--output", str(out),
+              stdin="".join(t + "\n" for t in texts))
+    assert run.returncode == 0, run.stderr
+    with tiny_server.client() as client:
+        want = client.embed(texts)
+    np.testing.assert_allclose(np.load(out), want, rtol=0, atol=1e-5)
+
+
+def test_stdin_is_read_as_utf8_whatever_the_locale(tiny_server: RunningServer, tmp_path: Path) -> None:
+    out = tmp_path / "out.npy"
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}  # as a Windows pipe or a non-UTF-8 locale decodes stdin
+    run = subprocess.run([sys.executable, "-m", "client", "embed", "--target", tiny_server.target, "--input", "-",
+                          "--output", str(out), "--quiet"], input="café\nnaïve\n".encode(), capture_output=True,
+                         cwd=ROOT, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with tiny_server.client() as client:
+        want = client.embed(["café", "naïve"])
+    np.testing.assert_allclose(np.load(out), want, rtol=0, atol=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "client", "embed", "--target", tiny_server.target, "--input", "-",
+                          "--output", str(tmp_path / "bad.npy"), "--quiet"], input=b"fine\ncaf\xe9\n",
+                         capture_output=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 1 and b"is not UTF-8 text: byte 0xe9" in bad.stderr, bad.stderr

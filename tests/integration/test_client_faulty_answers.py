@@ -4,13 +4,14 @@ one asked for, is refused, never handed on misaligned. Only a fake server can gi
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
 import pytest
 
-from client import EmbedClient, EmbedError
+from client import EmbedClient, EmbedError, RetryPolicy
 from client.aio import AsyncEmbedClient
 from nomic_embed.v1 import embed_pb2 as pb
 from nomic_embed.v1 import embed_pb2_grpc
@@ -81,5 +82,73 @@ def test_a_matching_response_is_accepted() -> None:
         with EmbedClient(target, timeout=10) as client:
             assert client.embed(["a", "b"], dimensions=4).shape == (2, 4)
             assert sum(len(b.texts) for b in client.embed_stream(["a", "b", "c"], batch_size=2)) == 3
+    finally:
+        server.stop(None)
+
+
+class BusyService(FaultyService):
+    """Refuses each stream message `refusals` times as overloaded (hint: 10 ms), then answers it."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.seen: collections.Counter[str] = collections.Counter()
+
+    def EmbedStream(self, requests: Iterator[pb.EmbedStreamRequest], context: grpc.ServicerContext
+                    ) -> Iterator[pb.EmbedStreamResponse]:
+        for message in requests:
+            self.seen[message.id] += 1
+            if self.seen[message.id] <= self.refusals:
+                busy = pb.StreamError(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="queue full")
+                busy.retry_delay.FromMilliseconds(10)
+                yield pb.EmbedStreamResponse(id=message.id, error=busy)
+            else:
+                yield pb.EmbedStreamResponse(id=message.id, response=self.answer(message.request))
+
+
+def test_a_stream_batch_refused_as_overloaded_is_sent_again_past_its_tries() -> None:
+    """A busy server's hints can be 50 ms apart: five tries of a batch lasted ~0.3 s, and a bulk run failed."""
+    service = BusyService(refusals=3 * RetryPolicy().max_attempts)
+    server, target = serve(service)
+    try:
+        with EmbedClient(target, timeout=10) as client:
+            stream = client.embed_stream([f"text {i}" for i in range(6)], batch_size=2, reconnect_timeout=30)
+            assert sum(len(b.texts) for b in stream) == 6
+        assert stream.stats.retried == 3 * service.refusals
+        service.seen.clear()
+        # Refused for longer than reconnect_timeout: it fails.
+        with EmbedClient(target, timeout=10) as client, pytest.raises(EmbedError) as caught:
+            list(client.embed_stream(["text"], reconnect_timeout=0.05))
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop(None)
+
+
+class ShiftingService(FaultyService):
+    """Full width (dimensions=0) answered 8 wide, then 4 wide; or a vector with a NaN, from `nan_after` on."""
+
+    def __init__(self, narrow_after: int | None = None, nan_after: int | None = None) -> None:
+        super().__init__()
+        self.narrow_after, self.nan_after, self.answered = narrow_after, nan_after, 0
+
+    def answer(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        response = super().answer(request)
+        if self.narrow_after is not None and self.answered >= self.narrow_after:
+            response = FaultyService(wider=-4).answer(request)
+        if self.nan_after is not None and self.answered >= self.nan_after:
+            response.embeddings[-1].values[1] = float("nan")
+        self.answered += 1
+        return response
+
+
+@pytest.mark.parametrize(("service", "words"), [
+    (ShiftingService(narrow_after=1), "width 4 where the run's first answer had 8"),
+    (ShiftingService(nan_after=1), "NaN or infinity for text 1")])
+def test_a_stream_refuses_a_width_change_or_a_non_finite_vector(service: ShiftingService, words: str) -> None:
+    server, target = serve(service)
+    try:
+        with EmbedClient(target, timeout=10) as client, pytest.raises(EmbedError) as caught:
+            list(client.embed_stream([f"text {i}" for i in range(6)], batch_size=2, window=1))
+        assert caught.value.code is grpc.StatusCode.DATA_LOSS and words in caught.value.details
     finally:
         server.stop(None)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -12,11 +14,11 @@ import numpy as np
 import pytest
 
 from client.batching import BatchLimits, batches, estimate_tokens
-from client.checks import ModelGuard
+from client.checks import ModelGuard, checked_embeddings
 from client.connection import connect
 from client.errors import EmbedError
-from client.files import InputError, JsonlWriter, NpyWriter, read_records, text_lines
-from client.options import text_list
+from client.files import InputError, JsonlWriter, NpyWriter, count_texts, read_records, text_lines
+from client.options import EmbedOptions, text_list
 from client.retry import Deadline, RetryPolicy
 from nomic_embed.v1 import embed_pb2 as pb
 
@@ -262,3 +264,56 @@ def test_the_model_guard_refuses_other_weights_whichever_answer_names_them_first
     assert "from m (variant fp32, weights aaaa) to m (variant fp32, weights bbbb)" in caught.value.details
     with pytest.raises(EmbedError):
         guard.check(_answer("", model="other"))
+
+
+def test_the_model_guard_holds_a_run_to_the_width_of_its_first_answer() -> None:
+    """With dimensions=0 (the full width) nothing else says the width a run's rows must have."""
+    guard = ModelGuard()
+    answer = _answer("aaaa")
+    answer.metadata.dimensions = 64
+    guard.check(answer)
+    guard.check(answer)
+    answer.metadata.dimensions = 32
+    with pytest.raises(EmbedError, match="width 32 where the run's first answer had 64") as caught:
+        guard.check(answer)
+    assert caught.value.code is grpc.StatusCode.DATA_LOSS
+
+
+def test_a_vector_with_nan_or_infinity_is_refused_naming_its_text() -> None:
+    def response(*vectors: list[float]) -> pb.EmbedResponse:
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=v) for v in vectors],
+                                metadata=pb.ResponseMetadata(dimensions=2))
+
+    options = EmbedOptions.of("search_document", 0)
+    assert checked_embeddings(response([0.6, 0.8], [1.0, 0.0]), 2, options).shape == (2, 2)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(EmbedError, match="NaN or infinity for text 1") as caught:
+            checked_embeddings(response([0.6, 0.8], [bad, 0.0], [1.0, 0.0]), 3, options)
+        assert caught.value.code is grpc.StatusCode.DATA_LOSS
+
+
+def test_only_a_regular_file_is_counted_for_the_progress_bar(tmp_path: Path) -> None:
+    """A second reader of a pipe would drain it (or wait on a FIFO) before the texts are read."""
+    (tmp_path / "in.txt").write_text("a\n\nb\n")
+    assert count_texts(str(tmp_path / "in.txt")) == 2
+    assert count_texts("-") is None
+    os.mkfifo(tmp_path / "fifo")
+    assert count_texts(str(tmp_path / "fifo")) is None  # returns at once: no writer is waited for
+
+
+def test_a_part_that_cannot_be_started_is_not_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while writing the header left an empty OUTPUT.part that refused every later run."""
+    path = tmp_path / "out.npy"
+
+    def full(self: NpyWriter) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(NpyWriter, "_write_header", full)
+    with pytest.raises(OSError, match="No space left"):
+        NpyWriter(path, np.dtype(np.float32), 4)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    writer = NpyWriter(path, np.dtype(np.float32), 4)  # the next run starts
+    writer.write([{"text": "a"}], np.ones((1, 4), np.float32))
+    writer.finish()
+    assert np.load(path).shape == (1, 4)
