@@ -342,10 +342,9 @@ class AsyncEmbedStream:
                 self.stats.split += 1
                 return True
             batch.failures += 1
-            if result.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                delay = self._busy_retry(batch, result)
-            else:
-                delay = self._retry.next_delay(result, batch.failures, self._deadline)
+            delay = (batch.busy_delay(result, self._retry, self._deadline, self._reconnect_timeout)
+                     if result.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                     else self._retry.next_delay(result, batch.failures, self._deadline))
             if delay is not None:
                 self.stats.retried += 1
                 self._spawn(self._requeue_later(batch, delay))
@@ -368,26 +367,11 @@ class AsyncEmbedStream:
         """Queue a batch the server answered UNAVAILABLE (stopping, restarting, loading) for the next stream,
         whose opening waits for a server, unless such answers have gone on for `reconnect_timeout`: a restart
         takes no count of tries from the batch."""
-        now = time.monotonic()
-        if batch.away_since is None:
-            batch.away_since = now
-        if now - batch.away_since >= self._reconnect_timeout:
+        if batch.refused_for(grpc.StatusCode.UNAVAILABLE) >= self._reconnect_timeout:
             return False
         self.stats.retried += 1
         self._queue(batch)
         return True
-
-    def _busy_retry(self, batch: Batch, error: EmbedError) -> float | None:
-        """The wait before sending again a batch the server refused as overloaded (its hint, else a backoff), or
-        None once such answers have gone on for `reconnect_timeout`: a bulk run rides out a busy server however
-        many tries that takes (its hints can be 50 ms apart), as it rides out a restart."""
-        now = time.monotonic()
-        if batch.busy_since is None:
-            batch.busy_since = now
-        if now - batch.busy_since >= self._reconnect_timeout:
-            return None
-        delay = self._retry.delay(batch.failures, error.retry_after_s)
-        return delay if self._deadline.allows(delay) else None
 
     async def _requeue_later(self, batch: Batch, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -12,6 +13,7 @@ import numpy as np
 from client.batching import BatchLimits
 from client.errors import EmbedError, status_code
 from client.results import EmbeddedBatch
+from client.retry import Deadline, RetryPolicy
 from nomic_embed.v1 import embed_pb2 as pb
 
 _TEXT_FIELD = re.compile(r"texts\[(\d+)\]")
@@ -45,11 +47,26 @@ class Batch:
     texts: list[str]
     line_numbers: list[int] | None  # of a text file's texts
     failures: int = 0
-    away_since: float | None = None  # first UNAVAILABLE answer: those are bounded by time, not by tries
-    busy_since: float | None = None  # first RESOURCE_EXHAUSTED answer: bounded by time too
+    # When the first UNAVAILABLE and the first RESOURCE_EXHAUSTED answer came: those are retried for a time, not
+    # a number of tries.
+    first_refused: dict[grpc.StatusCode, float] = field(default_factory=dict)
     # Where a part of batch `seq` lies in it, once the server refused the whole as too large: (0,) is its
     # first half, (1, 0) the first half of its second half; () for a batch sent whole.
     part: tuple[int, ...] = ()
+
+    def refused_for(self, code: grpc.StatusCode) -> float:
+        """Seconds since the batch's first answer of `code` (0 for this one, when it is the first)."""
+        now = time.monotonic()
+        return now - self.first_refused.setdefault(code, now)
+
+    def busy_delay(self, error: EmbedError, retry: RetryPolicy, deadline: Deadline, patience_s: float) -> float | None:
+        """The wait before sending the batch again after the server refused it as overloaded (its hint, else a
+        backoff), or None once such answers have gone on for `patience_s`: a bulk run rides out a busy server
+        however many tries that takes (its hints can be 50 ms apart), as it rides out a restart."""
+        if self.refused_for(grpc.StatusCode.RESOURCE_EXHAUSTED) >= patience_s:
+            return None
+        delay = retry.delay(self.failures, error.retry_after_s)
+        return delay if deadline.allows(delay) else None
 
     @property
     def key(self) -> tuple[int, tuple[int, ...]]:
@@ -160,3 +177,4 @@ def batch_error(batch: Batch, error: pb.StreamError) -> EmbedError:
     retry_after = error.retry_delay.ToNanoseconds() / 1e9 if error.HasField("retry_delay") else None
     return EmbedError(status_code(error.code), message, field=_TEXT_FIELD.sub(whole_input, field),
                       retry_after_s=retry_after)
+
