@@ -125,12 +125,14 @@ class AsyncEmbedClient(ClientSettings):
                      dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
                      max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32, batch_size: int = 64,
                      batch_tokens: int = 8192, window: int = 4, streams: int = 1,
-                     timeout: float | None = None, reconnect_timeout: float = 60.0) -> AsyncEmbedStream:
+                     timeout: float | None = None, reconnect_timeout: float = 60.0,
+                     answer_timeout: float | None = None) -> AsyncEmbedStream:
         """`async for batch in client.embed_stream(texts)`: as EmbedClient.embed_stream."""
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
+        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout,
+                                        answer_timeout)
         return AsyncEmbedStream(self._loop_channel(), texts, options, settings, self.retry, self.connection.metadata,
                                 loop=self._channel_loop)
 

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--reconnect-timeout", type=float, default=60.0,
                        help="seconds to wait for a server when the stream breaks, e.g. during a restart, or "
                             "while it refuses a batch as overloaded (default 60)")
+    embed.add_argument("--answer-timeout", type=float, default=None,
+                       help="seconds without an answer, with batches in flight, after which the stream is reopened "
+                            "(a server that answers pings but not the stream); default: wait, as for a deep queue")
     embed.add_argument("--resume", action="store_true",
                        help="continue the OUTPUT.part a failed or interrupted run left: skip the texts it holds")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -129,7 +132,8 @@ def run_embed(args: argparse.Namespace) -> None:
         stream = client.embed_stream(
             _texts_keeping_records(items, pending.append), args.task, args.dimensions, encoding=encoding,
             long_text_mode=args.long_text_mode, max_tokens=args.max_tokens, batch_size=args.batch_size,
-            window=args.window, streams=args.streams, reconnect_timeout=args.reconnect_timeout)
+            window=args.window, streams=args.streams, reconnect_timeout=args.reconnect_timeout,
+            answer_timeout=args.answer_timeout)
         record = RunRecord(Path(args.output + ".part"), _run_params(args, jsonl))
         check_not_in_use(record.part)  # before any advice to resume or remove it
         if args.resume:

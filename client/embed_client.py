@@ -60,11 +60,13 @@ class ClientSettings:
             raise EmbedError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
 
     def stream_settings(self, batch_size: int, batch_tokens: int, window: int, streams: int,
-                        timeout: float | None, reconnect_timeout: float) -> StreamSettings:
+                        timeout: float | None, reconnect_timeout: float,
+                        answer_timeout: float | None = None) -> StreamSettings:
         limits = BatchLimits(whole_number("batch_size", batch_size, 1), whole_number("batch_tokens", batch_tokens, 1))
         reconnect = positive_seconds("reconnect_timeout", reconnect_timeout)
         lanes = whole_number("streams", streams, 1, MAX_STREAMS)
-        return StreamSettings(limits, whole_number("window", window, 1), lanes, seconds("timeout", timeout), reconnect)
+        return StreamSettings(limits, whole_number("window", window, 1), lanes, seconds("timeout", timeout), reconnect,
+                              seconds("answer_timeout", answer_timeout))
 
 
 class EmbedClient(ClientSettings):
@@ -139,19 +141,22 @@ class EmbedClient(ClientSettings):
                      dimensions: int = 0, *, long_text_mode: LongTextMode | str | int = LongTextMode.TRUNCATE,
                      max_tokens: int = 0, encoding: Encoding | str | int = Encoding.FLOAT32, batch_size: int = 64,
                      batch_tokens: int = 8192, window: int = 4, streams: int = 1,
-                     timeout: float | None = None, reconnect_timeout: float = 60.0) -> EmbedStream:
+                     timeout: float | None = None, reconnect_timeout: float = 60.0,
+                     answer_timeout: float | None = None) -> EmbedStream:
         """Embed any number of texts over EmbedStream; iterate for EmbeddedBatch in input order.
 
         Batches hold up to `batch_size` texts and about `batch_tokens` tokens; `window` batches are in flight;
         `streams` streams run at once; `timeout` bounds the whole input (None: no limit). After a stream
         breaks, a server is waited for until no batch has been answered for `reconnect_timeout` seconds; a
-        batch refused as overloaded is sent again for as long. A text file gives its lines (see
-        client.stream for files, retries and reconnection).
+        batch refused as overloaded is sent again for as long. With `answer_timeout`, batches in flight and no
+        answer for that long count as a break (a server that answers pings but not the stream); None waits, as
+        for a deep queue. A text file gives its lines (see client.stream for files, retries and reconnection).
         """
         self._check_open()
         options = EmbedOptions.of(task, dimensions, long_text_mode=long_text_mode, max_tokens=max_tokens,
                                   encoding=encoding)
-        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout)
+        settings = self.stream_settings(batch_size, batch_tokens, window, streams, timeout, reconnect_timeout,
+                                        answer_timeout)
         with self._streams_lock:  # the first streams of several threads share one loop; a close may race them
             self._check_open()
             if self._loop is None:

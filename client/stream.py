@@ -84,7 +84,7 @@ class AsyncEmbedStream:
         self._streams = settings.streams
         self._retry = retry
         self._deadline = Deadline(settings.timeout)
-        self._reconnect_timeout = settings.reconnect_timeout
+        self._reconnect_timeout, self._answer_timeout = settings.reconnect_timeout, settings.answer_timeout
         self._metadata = tuple(metadata)
         self.stats = StreamStats()
         self._model = ModelGuard()  # every answer must come from the first answer's model, variant and weights
@@ -263,6 +263,9 @@ class AsyncEmbedStream:
                 if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise self._deadline.expired_error(f"with {self._next} batches of the stream done") from None
                 return self._requeue(inflight, from_rpc_error(exc))
+            except TimeoutError:  # batches in flight and no answer for answer_timeout: reopen (a restart may heal it)
+                return self._requeue(inflight, EmbedError(grpc.StatusCode.UNAVAILABLE, f"the server answered "
+                                                          f"nothing for {self._answer_timeout:g}s"))
             if sender.done() and sender.exception() is None:
                 if leaving.is_set():  # we closed our side early; the server answered what it held
                     return self._requeue(inflight, EmbedError(grpc.StatusCode.UNAVAILABLE,
@@ -289,8 +292,7 @@ class AsyncEmbedStream:
         while (batch := await self._next_batch(run.leaving)) is not None:
             if self._parts.ended(batch):
                 continue
-            run.inflight[batch.message_id] = batch
-            run.taken += 1
+            run.sending(batch)
             await call.write(pb.EmbedStreamRequest(id=batch.message_id, request=self._options.request(batch.texts)))
             self.stats.sent += 1
         await call.done_writing()
@@ -312,7 +314,7 @@ class AsyncEmbedStream:
                 self._work.put_nowait(get.result())
 
     async def _receive(self, call: grpc.aio.StreamStreamCall, run: Run) -> None:
-        while (message := await call.read()) is not grpc.aio.EOF:
+        while (message := await run.read(call, self._answer_timeout)) is not grpc.aio.EOF:
             batch = run.inflight.pop(message.id, None)
             if batch is None:
                 raise EmbedError(grpc.StatusCode.INTERNAL, f"the server answered unknown stream id {message.id!r}")

@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,6 +27,8 @@ class StreamSettings:
     streams: int = 1  # concurrent streams (one per server behind a round_robin target spreads the load)
     timeout: float | None = None  # seconds for the whole input
     reconnect_timeout: float = 60.0  # how long to wait for a server, counted from the last answer before a break
+    # With batches in flight, this long without an answer counts as a break (None: wait, as for a deep queue).
+    answer_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.streams < 1:
@@ -143,6 +146,30 @@ class Run:
     leaving: asyncio.Event = field(default_factory=asyncio.Event)  # the server answered UNAVAILABLE: send no more
     taken: int = 0  # batches taken to send (counted before the write, which may fail)
     answered: int = 0  # batches settled: a result or a final error
+    quiet_since: float = 0.0  # the last answer, or the send that put a batch in flight after none were
+
+    def sending(self, batch: Batch) -> None:
+        if not self.inflight:
+            self.quiet_since = time.monotonic()
+        self.inflight[batch.message_id] = batch
+        self.taken += 1
+
+    async def read(self, call: grpc.aio.StreamStreamCall, patience_s: float | None) -> Any:
+        """The call's next message (or EOF); TimeoutError once batches have been in flight for `patience_s` with
+        no answer: a server whose process answers pings but not the stream (a stuck model)."""
+        read = asyncio.ensure_future(call.read())
+        try:
+            while not read.done():
+                left = patience_s
+                if patience_s is not None and self.inflight:
+                    left = patience_s - (time.monotonic() - self.quiet_since)
+                    if left <= 0:
+                        raise TimeoutError
+                await asyncio.wait({read}, timeout=left)  # woken by the answer, or to look again
+        finally:
+            read.cancel()
+        self.quiet_since = time.monotonic()
+        return read.result()
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -150,5 +152,53 @@ def test_a_stream_refuses_a_width_change_or_a_non_finite_vector(service: Shiftin
         with EmbedClient(target, timeout=10) as client, pytest.raises(EmbedError) as caught:
             list(client.embed_stream([f"text {i}" for i in range(6)], batch_size=2, window=1))
         assert caught.value.code is grpc.StatusCode.DATA_LOSS and words in caught.value.details
+    finally:
+        server.stop(None)
+
+
+class StuckService(FaultyService):
+    """Answers the first `answers` stream messages, then reads on and answers nothing: a stuck model, whose
+    process still answers keepalive pings."""
+
+    def __init__(self, answers: int) -> None:
+        super().__init__()
+        self.answers, self.streams, self.released = answers, 0, threading.Event()
+
+    def EmbedStream(self, requests: Iterator[pb.EmbedStreamRequest], context: grpc.ServicerContext
+                    ) -> Iterator[pb.EmbedStreamResponse]:
+        self.streams += 1
+        for message in requests:
+            if self.answers <= 0:
+                self.released.wait(30)
+                return
+            self.answers -= 1
+            yield pb.EmbedStreamResponse(id=message.id, response=self.answer(message.request))
+
+
+def test_answer_timeout_reopens_a_stream_the_server_holds_without_answering() -> None:
+    service = StuckService(answers=2)
+    server, target = serve(service)
+    try:
+        with EmbedClient(target, timeout=10) as client:
+            started = time.monotonic()
+            stream = client.embed_stream([f"text {i}" for i in range(8)], batch_size=2, window=2,
+                                         answer_timeout=0.3, reconnect_timeout=1.0)
+            with pytest.raises(EmbedError) as caught:
+                for _ in stream:
+                    pass
+            took = time.monotonic() - started
+        assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+        assert "answered nothing for 0.3s" in caught.value.details and took < 8
+        assert stream.stats.reopened >= 1 and service.streams >= 2  # reopened (a restart may heal it), then gave up
+        with EmbedClient(target, timeout=10) as client, pytest.raises(ValueError, match="answer_timeout"):
+            client.embed_stream(["text"], answer_timeout=0)
+    finally:
+        service.released.set()
+        server.stop(None)
+    server, target = serve(FaultyService())  # a server that answers: the bound never fires
+    try:
+        with EmbedClient(target, timeout=10) as client:
+            stream = client.embed_stream([f"text {i}" for i in range(200)], batch_size=2, answer_timeout=0.2)
+            assert sum(len(b.texts) for b in stream) == 200 and stream.stats.reopened == 0
     finally:
         server.stop(None)
