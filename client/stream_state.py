@@ -157,11 +157,13 @@ class Run:
     async def read(self, call: grpc.aio.StreamStreamCall, patience_s: float | None) -> Any:
         """The call's next message (or EOF); TimeoutError once batches have been in flight for `patience_s` with
         no answer: a server whose process answers pings but not the stream (a stuck model)."""
+        if patience_s is None:  # unbounded (the default): no task or wait per message
+            return await call.read()
         read = asyncio.ensure_future(call.read())
         try:
             while not read.done():
                 left = patience_s
-                if patience_s is not None and self.inflight:
+                if self.inflight:
                     left = patience_s - (time.monotonic() - self.quiet_since)
                     if left <= 0:
                         raise TimeoutError
