@@ -198,7 +198,7 @@ def test_answer_timeout_reopens_a_stream_the_server_holds_without_answering() ->
     server, target = serve(FaultyService())  # a server that answers: the bound never fires
     try:
         with EmbedClient(target, timeout=10) as client:
-            stream = client.embed_stream([f"text {i}" for i in range(200)], batch_size=2, answer_timeout=0.2)
+            stream = client.embed_stream([f"text {i}" for i in range(200)], batch_size=2, answer_timeout=5)
             assert sum(len(b.texts) for b in stream) == 200 and stream.stats.reopened == 0
     finally:
         server.stop(None)
